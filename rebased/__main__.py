@@ -1,0 +1,3 @@
+from rebased.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Linear-attention ops: one contract, several (mode, backend) implementations.
+
+    o_t = sum_{s<=t} sim(q_t, k_s) v_s / (sum_{s<=t} sim(q_t, k_s) + eps)
+
+`linear_attention` takes q, k either feature-mapped (kernel=None; sim is their dot product) or projected,
+with a Polynomial kernel (sim = p(q.k), computed by the kernel trick where a mode can). Layout
+[B, T, H, *] everywhere; the state is (kv [B, H, F, V], k_sum [B, H, F]) in feature space, so a state from
+any mode continues in any other.
+
+Modes: "parallel" (masked quadratic), "chunk" (linear in T), "recurrent" (a scan). Backends: "torch"
+(any device), "triton" (CUDA; fused kernels, imported only when asked for), "auto" (triton for CUDA
+tensors where it implements the pair, else torch).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+
+from torch import Tensor
+
+from rebased.ops.chunk import chunk_linear_attention
+from rebased.ops.common import (
+    DEFAULT_EPS,
+    LinearAttentionState,
+    check_tensor,
+    compute_dtype,
+    feature_dim,
+    validate_inputs,
+    validate_state,
+)
+from rebased.ops.kernels import Polynomial
+from rebased.ops.parallel import parallel_linear_attention
+from rebased.ops.recurrent import recurrent_linear_attention, step_unchecked, zero_state
+from rebased.ops.reference import linear_attention_reference
+
+MODES = ("parallel", "chunk", "recurrent")
+BACKENDS = ("torch", "triton", "auto")
+
+# (mode, backend) -> implementation; every entry has the same keyword signature.
+IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {
+    ("parallel", "torch"): parallel_linear_attention,
+    ("chunk", "torch"): chunk_linear_attention,
+    ("recurrent", "torch"): recurrent_linear_attention,
+}
+_TRITON_MODULE = "rebased.ops.triton"  # registers its own pairs into IMPLEMENTATIONS when imported
+
+
+def _choice(kind: str, value: object, options: tuple[str, ...]) -> str:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {kind} {value!r}: choose one of {', '.join(options)}{hint}")
+    return value  # type: ignore[return-value]
+
+
+def _load_triton() -> bool:
+    """Import the Triton backend on first use; False when triton (or the backend) is not installed."""
+    try:
+        importlib.import_module(_TRITON_MODULE)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(mode: str, backend: str, q: Tensor) -> Callable:
+    """The implementation for (mode, backend), or NotImplementedError naming the pair."""
+    if backend == "auto":
+        if q.is_cuda and _load_triton() and (mode, "triton") in IMPLEMENTATIONS:
+            return IMPLEMENTATIONS[(mode, "triton")]
+        return IMPLEMENTATIONS[(mode, "torch")]
+    if backend == "triton" and not _load_triton():
+        raise NotImplementedError(f"(mode={mode!r}, backend='triton') needs the triton package, which is not installed")
+    if (mode, backend) not in IMPLEMENTATIONS:
+        raise NotImplementedError(f"(mode={mode!r}, backend={backend!r}) is not implemented")
+    return IMPLEMENTATIONS[(mode, backend)]
+
+
+def linear_attention(
+    q: Tensor,  # [B, T, H, D]
+    k: Tensor,  # [B, T, H, D]
+    v: Tensor,  # [B, T, H, V]
+    *,
+    mode: str = "chunk",
+    backend: str = "auto",
+    kernel: Polynomial | None = None,
+    initial_state: LinearAttentionState | tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = False,
+    normalize: bool = True,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int = 64,
+) -> tuple[Tensor, LinearAttentionState | None]:
+    """Causal linear attention. Returns o [B, T, H, V] in v's dtype and, if asked, the final state (fp32).
+
+    kernel=None: q, k are feature maps phi(q), phi(k) of dimension F. kernel=Polynomial: q, k are the
+    projected inputs of dimension D and sim = kernel.similarity(q . k).
+    """
+    _choice("mode", mode, MODES)
+    _choice("backend", backend, BACKENDS)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    state = validate_inputs(q, k, v, initial_state, kernel, eps)
+    implementation = resolve_backend(mode, backend, q)
+    return implementation(
+        q,
+        k,
+        v,
+        kernel=kernel,
+        initial_state=state,
+        output_final_state=output_final_state,
+        normalize=normalize,
+        eps=eps,
+        chunk_size=chunk_size,
+    )
+
+
+def linear_attention_step(
+    q: Tensor,  # [B, H, D]
+    k: Tensor,  # [B, H, D]
+    v: Tensor,  # [B, H, V]
+    state: LinearAttentionState | tuple[Tensor, Tensor] | None = None,
+    *,
+    kernel: Polynomial | None = None,
+    normalize: bool = True,
+    eps: float = DEFAULT_EPS,
+) -> tuple[Tensor, LinearAttentionState]:
+    """One decoding step: o [B, H, V] (v's dtype) and the new state; state=None starts from zero."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, 3)
+    if q.shape != k.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"step needs q, k [B, H, D] and v [B, H, V], got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    batch, heads, head_dim = q.shape
+    feat = feature_dim(head_dim, kernel)
+    dtype = compute_dtype(q.dtype)
+    if state is None:
+        state = zero_state(batch, heads, feat, v.shape[-1], dtype=dtype, device=q.device)
+    else:
+        state = validate_state(state, batch, heads, feat, v.shape[-1])
+        state = LinearAttentionState(state.kv.to(dtype), state.k_sum.to(dtype))
+    o, new_state = step_unchecked(q, k, v, state, kernel, normalize, eps)
+    return o.to(v.dtype), new_state
+
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_EPS",
+    "IMPLEMENTATIONS",
+    "MODES",
+    "LinearAttentionState",
+    "Polynomial",
+    "linear_attention",
+    "linear_attention_reference",
+    "linear_attention_step",
+]
