@@ -1,0 +1,137 @@
+"""Op benchmark: every (mode, backend) checked against the float64 reference, then timed across lengths.
+
+On the CPU this is the quick demonstration behind `rebased bench`; on a GPU the same code times the
+Triton backend. Times are medians of `repeats` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rebased.feature_maps import make_feature_map
+from rebased.ops import MODES, linear_attention, linear_attention_reference
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class OpBenchConfig:
+    feature_map: str = "rebased"  # a polynomial map: rebased, square, taylor, ...
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 16
+    value_dim: int = 64
+    lengths: tuple[int, ...] = (256, 1024, 4096)
+    modes: tuple[str, ...] = MODES
+    backends: tuple[str, ...] = ("torch",)
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 3
+    check_length: int = 65  # awkward on purpose: one past a chunk
+    max_recurrent_length: int = 1024  # the recurrent scan is a Python loop over time: skip it past this
+    seed: int = 0
+
+
+@dataclass
+class CheckRow:
+    mode: str
+    backend: str
+    output_err: float  # relative RMS error against float64
+    state_err: float
+    grad_err: float  # worst relative RMS over dq, dk, dv
+
+
+@dataclass
+class TimeRow:
+    mode: str
+    backend: str
+    length: int
+    forward_ms: float
+    backward_ms: float  # forward + backward
+
+
+def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    diff = actual.double() - expected
+    return (diff.square().mean().sqrt() / expected.square().mean().sqrt().clamp_min(1e-300)).item()
+
+
+def _inputs(config: OpBenchConfig, length: int, generator: torch.Generator, requires_grad: bool):
+    fmap = make_feature_map(config.feature_map, config.head_dim, config.heads)
+    if fmap.kernel is None:
+        raise ValueError(f"feature_map must have a polynomial kernel for the op benchmark, got {config.feature_map!r}")
+    shape = (config.batch, length, config.heads)
+    make = lambda dim: torch.randn(*shape, dim, generator=generator).to(config.device, DTYPES[config.dtype])  # noqa: E731
+    q, k, v = make(config.head_dim), make(config.head_dim), make(config.value_dim)
+    with torch.no_grad():
+        q, k = fmap.prepare(q, k)
+    for x in (q, k, v):
+        x.requires_grad_(requires_grad)
+    return q, k, v, fmap
+
+
+def check_modes(config: OpBenchConfig) -> list[CheckRow]:
+    """Each (mode, backend) against the reference: outputs, final state and gradients, continuing a prefix."""
+    generator = torch.Generator().manual_seed(config.seed)
+    q, k, v, fmap = _inputs(config, config.check_length, generator, requires_grad=True)
+    # A state a real prefix left behind (z = sum phi(k) is consistent with kv), not random numbers.
+    prefix_q, prefix_k, prefix_v, _ = _inputs(config, 17, generator, requires_grad=False)
+    _, prefix_state = linear_attention_reference(
+        prefix_q, prefix_k, prefix_v, kernel=fmap.kernel, output_final_state=True
+    )
+    state = tuple(x.to(config.device, torch.float32) for x in prefix_state)
+    options = dict(kernel=fmap.kernel, initial_state=state, output_final_state=True, normalize=fmap.normalize)
+    ref_o, ref_state = linear_attention_reference(q, k, v, **options)
+    ref_grads = torch.autograd.grad(ref_o.sum(), (q, k, v))
+    rows = []
+    for backend in config.backends:
+        for mode in config.modes:
+            o, state = linear_attention(q, k, v, mode=mode, backend=backend, **options)
+            grads = torch.autograd.grad(o.float().sum(), (q, k, v))
+            grad_err = max(relative_rms(g, r) for g, r in zip(grads, ref_grads))
+            rows.append(CheckRow(mode, backend, relative_rms(o, ref_o), relative_rms(state.kv, ref_state.kv), grad_err))
+    return rows
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up: first-call allocation and compilation stay out of the numbers
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _forward_backward(run: Callable) -> None:
+    run()[0].float().sum().backward()
+
+
+def time_modes(config: OpBenchConfig, progress: Callable[[str], None] = lambda _: None) -> list[TimeRow]:
+    sync = torch.cuda.synchronize if config.device.startswith("cuda") else (lambda: None)
+    generator = torch.Generator().manual_seed(config.seed)
+    rows = []
+    for length in config.lengths:
+        q, k, v, fmap = _inputs(config, length, generator, requires_grad=True)
+        options = dict(kernel=fmap.kernel, normalize=fmap.normalize)
+        for backend in config.backends:
+            for mode in config.modes:
+                if mode == "recurrent" and length > config.max_recurrent_length:
+                    rows.append(TimeRow(mode, backend, length, math.nan, math.nan))
+                    continue
+                progress(f"{mode}/{backend} T={length}")
+                run = functools.partial(linear_attention, q, k, v, mode=mode, backend=backend, **options)
+                with torch.no_grad():
+                    forward = _median_ms(run, config.repeats, sync)
+                both = _median_ms(functools.partial(_forward_backward, run), config.repeats, sync)
+                rows.append(TimeRow(mode, backend, length, forward, both))
+    return rows
