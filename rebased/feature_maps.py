@@ -154,7 +154,8 @@ class CosFormerMap(FeatureMap):
         self.feature_dim = 2 * head_dim
 
     def _features(self, x: Tensor, offset: int) -> Tensor:
-        positions = torch.arange(offset + 1, offset + 1 + x.shape[1], device=x.device, dtype=torch.float32)
+        # fp64 angles: a [T] vector, and fp32 positions lose digits past 2^24 / max_len steps.
+        positions = torch.arange(offset + 1, offset + 1 + x.shape[1], device=x.device, dtype=torch.float64)
         angle = (math.pi / (2 * self.max_len) * positions).view(1, -1, 1, 1)
         x = F.relu(x)
         return torch.cat([x * angle.sin().to(x.dtype), x * angle.cos().to(x.dtype)], dim=-1)
@@ -197,8 +198,9 @@ def _orthogonal_gaussian(rows: int, dim: int, generator: torch.Generator | None)
     """rows x dim matrix: blocks of orthonormal rows, each row rescaled to a chi-distributed norm."""
     blocks = []
     for _ in range(math.ceil(rows / dim)):
-        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
-        blocks.append(q.t())
+        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+        # QR's sign convention biases Q; fixing the signs by diag(R) makes it uniformly (Haar) distributed.
+        blocks.append((q * torch.sign(torch.diagonal(r))).t())
     norms = torch.randn(rows, dim, generator=generator).norm(dim=-1, keepdim=True)
     return torch.cat(blocks)[:rows] * norms
 

@@ -1,0 +1,118 @@
+"""The public boundary: clear errors on bad input, a quiet fast import, the CLI's main job."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rebased
+from rebased import ops
+from rebased.cli import main
+from rebased.ops import Polynomial, linear_attention, linear_attention_step
+
+
+def qkv(batch=2, length=5, heads=3, dim=4, value_dim=6):
+    return (
+        torch.randn(batch, length, heads, dim),
+        torch.randn(batch, length, heads, dim),
+        torch.randn(batch, length, heads, value_dim),
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda q, k, v: (q[0], k, v), "q must have rank 4"),
+        (lambda q, k, v: (q, k[:, :, :2], v), "q and k must have the same shape"),
+        (lambda q, k, v: (q, k, v[:1]), "v must match q"),
+        (lambda q, k, v: (q, k, v[:, :4]), "v must match q"),
+        (lambda q, k, v: (q.long(), k, v), "q must be a floating-point tensor"),
+        (lambda q, k, v: (q, k, v.int()), "v must be a floating-point tensor"),
+        (lambda q, k, v: (q, k.numpy(), v), "k must be a torch.Tensor"),
+        (lambda q, k, v: (q[:, :0], k[:, :0], v[:, :0]), "T must be >= 1"),
+    ],
+)
+def test_malformed_tensors_raise_value_error_naming_the_argument(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        linear_attention(*mutate(*qkv()))
+
+
+def test_bad_state_mode_backend_and_options():
+    q, k, v = qkv()
+    kernel = Polynomial.rebased(4)
+    good_state = (torch.zeros(2, 3, 16, 6), torch.zeros(2, 3, 16))
+    linear_attention(q, k, v, kernel=kernel, initial_state=good_state)
+    with pytest.raises(ValueError, match=r"initial_state.kv must have shape \(2, 3, 16, 6\)"):
+        linear_attention(q, k, v, kernel=kernel, initial_state=(torch.zeros(2, 3, 4, 6), torch.zeros(2, 3, 16)))
+    with pytest.raises(ValueError, match="initial_state.k_sum must have shape"):
+        linear_attention(q, k, v, kernel=kernel, initial_state=(good_state[0], torch.zeros(2, 3, 15)))
+    with pytest.raises(ValueError, match="initial_state must be a"):
+        linear_attention(q, k, v, kernel=kernel, initial_state=good_state[0])
+    with pytest.raises(ValueError, match="unknown mode 'chunked'.*did you mean 'chunk'"):
+        linear_attention(q, k, v, mode="chunked")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        linear_attention(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+        linear_attention(q, k, v, chunk_size=0)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        linear_attention(q, k, v, eps=-1.0)
+    with pytest.raises(ValueError, match="kernel must be a Polynomial"):
+        linear_attention(q, k, v, kernel="rebased")
+
+
+def test_polynomial_validates_its_coefficients():
+    with pytest.raises(ValueError, match="c1 must be finite and >= 0"):
+        Polynomial(c1=-1.0)
+    with pytest.raises(ValueError, match="at least one non-zero"):
+        Polynomial()
+    with pytest.raises(ValueError, match="scale"):
+        Polynomial(c2=1.0, scale=0.0)
+
+
+def test_unimplemented_pair_raises_not_implemented_naming_it(monkeypatch):
+    monkeypatch.delitem(ops.IMPLEMENTATIONS, ("recurrent", "torch"))
+    with pytest.raises(NotImplementedError, match="mode='recurrent', backend='torch'"):
+        linear_attention(*qkv(), mode="recurrent", backend="torch")
+
+
+def test_triton_backend_on_cpu_tensors_never_falls_back_silently():
+    """backend='triton' either runs the Triton kernels or raises NotImplementedError naming the pair."""
+    try:
+        linear_attention(*qkv(), mode="recurrent", backend="triton")
+    except NotImplementedError as error:
+        assert "backend='triton'" in str(error)
+
+
+def test_step_validates_shapes():
+    q, k, v = (x[:, 0] for x in qkv())
+    o, state = linear_attention_step(q, k, v)
+    assert o.shape == (2, 3, 6) and state.kv.shape == (2, 3, 4, 6)
+    with pytest.raises(ValueError, match="q must have rank 3"):
+        linear_attention_step(q[None], k, v)
+    with pytest.raises(ValueError, match="initial_state.kv must have shape"):
+        linear_attention_step(q, k, v, (torch.zeros(2, 3, 5, 6), torch.zeros(2, 3, 5)))
+
+
+def test_public_api_names_exist():
+    for name in rebased.__all__:
+        assert hasattr(rebased, name), name
+    for name in ops.__all__:
+        assert hasattr(ops, name), name
+
+
+def test_import_is_quiet_and_does_not_load_triton():
+    code = "import sys, rebased; print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]" and result.stderr == ""
+
+
+def test_cli_bench_runs_its_check_and_table(capsys):
+    assert main(["bench", "--lengths", "32", "--repeats", "1", "--heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| parallel  | torch" in out and "| chunk     | torch" in out and "within" in out
+
+
+def test_cli_reports_bad_arguments_as_errors(capsys):
+    assert main(["bench", "--feature-map", "relu", "--lengths", "32"]) == 2
+    assert "polynomial kernel" in capsys.readouterr().err
