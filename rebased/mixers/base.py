@@ -1,0 +1,65 @@
+"""The mixer contract and the causal short convolution several mixers share.
+
+Every mixer maps x [B, T, D] -> y [B, T, D] causally and offers three entry points:
+
+    y = mixer(x)                       # training, parallel / chunked over T
+    y, state = mixer.prefill(x)        # the same output, plus the state after the last token
+    y_t, state = mixer.step(x_t, state)  # one token x_t [B, D]; state=None starts from scratch
+
+so that prefill(x[:, :t]) followed by steps over x[:, t:] reproduces forward(x). state_elements(T) gives
+the per-sequence size of the state after T tokens as (fp32 elements, activation-dtype elements).
+
+Short convolution (kernel K, depthwise, causal): y_t = b + sum_{j<K} w_j x_{t-K+1+j}; its state is the
+last K - 1 inputs. Shape letters: B batch, T time, D model dim, C channels, K kernel size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Mixer(nn.Module):
+    """Base class; subclasses implement forward, prefill, step and state_elements."""
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, object]:
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: object) -> tuple[Tensor, object]:
+        raise NotImplementedError
+
+    def state_elements(self, seq_len: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal Conv1d with bias over [B, T, C]; the state is the last K - 1 inputs [B, K - 1, C]."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+
+    def tail(self, x: Tensor, state: Tensor | None = None) -> Tensor:
+        """The last K - 1 inputs after x (zeros before the start), [B, K - 1, C]."""
+        if state is not None:
+            x = torch.cat([state, x], dim=1)
+        keep = self.kernel_size - 1
+        x = F.pad(x, (0, 0, max(0, keep - x.shape[1]), 0))
+        return x[:, x.shape[1] - keep :]
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self(x), self.tail(x)
+
+    def step(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x [B, C] -> y [B, C]; state [B, K - 1, C] (None: zeros)."""
+        if state is None:
+            state = x.new_zeros(x.shape[0], self.kernel_size - 1, x.shape[1])
+        window = torch.cat([state, x.unsqueeze(1)], dim=1)  # [B, K, C]
+        weight = self.conv.weight.squeeze(1).t()  # [K, C]
+        y = (window * weight).sum(1) + self.conv.bias
+        return y, window[:, 1:]

@@ -1,0 +1,186 @@
+"""The language model: embeddings, pre-norm blocks (mixer + optional MLP), final norm, tied head.
+
+    x = drop(E[ids] + P[positions]);  per layer: x = x + drop(mixer(norm1(x))); x = x + drop(mlp(norm2(x)))
+    logits = W_head norm_f(x)      (W_head = E when tie_embeddings)
+
+This is the official ReBased / Zoology block (pre-norm; with mlp="identity", its Identity state mixer).
+Initialisation as theirs (GPT-2 style): Linear and Embedding weights N(0, init_std), biases 0, and every
+residual output projection (out_proj, fc2) N(0, init_std / sqrt(2 n_layers)); mixers then restore their
+own special parameters (Mamba's dt bias, RWKV's decays, Hyena's filter).
+
+Generation: prefill(ids) -> (logits, state); step(ids_t, state) -> (logits_t, state). For recurrent
+mixers the state has a fixed size; state_size() reports it (the MQAR x-axis).
+
+Shape letters: B batch, T time, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rebased.config import ModelConfig
+from rebased.mixers import make_mixer
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_model, hidden), nn.Linear(hidden, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and value in one matmul
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * value)
+
+
+def _gelu_mlp(d_model: int, hidden: int) -> nn.Module:
+    return GeluMLP(d_model, hidden or 4 * d_model)
+
+
+def _swiglu(d_model: int, hidden: int) -> nn.Module:
+    return SwiGLU(d_model, hidden or 64 * math.ceil(8 * d_model / 3 / 64))
+
+
+MLP_BUILDERS = {"none": None, "identity": lambda d_model, hidden: nn.Identity(), "gelu": _gelu_mlp, "swiglu": _swiglu}
+NORM_BUILDERS = {
+    "layernorm": lambda d, eps, affine: nn.LayerNorm(d, eps=eps, elementwise_affine=affine),
+    "rmsnorm": lambda d, eps, affine: nn.RMSNorm(d, eps=eps, elementwise_affine=affine),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer_name: str):
+        super().__init__()
+        norm = NORM_BUILDERS[cfg.norm]
+        self.norm1 = norm(cfg.d_model, cfg.norm_eps, cfg.norm_affine)
+        self.mixer = make_mixer(mixer_name, cfg.d_model, cfg.mixers[mixer_name])
+        build_mlp = MLP_BUILDERS[cfg.mlp]
+        self.mlp = None if build_mlp is None else build_mlp(cfg.d_model, cfg.mlp_hidden)
+        self.norm2 = None if self.mlp is None else norm(cfg.d_model, cfg.norm_eps, cfg.norm_affine)
+        self.drop = nn.Dropout(cfg.resid_dropout)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return x if self.mlp is None else x + self.drop(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._mlp(x + self.drop(self.mixer(self.norm1(x))))
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, object]:
+        y, state = self.mixer.prefill(self.norm1(x))
+        return self._mlp(x + self.drop(y)), state
+
+    def step(self, x: Tensor, state: object) -> tuple[Tensor, object]:  # x [B, D]
+        y, state = self.mixer.step(self.norm1(x), state)
+        return self._mlp(x + self.drop(y)), state
+
+
+class ModelState(NamedTuple):
+    layers: list  # one state per layer, as its mixer defines it
+    position: int  # tokens seen so far (the next token's position)
+
+
+class StateSize(NamedTuple):
+    elements: int
+    bytes: int
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        positions = cfg.max_position_embeddings
+        self.position_embedding = nn.Embedding(positions, cfg.d_model) if positions > 0 else None
+        self.drop = nn.Dropout(cfg.embed_dropout)
+        self.layers = nn.ModuleList(Block(cfg, name) for name in cfg.layer_mixers())
+        self.norm_f = NORM_BUILDERS[cfg.norm](cfg.d_model, cfg.norm_eps, True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, parameter in self.named_parameters():
+            if name.endswith(("out_proj.weight", "fc2.weight")):  # residual outputs: 2 per block
+                nn.init.normal_(parameter, std=std / math.sqrt(2 * self.cfg.n_layers))
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_special_parameters"):
+                module.reset_special_parameters()
+
+    def _embed(self, ids: Tensor, offset: int) -> Tensor:
+        if ids.dim() != 2:
+            raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
+        x = self.embedding(ids)
+        if self.position_embedding is not None:
+            end = offset + ids.shape[1]
+            if end > self.cfg.max_position_embeddings:
+                raise ValueError(
+                    f"position {end - 1} is beyond max_position_embeddings={self.cfg.max_position_embeddings}"
+                )
+            x = x + self.position_embedding(torch.arange(offset, end, device=ids.device))
+        return self.drop(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.norm_f(x))
+
+    def forward(self, ids: Tensor) -> Tensor:  # [B, T] -> [B, T, V]
+        x = self._embed(ids, 0)
+        for layer in self.layers:
+            x = layer(x)
+        return self._logits(x)
+
+    def prefill(self, ids: Tensor) -> tuple[Tensor, ModelState]:
+        x, states = self._embed(ids, 0), []
+        for layer in self.layers:
+            x, state = layer.prefill(x)
+            states.append(state)
+        return self._logits(x), ModelState(states, ids.shape[1])
+
+    def step(self, ids: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:  # ids [B] -> [B, V]
+        position = 0 if state is None else state.position
+        x = self._embed(ids.view(-1, 1), position)[:, 0]
+        states = []
+        for i, layer in enumerate(self.layers):
+            x, layer_state = layer.step(x, None if state is None else state.layers[i])
+            states.append(layer_state)
+        return self._logits(x), ModelState(states, position + 1)
+
+    def state_size(self, seq_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> StateSize:
+        """The generation state after seq_len tokens: fp32 parts (linear-attention, SSM states) at 4 bytes,
+        activation parts (caches, conv tails) at the size of dtype (default: the parameters')."""
+        dtype = dtype or next(self.parameters()).dtype
+        fp32 = activations = 0
+        for layer in self.layers:
+            a, b = layer.mixer.state_elements(seq_len)
+            fp32, activations = fp32 + a, activations + b
+        size = torch.empty((), dtype=dtype).element_size()
+        return StateSize(batch * (fp32 + activations), batch * (4 * fp32 + size * activations))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied head counts once); optionally without token/position embeddings."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embedding.weight.numel()
+            if self.position_embedding is not None:
+                total -= self.position_embedding.weight.numel()
+        return total
