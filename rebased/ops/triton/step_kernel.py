@@ -28,8 +28,6 @@ def step_kernel(
     qv = tl.load(q + bh * D + d, mask=d < D, other=0.0).to(tl.float32)
     kv_ = tl.load(k + bh * D + d, mask=d < D, other=0.0).to(tl.float32)
     row2, m2 = _feature_rows(D, BD, BD2)
-    pq = tl.reshape(qv[:, None] * qv[None, :], [BD2])
-    pk = tl.reshape(kv_[:, None] * kv_[None, :], [BD2])
     off1 = 1 if HAS0 else 0
     off2 = off1 + (D if HAS1 else 0)
     z_base = k_sum + bh * F
@@ -45,6 +43,8 @@ def step_kernel(
         tl.store(z_base + off1 + d, z1, mask=d < D)
         den += a1 * tl.sum(qv * z1, axis=0)
     if HAS2:
+        pq = tl.reshape(qv[:, None] * qv[None, :], [BD2])
+        pk = tl.reshape(kv_[:, None] * kv_[None, :], [BD2])
         z2 = tl.load(z_base + off2 + row2, mask=m2, other=0.0) + a2 * pk
         tl.store(z_base + off2 + row2, z2, mask=m2)
         den += a2 * tl.sum(pq * z2, axis=0)

@@ -1,0 +1,220 @@
+"""The Triton kernels against the float64 reference: outputs, final states, every gradient, the decode step.
+
+Without CUDA the same kernels run on CPU tensors under TRITON_INTERPRET=1 (set here, before the backend
+is imported) at tiny shapes with fixed launch configs, so CI checks their logic. Tests marked gpu run
+the compiled kernels at realistic shapes, in bf16 and fp32.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of rebased.ops.triton
+
+pytest.importorskip("triton")
+
+from rebased.ops import (  # noqa: E402
+    LinearAttentionState,
+    Polynomial,
+    linear_attention,
+    linear_attention_reference,
+    linear_attention_step,
+)
+from rebased.testing import assert_close, error_report  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+import rebased.ops.triton as triton_ops  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+KERNELS = {
+    "rebased": lambda d: Polynomial.rebased(d),
+    "taylor": lambda d: Polynomial.taylor(d),
+    "linear": lambda d: Polynomial.linear(),
+    "features": lambda d: None,  # q, k already feature-mapped: the linear kernel on dimension F
+}
+
+
+def make_inputs(shape, value_dim, kernel, generator, dtype):
+    q, k = (torch.randn(*shape, generator=generator) for _ in range(2))
+    if kernel is None:  # positive features, so the normaliser stays away from zero
+        q, k = q.exp(), k.exp()
+    v = torch.randn(*shape[:-1], value_dim, generator=generator)
+    return [x.to(DEVICE, dtype) for x in (q, k, v)]
+
+
+def prefix_state(batch, heads, head_dim, value_dim, kernel, generator):
+    """A state a real prefix leaves (z consistent with kv), fp32 as the contract says."""
+    q, k, v = make_inputs((batch, 9, heads, head_dim), value_dim, kernel, generator, torch.float64)
+    _, state = linear_attention_reference(q, k, v, kernel=kernel, output_final_state=True)
+    return LinearAttentionState(*(x.float() for x in state))
+
+
+def run_both(q, k, v, state, kernel, generator):
+    """Outputs, final state and gradients (of o, final kv, final k_sum, all weighted) for triton and reference."""
+    normalize = kernel is None or kernel.non_negative
+    leaves = [q, k, v] + (list(state) if state is not None else [])
+    for x in leaves:
+        x.requires_grad_(True)
+    options = dict(kernel=kernel, initial_state=state, output_final_state=True, normalize=normalize)
+    o, final = linear_attention(q, k, v, mode="chunk", backend="triton", **options)
+    ref_o, ref_final = linear_attention_reference(q, k, v, **options)
+    w_o = torch.randn(o.shape, generator=generator).to(DEVICE)
+    w_kv = torch.randn(final.kv.shape, generator=generator).to(DEVICE)
+    w_z = torch.randn(final.k_sum.shape, generator=generator).to(DEVICE)
+
+    def loss(o, final):
+        return (o.double() * w_o).sum() + (final.kv.double() * w_kv).sum() + (final.k_sum.double() * w_z).sum()
+
+    grads = torch.autograd.grad(loss(o, final), leaves)
+    ref_grads = torch.autograd.grad(loss(ref_o, ref_final), leaves)
+    return (o, final, grads), (ref_o, ref_final, ref_grads)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "d kv0", "d k_sum0")
+
+
+def check(got, want, rel_rms):
+    (o, final, grads), (ref_o, ref_final, ref_grads) = got, want
+    assert o.dtype == got[0].dtype and final.kv.dtype == torch.float32
+    assert_close(o, ref_o, rel_rms=rel_rms, name="o")
+    assert_close(final.kv, ref_final.kv, rel_rms=rel_rms, name="final kv")
+    assert_close(final.k_sum, ref_final.k_sum, rel_rms=rel_rms, name="final k_sum")
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        # atol: at T = 1 without a state o = v, so dq is 0 up to rounding and a relative error means nothing
+        assert_close(g, r, rel_rms=rel_rms, atol=rel_rms / 10, name=name)
+
+
+# Tiny shapes: D = 4 and V = 3 exercise the padding of both; V = 40 spans two V blocks (the normaliser's
+# gradient must be counted once); T crosses the block (32 under the interpreter, 64 on the GPU).
+@pytest.mark.parametrize("kernel_name", KERNELS)
+@pytest.mark.parametrize("length", [1, 31, 63, 64, 65, 130])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+def test_chunk_matches_reference(kernel_name, length, with_state):
+    generator = torch.Generator().manual_seed(length * 11 + with_state)
+    kernel = KERNELS[kernel_name](4)
+    q, k, v = make_inputs((2, length, 2, 4), 3, kernel, generator, torch.float32)
+    state = prefix_state(2, 2, 4, 3, kernel, generator) if with_state else None
+    if state is not None:
+        state = LinearAttentionState(*(x.to(DEVICE) for x in state))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+
+
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (32, 20)])
+@pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
+def test_chunk_wide_heads(head_dim, value_dim, kernel_name):
+    generator = torch.Generator().manual_seed(head_dim + value_dim)
+    kernel = KERNELS[kernel_name](head_dim)
+    q, k, v = make_inputs((1, 45, 2, head_dim), value_dim, kernel, generator, torch.float32)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(1, 2, head_dim, value_dim, kernel, generator)))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+
+
+def test_chunk_without_final_state_or_grads_of_it():
+    generator = torch.Generator().manual_seed(3)
+    kernel = Polynomial.rebased(4)
+    q, k, v = make_inputs((1, 40, 2, 4), 8, kernel, generator, torch.float32)
+    o, final = linear_attention(q, k, v, mode="chunk", backend="triton", kernel=kernel)
+    assert final is None
+    ref_o, _ = linear_attention_reference(q, k, v, kernel=kernel)
+    assert_close(o, ref_o, rel_rms=1e-5, name="o")
+
+
+def test_auto_backend_uses_triton_only_on_cuda():
+    from rebased.ops import IMPLEMENTATIONS, resolve_backend
+
+    q = torch.zeros(1, 1, 1, 4, device=DEVICE)
+    expected = ("chunk", "triton") if HAS_CUDA else ("chunk", "torch")
+    assert resolve_backend("chunk", "auto", q) is IMPLEMENTATIONS[expected]
+
+
+def test_unsupported_inputs_raise():
+    q = torch.randn(1, 5, 1, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="float64"):
+        linear_attention(q, q, q, mode="chunk", backend="triton", kernel=Polynomial.rebased(4))
+    wide = torch.randn(1, 5, 1, 48, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="dim <= 32"):
+        linear_attention(wide, wide, wide, mode="chunk", backend="triton", kernel=Polynomial.rebased(48))
+    with pytest.raises(NotImplementedError, match="parallel"):
+        linear_attention(wide, wide, wide, mode="parallel", backend="triton", kernel=Polynomial.rebased(48))
+
+
+@pytest.mark.parametrize("kernel_name", ["rebased", "taylor", "features"])
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(4, 3), (16, 40)])
+def test_step_updates_state_in_place(kernel_name, head_dim, value_dim):
+    """Several in-place steps equal the torch step, which the reference tests bind to the full forward."""
+    generator = torch.Generator().manual_seed(head_dim)
+    kernel = KERNELS[kernel_name](head_dim)
+    normalize = kernel is None or kernel.non_negative
+    state = prefix_state(3, 2, head_dim, value_dim, kernel, generator)
+    state = LinearAttentionState(*(x.to(DEVICE).contiguous() for x in state))
+    ref_state = LinearAttentionState(*(x.double() for x in state))
+    kv_storage = state.kv.data_ptr()
+    for _ in range(3):
+        q, k, v = (x[:, 0] for x in make_inputs((3, 1, 2, head_dim), value_dim, kernel, generator, torch.float32))
+        o = triton_ops.step_(q, k, v, state, kernel=kernel, normalize=normalize)
+        ref_o, ref_state = linear_attention_step(
+            q.double(), k.double(), v.double(), ref_state, kernel=kernel, normalize=normalize
+        )
+        assert_close(o, ref_o, rel_rms=1e-5, name="o")
+        assert_close(state.kv, ref_state.kv, rel_rms=1e-6, name="kv")
+        assert_close(state.k_sum, ref_state.k_sum, rel_rms=1e-6, name="k_sum")
+    assert state.kv.data_ptr() == kv_storage
+
+
+def test_import_rebased_does_not_import_triton():
+    code = "import sys, rebased, rebased.ops; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- GPU: compiled kernels at realistic shapes -------------------------------------------------------
+
+
+def per_position_rel_rms(actual, expected):
+    """Relative RMS error at each time step ([B, T, H, *] -> [T]): the worst one is the bound we state."""
+    diff = (actual.double() - expected.double()).square().mean(dim=(0, 2, 3)).sqrt()
+    return diff / expected.double().square().mean(dim=(0, 2, 3)).sqrt().clamp_min(1e-300)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
+@pytest.mark.parametrize("length", [1000, 4097])
+def test_gpu_chunk_against_float64(dtype, kernel_name, length):
+    """bf16: every gradient within 1% relative RMS of float64 at every position; fp32: 1e-4 overall."""
+    generator = torch.Generator().manual_seed(length)
+    kernel = KERNELS[kernel_name](16)
+    q, k, v = make_inputs((2, length, 4, 16), 64, kernel, generator, dtype)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(2, 4, 16, 64, kernel, generator)))
+    got, want = run_both(q, k, v, state, kernel, generator)
+    if dtype == torch.float32:
+        check(got, want, rel_rms=1e-4)
+        return
+    check(got, want, rel_rms=1e-2)
+    for name, g, r in zip(GRAD_NAMES[:3], got[2], want[2]):
+        worst = per_position_rel_rms(g, r).max().item()
+        assert worst <= 1e-2, f"{name}: worst per-position rel-RMS {worst:.3e} (error {error_report(g, r)})"
+
+
+@gpu
+@needs_cuda
+def test_gpu_step_matches_chunk_final_state():
+    generator = torch.Generator().manual_seed(5)
+    kernel = Polynomial.rebased(16)
+    q, k, v = make_inputs((64, 33, 16, 16), 64, kernel, generator, torch.bfloat16)
+    _, final = linear_attention(q[:, :32], k[:, :32], v[:, :32], mode="chunk", kernel=kernel, output_final_state=True)
+    state = LinearAttentionState(final.kv.contiguous(), final.k_sum.contiguous())
+    o = triton_ops.step_(q[:, 32], k[:, 32], v[:, 32], state, kernel=kernel)
+    ref_o, ref_final = linear_attention_reference(q, k, v, kernel=kernel, output_final_state=True)
+    assert_close(o, ref_o[:, 32], rel_rms=1e-2, name="o")
+    assert_close(state.kv, ref_final.kv, rel_rms=1e-4, name="kv")
