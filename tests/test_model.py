@@ -1,0 +1,179 @@
+"""Whole models: Table 6 parameter counts, decoding equals the forward pass, causality, state sizes, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rebased.config import MIXER_CONFIGS, ModelConfig, mixer_config
+from rebased.model import LanguageModel
+from rebased.presets import PRESETS, mqar, tiny, tiny_hybrid
+from rebased.testing import assert_close
+
+T = 21
+FP64_TOL = 1e-9  # float64: the forms differ only by reassociation
+FP32_TOL = 1e-4  # float32 (relative RMS of the logits)
+
+MODELS = {name: tiny(name) for name in MIXER_CONFIGS} | {"hybrid": tiny_hybrid()}
+# the Taylor map's 1 + s + s^2/2 needs a feature_dim the tiny presets set; cosFormer is a non-polynomial map
+MODELS["linear_attention"] = tiny(
+    "linear_attention",
+    mixers={"linear_attention": mixer_config("linear_attention", feature_map="cosformer", num_heads=2, feature_dim=8)},
+)
+
+
+def build(name: str, dtype=torch.float64) -> LanguageModel:
+    torch.manual_seed(0)
+    model = LanguageModel(MODELS[name]).to(dtype).eval()
+    # N(0, 0.02) embeddings make every layer nearly linear; larger ones exercise the nonlinear paths
+    with torch.no_grad():
+        model.embedding.weight.normal_(std=1.0)
+    return model
+
+
+def token_ids(batch: int = 2, length: int = T, vocab: int = 256, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_mqar_parameter_counts_match_table_6():
+    """d_model 64, L 256, vocab 8192 (official layout: pre-norm blocks with affine LayerNorms, tied head):
+
+    embeddings 8192*64 + positions 256*64                          = 524,288 + 16,384 = 540,672
+    block 1: norm1 128 + BaseConv (Linear 64*64+64, conv 64*3+64)  = 128 + 4,160 + 256 + norm2 128 = 4,672
+    block 2: norm1 128 + Based (q, k 64*192 each; v 64*60, out 60*64; value head dim 64 // 12 = 5; no biases)
+             = 128 + 24,576 + 7,680 + norm2 128                                                     = 32,512
+    final LayerNorm 128; head tied                                  total Based = 577,984
+    ReBased adds LayerNorm(192) for q and for k, gamma and beta: 2 * 2 * 192 = 768   ->   578,752
+    """
+    assert LanguageModel(mqar("based", 64, 256)).num_params() == 577_984
+    assert LanguageModel(mqar("rebased", 64, 256)).num_params() == 578_752
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_teacher_forced_steps_equal_forward(name):
+    model, ids = build(name), token_ids()
+    with torch.no_grad():
+        expected = model(ids)
+        state, logits = None, []
+        for t in range(T):
+            step_logits, state = model.step(ids[:, t], state)
+            logits.append(step_logits)
+    assert_close(torch.stack(logits, dim=1), expected, rel_rms=FP64_TOL, name=f"{name} steps vs forward")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_prefill_then_steps_equal_forward(name):
+    model, ids = build(name), token_ids()
+    cut = 8
+    with torch.no_grad():
+        expected = model(ids)
+        head, state = model.prefill(ids[:, :cut])
+        logits = [head]
+        for t in range(cut, T):
+            step_logits, state = model.step(ids[:, t], state)
+            logits.append(step_logits[:, None])
+    assert_close(torch.cat(logits, dim=1), expected, rel_rms=FP64_TOL, name=f"{name} prefill + steps")
+
+
+@pytest.mark.parametrize("name", ["rebased", "based", "attention", "mamba", "rwkv", "hybrid"])
+def test_float32_steps_equal_forward(name):
+    model, ids = build(name, torch.float32), token_ids()
+    with torch.no_grad():
+        expected, (head, state) = model(ids), model.prefill(ids[:, :5])
+        logits = [head]
+        for t in range(5, T):
+            step_logits, state = model.step(ids[:, t], state)
+            logits.append(step_logits[:, None])
+    assert_close(torch.cat(logits, dim=1), expected, rel_rms=FP32_TOL, name=f"{name} fp32 prefill + steps")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_causal(name):
+    model, ids = build(name), token_ids()
+    t = 9
+    changed = ids.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 256
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    assert_close(after[:, : t + 1], before[:, : t + 1], rel_rms=1e-12, name=f"{name} logits up to t")
+    assert (after[:, t + 1 :] - before[:, t + 1 :]).abs().max() > 1e-3
+
+
+def test_state_size_is_fixed_for_recurrent_models_and_grows_for_attention():
+    recurrent, attention = build("rebased"), build("attention")
+    assert recurrent.state_size(16) == recurrent.state_size(4096)
+    # a KV cache: k and v of d_model 32 per token
+    assert attention.state_size(4096).elements - attention.state_size(16).elements == 2 * (4096 - 16) * 32
+    # MQAR ReBased d 64: 12 heads x 256 features x (5 values + 1 normaliser) in fp32, + the conv tail 2 x 64
+    size = LanguageModel(mqar("rebased")).state_size(256)
+    assert size == (12 * 256 * 6 + 2 * 64, 4 * (12 * 256 * 6 + 2 * 64))
+
+
+@pytest.mark.parametrize("name", ["rebased", "attention", "hybrid"])
+def test_state_size_counts_the_real_state(name):
+    model, ids = build(name, torch.float32), token_ids(batch=3)
+    with torch.no_grad():
+        _, state = model.prefill(ids)
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        return [t for part in x for t in tensors(part)] if isinstance(x, (tuple, list)) else []
+
+    found = tensors(state.layers)
+    assert model.state_size(T, batch=3) == (sum(t.numel() for t in found), sum(t.numel() * 4 for t in found))
+
+
+def test_initialisation():
+    model = LanguageModel(mqar("rebased", 64, 256))
+    assert abs(model.embedding.weight.std().item() - 0.02) < 1e-3
+    out = model.layers[1].mixer.out_proj.weight
+    assert abs(out.std().item() - 0.02 / 2) < 2e-3  # 0.02 / sqrt(2 n_layers), n_layers = 2
+    assert model.lm_head.weight is model.embedding.weight
+
+
+def test_positions_beyond_the_table_fail():
+    model = LanguageModel(tiny("rebased", max_position_embeddings=4))
+    with pytest.raises(ValueError, match="max_position_embeddings=4"):
+        model(token_ids(length=5))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_json(name):
+    cfg = PRESETS[name]()
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_config_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelConfig.from_dict({**tiny().to_dict(), "d_modle": 3})
+    with pytest.raises(ValueError, match="does not accept"):
+        ModelConfig.from_dict({**tiny().to_dict(), "mixers": {"rebased": {"heads": 2}}})
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"pattern": ("base_conv", "rebase")}, "unknown mixer 'rebase'"),
+        ({"mlp": "relu"}, "mlp='relu'"),
+        ({"norm": "batchnorm"}, "norm='batchnorm'"),
+        ({"d_model": 0}, "d_model=0"),
+        ({"embed_dropout": 1.5}, "embed_dropout=1.5"),
+        ({"mixers": {"attention": mixer_config("attention", num_heads=5)}, "pattern": ("attention",)}, "num_heads=5"),
+    ],
+)
+def test_bad_model_configs_fail_at_construction(changes, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("(", r"\(")):
+        tiny().replace(**changes)
+
+
+def test_dropout_only_in_training():
+    model = LanguageModel(tiny("rebased", embed_dropout=0.5, resid_dropout=0.5)).eval()
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids), model(ids))
+        model.train()
+        assert not torch.equal(model(ids), model(ids))
