@@ -1,0 +1,415 @@
+"""One training loop for every task: AdamW, warmup + cosine, accumulation, clipping, bf16, DDP, exact resume.
+
+Loss: cross-entropy over the labelled positions (labels != -100) of a global batch, divided by their count in
+the whole global batch, so micro-batches and ranks add up to exactly the gradient of one big batch.
+The data position is (epoch, batch): each epoch's order is a permutation from a generator seeded by
+(seed, epoch), so resuming needs no data-loader state. Files in run_dir (rank 0 only): config.json,
+metrics.jsonl (one JSON line per evaluation), checkpoint.pt (written to a temporary name, then os.replace).
+Under `torchrun --nproc_per_node N` every rank takes its slice of each global batch (PyTorch DDP).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+IGNORE_INDEX = -100
+CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "config.json"
+_MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 64
+    batch_size: int = 512  # global batch per optimizer step (all ranks x all accumulation micro-batches)
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.1  # on matrices and embeddings only, not on biases and norm gains
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # in schedule_unit: linear warmup over this many steps (or epochs)
+    schedule: str = "cosine"  # "cosine" | "constant"
+    schedule_unit: str = "epoch"  # "epoch": lr set at each epoch start | "step"
+    min_lr: float = 0.0
+    grad_clip: float | None = 1.0
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "fp32" | "bf16"
+    compile: bool = False
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    early_stop_metric: str | None = "accuracy"  # higher is better
+    early_stop_threshold: float = 0.99  # stop once the metric is above this
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends only
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available else cpu
+    max_steps: int | None = None  # stop after this many optimizer steps
+
+    def __post_init__(self):
+        choices = {"schedule": SCHEDULES, "schedule_unit": ("epoch", "step"), "precision": ("auto", "fp32", "bf16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "grad_accumulation", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one dict per evaluation: epoch, step, lr, train_loss, seconds, and evaluate()'s metrics
+    best: dict  # the history entry with the best early_stop_metric (or the last, if None)
+    stopped_early: bool
+    steps: int
+    seconds: float
+
+
+# Decay shapes on progress p in [0, 1]: the fraction of (lr - min_lr) left.
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "constant": lambda p: 1.0,
+}
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    steps = config.epochs * steps_per_epoch
+    return steps if config.max_steps is None else min(steps, config.max_steps)
+
+
+def lr_at(config: TrainConfig, step: int, epoch: int, steps_per_epoch: int) -> float:
+    """Learning rate of optimizer step `step` (0-based), which lies in epoch `epoch` (0-based).
+
+    The schedule runs on a clock t of T ticks: t = epoch, T = epochs ("epoch": constant within an epoch, as
+    torch's CosineAnnealingLR stepped per epoch), or t = step, T = total steps ("step"). With W = warmup_steps:
+    lr (t + 1) / W for t < W, then min_lr + (lr - min_lr) shape((t - W) / (T - W)), shape from SCHEDULES.
+    """
+    if config.schedule_unit == "epoch":
+        t, ticks = epoch, config.epochs
+    else:
+        t, ticks = step, total_steps(config, steps_per_epoch)
+    warmup = config.warmup_steps
+    if t < warmup:
+        return config.lr * (t + 1) / warmup
+    progress = min(1.0, (t - warmup) / max(1, ticks - warmup))
+    return config.min_lr + (config.lr - config.min_lr) * SCHEDULES[config.schedule](progress)
+
+
+def batch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> Tensor:
+    """The global batches of one epoch, [steps, batch_size] example indices (the incomplete tail dropped)."""
+    generator = torch.Generator().manual_seed((seed << 32) + epoch)  # a fresh stream per (seed, epoch)
+    steps = num_examples // batch_size
+    return torch.randperm(num_examples, generator=generator)[: steps * batch_size].view(steps, batch_size)
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool  # we initialised the process group, so we tear it down
+
+
+def _setup_distributed(config: TrainConfig) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl and all_gather_object use the current device
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank, world, device, owns)
+
+
+@dataclass
+class _RunState:
+    """Everything about the run's position that a checkpoint must restore, besides model and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # optimizer steps done in the current epoch
+    step: int = 0
+    lr: float = 0.0
+    loss_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # since last eval
+    loss_count: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    done: bool = False
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary file in the same directory, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _jsonable_config(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(config)))  # tuples become lists, as they come back from config.json
+
+
+def _check_data(train_data: tuple[Tensor, Tensor], config: TrainConfig, world: int) -> tuple[Tensor, Tensor]:
+    inputs, labels = train_data
+    if inputs.dim() != 2 or inputs.shape != labels.shape:
+        raise ValueError(f"train_data must be two [N, L] tensors, got {tuple(inputs.shape)}, {tuple(labels.shape)}")
+    if len(inputs) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(inputs)} training examples")
+    parts = world * config.grad_accumulation
+    if config.batch_size % parts:
+        raise ValueError(f"batch_size={config.batch_size} must divide into {world} ranks x {parts // world} micro")
+    return inputs.long(), labels.long()
+
+
+class _Engine:
+    """The state of one call to train(): model, optimizer, data, and where the run is."""
+
+    def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist):
+        self.config, self.env, self.evaluate, self.progress = config, env, evaluate, progress
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.inputs, self.labels = _check_data(train_data, config, env.world)
+        self.steps_per_epoch = len(self.inputs) // config.batch_size
+        self.model = model.to(env.device)
+        self.select = "select" in inspect.signature(model.forward).parameters
+        matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": matrices}, {"params": others, "weight_decay": 0.0}]
+        fused = {"fused": True} if env.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **fused
+        )
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
+        self.dtype = torch.bfloat16 if bf16 else None
+        self.ddp = self.forward = None
+
+    def autocast(self):
+        return nullcontext() if self.dtype is None else torch.autocast(self.env.device.type, dtype=self.dtype)
+
+    def wrap(self) -> None:
+        """DDP and compile come after restoring, so DDP's initial broadcast sends the restored weights."""
+        self.forward = self.model
+        if self.env.world > 1:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            self.ddp = self.forward = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.config.compile:
+            self.forward = torch.compile(self.forward)
+
+    def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
+        mask = y != IGNORE_INDEX
+        with self.autocast():
+            logits = self.forward(x, select=mask) if self.select else self.forward(x)[mask]  # [M, V]
+        return F.cross_entropy(logits.float(), y[mask], reduction="sum")
+
+    def optimizer_step(self, indices: Tensor, lr: float) -> Tensor:
+        """One step on a global batch of example indices; returns its mean loss over labelled positions."""
+        env, device = self.env, self.env.device
+        count = max(1, int((self.labels[indices] != IGNORE_INDEX).sum()))  # whole global batch, all ranks
+        micro = indices.tensor_split(env.world)[env.rank].tensor_split(self.config.grad_accumulation)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for i, part in enumerate(micro):
+            x = self.inputs[part].to(device, non_blocking=True)
+            y = self.labels[part].to(device, non_blocking=True)
+            last = i == len(micro) - 1
+            with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                loss = self.loss_sum(x, y) / count
+                (loss * env.world).backward()  # DDP averages gradients over ranks; the batch gradient is their sum
+            total += loss.detach()
+        if env.world > 1:
+            dist.all_reduce(total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def run_evaluation(self) -> dict[str, float]:
+        """evaluate(model) on rank 0, in eval mode without gradients; the metrics are broadcast to every rank."""
+        metrics = {}
+        if self.evaluate is not None and self.env.rank == 0:
+            self.model.eval()
+            with torch.no_grad(), self.autocast():
+                metrics = {name: float(value) for name, value in self.evaluate(self.model).items()}
+            self.model.train()
+        if self.env.world > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
+
+    def rng_states(self) -> list[dict]:
+        mine = {"cpu": torch.get_rng_state()}
+        if self.env.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.env.device)
+        if self.env.world == 1:
+            return [mine]
+        states = [None] * self.env.world
+        dist.all_gather_object(states, mine)  # each rank's dropout stream, so every rank resumes exactly
+        return states
+
+    def save(self, state: _RunState) -> None:
+        if self.run_dir is None:
+            return
+        rng = self.rng_states()  # a collective: every rank takes part, rank 0 writes
+        if self.env.rank != 0:
+            return
+        run_state = {**vars(state), "loss_sum": state.loss_sum.cpu()}
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": run_state,
+            "rng": rng,
+            "config": _jsonable_config(self.config),
+        }
+        _atomic_write(self.run_dir / CHECKPOINT, lambda f: torch.save(payload, f))
+
+    def restore(self) -> _RunState:
+        path = None if self.run_dir is None else self.run_dir / CHECKPOINT
+        if path is None or not path.exists():
+            return _RunState()
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        stored, now = checkpoint["config"], _jsonable_config(self.config)
+        changed = sorted(k for k in now if k not in _MAY_CHANGE_ON_RESUME and stored.get(k) != now[k])
+        if changed:
+            raise ValueError(f"{path} was written with other settings: {[(k, stored.get(k)) for k in changed]}")
+        if len(checkpoint["rng"]) != self.env.world:
+            raise ValueError(f"{path} was written by {len(checkpoint['rng'])} processes, not {self.env.world}")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        rng = checkpoint["rng"][self.env.rank]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.env.device)
+        state = _RunState(**checkpoint["state"])
+        state.loss_sum = state.loss_sum.to(self.env.device)
+        log.info("resumed %s at epoch %d, step %d", path, state.epoch, state.step)
+        return state
+
+    def write_start_files(self, state: _RunState) -> None:
+        """config.json, and metrics.jsonl cut back to the checkpoint's evaluations (a killed run wrote more)."""
+        if self.run_dir is None or self.env.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_text = json.dumps(_jsonable_config(self.config), indent=2) + "\n"
+        _atomic_write(self.run_dir / CONFIG, lambda f: f.write(config_text.encode()))
+        lines = "".join(json.dumps(entry) + "\n" for entry in state.history)
+        _atomic_write(self.run_dir / METRICS, lambda f: f.write(lines.encode()))
+
+    def record_evaluation(self, state: _RunState, seconds: float) -> None:
+        metrics = self.run_evaluation()
+        train_loss = (state.loss_sum / max(1, state.loss_count)).item()
+        entry = {"epoch": state.epoch, "step": state.step, "lr": state.lr, "train_loss": train_loss}
+        entry.update(seconds=round(seconds, 3), **metrics)
+        state.history.append(entry)
+        state.loss_sum.zero_()
+        state.loss_count = 0
+        log.info("%s", entry)
+        if self.run_dir is not None and self.env.rank == 0:
+            with open(self.run_dir / METRICS, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        name = self.config.early_stop_metric
+        if name is not None and self.evaluate is not None:
+            if name not in metrics:
+                raise ValueError(f"early_stop_metric={name!r} is not among the metrics {sorted(metrics)}")
+            state.stopped_early = metrics[name] > self.config.early_stop_threshold
+
+    def run_epoch(self, state: _RunState, bar: tqdm, start: float) -> None:
+        config, steps = self.config, self.steps_per_epoch
+        total = total_steps(config, steps)
+        order = batch_order(len(self.inputs), config.batch_size, config.seed, state.epoch)
+        while state.batch < steps and state.step < total:
+            state.lr = lr_at(config, state.step, state.epoch, steps)
+            loss = self.optimizer_step(order[state.batch], state.lr)
+            state.loss_sum += loss
+            state.loss_count += 1
+            state.step += 1
+            state.batch += 1
+            bar.update(1)
+            if state.step % 10 == 0 or state.step == total:  # .item() waits for the GPU: not every step
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", refresh=False)
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.batch < steps:
+                state.seconds = time.perf_counter() - start
+                self.save(state)
+        if state.batch == steps:
+            state.epoch, state.batch = state.epoch + 1, 0
+        last = state.step >= total or state.epoch >= config.epochs
+        if last or (state.batch == 0 and state.epoch % config.eval_every == 0):
+            self.record_evaluation(state, time.perf_counter() - start)
+        state.done = last or state.stopped_early
+        state.seconds = time.perf_counter() - start
+        self.save(state)
+
+    def result(self, state: _RunState) -> TrainResult:
+        name, history = self.config.early_stop_metric, state.history
+        best = history[-1] if history else {}
+        if name is not None and history and all(name in entry for entry in history):
+            best = max(history, key=lambda entry: entry[name])  # the first of equals: the earliest
+        return TrainResult(history, best, state.stopped_early, state.step, state.seconds)
+
+    def run(self) -> TrainResult:
+        state = self.restore()
+        if state.done:
+            return self.result(state)
+        self.write_start_files(state)
+        self.wrap()
+        total = total_steps(self.config, self.steps_per_epoch)
+        hide = not self.progress or self.env.rank != 0
+        bar = tqdm(total=total, initial=state.step, disable=hide, desc="train", unit="step", dynamic_ncols=True)
+        start = time.perf_counter() - state.seconds
+        self.model.train()
+        while not state.done:
+            self.run_epoch(state, bar, start)
+        bar.close()
+        return self.result(state)
+
+
+def train(
+    model: nn.Module,
+    train_data: tuple[Tensor, Tensor],
+    config: TrainConfig,
+    run_dir: str | Path | None = None,
+    *,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` in place on (inputs [N, L], labels [N, L] with -100 where unlabelled).
+
+    With run_dir, the run checkpoints there and resumes from its checkpoint.pt if one exists (a finished run
+    is not retrained: its stored result is returned and the model gets its final weights). Under torchrun
+    (WORLD_SIZE > 1) the process group is initialised here (gloo on CPU, nccl on CUDA) when not already.
+    """
+    torch.set_flush_denormal(True)  # denormal activations made the LM-head backward 50x slower on CPU
+    env = _setup_distributed(config)
+    try:
+        torch.manual_seed(config.seed + env.rank)  # the only seeding: dropout streams differ across ranks
+        engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env)
+        return engine.run()
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()
