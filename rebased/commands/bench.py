@@ -10,15 +10,28 @@ from rebased.cli import verb
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-map", default="rebased", help="polynomial feature map (rebased, taylor, square...)")
-    parser.add_argument("--lengths", default="256,1024,4096", help="comma-separated sequence lengths to time")
+    parser.add_argument(
+        "--lengths", default=None, help="comma-separated sequence lengths (default 256,1024,4096; suite 1k..64k)"
+    )
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=None, help="default 4 (suite: 16)")
     parser.add_argument("--head-dim", type=int, default=16)
     parser.add_argument("--value-dim", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32 (suite: bfloat16)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default="torch", help="comma-separated: torch, triton")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="GPU suite: fixed tokens per call (--tokens), every mode beside SDPA and fla, and the decode step",
+    )
+    parser.add_argument("--tokens", type=int, default=65536, help="suite: tokens per call (batch = tokens // T)")
+    parser.add_argument("--entries", default="chunk/triton,chunk/torch,parallel/torch", help="suite: mode/backend")
+    parser.add_argument("--decode-contexts", default="1024,4096,16384,65536", help="suite: SDPA KV-cache lengths")
+    parser.add_argument("--out", default=None, help="suite: write DIR/bench.md and DIR/bench.json")
 
 
 @verb("bench", "check the linear-attention ops against the reference and time every mode", _arguments)
@@ -26,17 +39,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rebased.benchmark import OpBenchConfig, check_modes, time_modes
+
+    if args.suite:
+        return _suite(args)
     from rebased.tables import markdown_table
 
     config = OpBenchConfig(
         feature_map=args.feature_map,
         batch=args.batch,
-        heads=args.heads,
+        heads=args.heads or 4,
         head_dim=args.head_dim,
         value_dim=args.value_dim,
-        lengths=tuple(int(t) for t in args.lengths.split(",")),
+        lengths=tuple(int(t) for t in (args.lengths or "256,1024,4096").split(",")),
         backends=tuple(args.backends.split(",")),
-        dtype=args.dtype,
+        dtype=args.dtype or "float32",
         device=args.device,
         repeats=args.repeats,
     )
@@ -65,3 +81,115 @@ def run(args: argparse.Namespace) -> int:
     tolerance = 1e-4 if config.dtype == "float32" else 2e-2
     print(f"\nworst relative error {worst:.2e} ({'within' if worst <= tolerance else 'ABOVE'} {tolerance:g})")
     return 0 if worst <= tolerance else 1
+
+
+def _suite(args: argparse.Namespace) -> int:
+    """The GPU suite; prints the tables and, with --out, writes them with the command, versions and GPU."""
+    import torch
+
+    from rebased.benchmark import OpBenchConfig, SuiteConfig, check_modes, time_decode, time_suite
+
+    if not torch.cuda.is_available():
+        raise ValueError("--suite needs a CUDA GPU")
+    config = SuiteConfig(
+        feature_map=args.feature_map, tokens=args.tokens, heads=args.heads or 16, head_dim=args.head_dim,
+        value_dim=args.value_dim, entries=tuple(args.entries.split(",")), dtype=args.dtype or "bfloat16",
+        lengths=tuple(int(t) for t in args.lengths.split(",")) if args.lengths else SuiteConfig.lengths,
+        decode_contexts=tuple(int(c) for c in args.decode_contexts.split(",")),
+    )  # fmt: skip
+    check = OpBenchConfig(
+        feature_map=config.feature_map, batch=2, heads=4, head_dim=config.head_dim, value_dim=config.value_dim,
+        modes=("parallel", "chunk"), backends=("torch", "triton"), dtype=config.dtype, device="cuda",
+    )  # fmt: skip
+    sections = [_header(config)]
+    _emit(sections, _check_section(check, check_modes(check)))
+    rows = time_suite(config, progress=lambda what: print(f"  timing {what}", file=sys.stderr, flush=True))
+    _emit(sections, _time_section(config, rows))
+    decode = time_decode(config)
+    _emit(sections, _decode_section(config, decode))
+    if args.out:
+        _write(args.out, sections, config, rows, decode)
+    return 0
+
+
+def _emit(sections: list[str], text: str) -> None:
+    if len(sections) == 1:
+        print(sections[0])
+    sections.append(text)
+    print(text, flush=True)
+
+
+def _check_section(check, checks) -> str:
+    from rebased.tables import markdown_table
+
+    table = [[r.mode, r.backend, r.output_err, r.state_err, r.grad_err] for r in checks]
+    return (
+        f"\nCorrectness ({check.dtype}, T={check.check_length}, with an initial state), relative RMS vs float64:\n"
+        + markdown_table(["mode", "backend", "output", "final state", "worst grad"], table)
+    )
+
+
+def _time_section(config, rows) -> str:
+    from rebased.tables import markdown_table
+
+    ours = {r.length: r for r in rows if r.name == "chunk/triton"}
+    nan = float("nan")
+
+    def ratio(row, field):
+        base = getattr(ours[row.length], field) if row.length in ours else nan
+        return getattr(row, field) / base if base == base and base > 0 else nan
+
+    table = [
+        [r.name, r.length, r.forward_ms, r.backward_ms, ratio(r, "forward_ms"), ratio(r, "backward_ms"),
+         r.forward_mib, r.backward_mib, r.note]
+        for r in rows
+    ]  # fmt: skip
+    headers = ["op", "T", "fwd ms", "fwd+bwd ms", "fwd x ours", "fwd+bwd x ours", "fwd MiB", "fwd+bwd MiB", "note"]
+    return (
+        f"\nTime (median ms, triton.testing.do_bench) and peak memory above the inputs (MiB); {config.tokens} "
+        f"tokens x {config.heads} heads per call, q/k dim {config.head_dim} (SDPA {config.value_dim}), v dim "
+        f"{config.value_dim}; 'x ours' = time / chunk/triton time at that T:\n" + markdown_table(headers, table)
+    )
+
+
+def _decode_section(config, decode) -> str:
+    from rebased.tables import markdown_table
+
+    table = [[r.name, r.batch, r.context or "any", r.step_us, r.note] for r in decode]
+    return f"\nDecode step, one layer of {config.heads} heads (median us, CUDA graph replay):\n" + markdown_table(
+        ["op", "batch", "context", "step us", "note"], table
+    )
+
+
+def _write(out: str, sections, config, rows, decode) -> None:
+    import dataclasses
+    import json
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write("\n".join(sections) + "\n")
+    payload = {"command": "rebased " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(config)}
+    payload |= {"rows": [dataclasses.asdict(r) for r in rows], "decode": [dataclasses.asdict(r) for r in decode]}
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+
+
+def _header(config) -> str:
+    import platform
+
+    import torch
+    import triton
+
+    try:
+        import fla
+
+        fla_version = fla.__version__
+    except ImportError:
+        fla_version = "not installed"
+    return (
+        f"# rebased bench --suite\n\ncommand: `rebased {' '.join(sys.argv[1:])}`\n\n"
+        f"GPU: {torch.cuda.get_device_name()}; python {platform.python_version()}; torch {torch.__version__}; "
+        f"triton {triton.__version__}; flash-linear-attention (fla-core) {fla_version}; "
+        f"feature map {config.feature_map}; {config.dtype}"
+    )
