@@ -177,3 +177,20 @@ def test_dropout_only_in_training():
         assert torch.equal(model(ids), model(ids))
         model.train()
         assert not torch.equal(model(ids), model(ids))
+
+
+def test_model_code_never_imports_triton():
+    """The model must run wherever torch does: triton only ever comes in through the ops' lazy backend."""
+    import ast
+    from pathlib import Path
+
+    import rebased
+
+    root = Path(rebased.__file__).parent
+    files = [*(root / "mixers").glob("*.py"), root / "model.py", root / "generate.py", root / "checkpoint.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any("triton" in name for name in names), f"{path.name} imports {names}"
