@@ -1,0 +1,235 @@
+"""rebased.train: learning, the schedule's formula, accumulation = one batch, labelled positions only, early
+stop, atomic checkpoints, SIGKILL-then-resume = uninterrupted (bitwise), torchrun DDP = one process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from train_script import TinyLM, accuracy, make_data, make_model
+
+import rebased.train as train_module
+from rebased.testing import assert_close
+from rebased.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, batch_order, lr_at, train
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "train_script.py"
+QUICK = dict(batch_size=16, lr=1e-2, early_stop_metric=None, device="cpu")  # 128 examples: 8 steps an epoch
+
+
+def run(config: TrainConfig, run_dir=None, model=None, evaluate=None, data=None):
+    model = make_model() if model is None else model
+    result = train(model, make_data() if data is None else data, config, run_dir, evaluate=evaluate, progress=False)
+    return model, result
+
+
+def record_lrs():
+    """Every learning rate the optimizer stepped with, through a global optimizer hook."""
+    seen: list[float] = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    return seen, hook
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module, rel_rms: float) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert_close(p, q, rel_rms=rel_rms, name=name)
+
+
+def script_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_loss_decreases_and_accuracy_rises():
+    data = make_data()
+    config = TrainConfig(epochs=12, **QUICK)
+    _, result = run(config, data=data, evaluate=lambda m: {"accuracy": accuracy(m, data)})
+    losses = [entry["train_loss"] for entry in result.history]
+    assert len(result.history) == 12 and result.steps == 96
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert result.history[-1]["accuracy"] > 0.9 > result.history[0]["accuracy"]
+
+
+def test_bf16_autocast_on_cpu_trains_fp32_weights():
+    model, result = run(TrainConfig(epochs=4, precision="bf16", **QUICK))
+    losses = [entry["train_loss"] for entry in result.history]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_schedule_per_step_follows_formula(schedule):
+    config = TrainConfig(epochs=3, warmup_steps=4, schedule=schedule, schedule_unit="step", min_lr=1e-4, **QUICK)
+    seen, hook = record_lrs()
+    try:
+        run(config)
+    finally:
+        hook.remove()
+    total, lr, low = 24, config.lr, config.min_lr
+    shape = (lambda p: 0.5 * (1 + math.cos(math.pi * p))) if schedule == "cosine" else (lambda p: 1.0)
+    expected = [lr * (t + 1) / 4 if t < 4 else low + (lr - low) * shape((t - 4) / (total - 4)) for t in range(total)]
+    assert seen == pytest.approx(expected, rel=1e-12, abs=0)
+    assert seen[3] == lr and (seen[-1] < lr) == (schedule == "cosine")
+
+
+def test_schedule_per_epoch_is_constant_within_an_epoch():
+    config = TrainConfig(epochs=4, schedule_unit="epoch", **QUICK)  # the MQAR runs: cosine per epoch, no warmup
+    seen, hook = record_lrs()
+    try:
+        _, result = run(config)
+    finally:
+        hook.remove()
+    expected = [0.5 * config.lr * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    assert seen == pytest.approx([lr for lr in expected for _ in range(8)], rel=1e-12, abs=0)
+    assert [entry["lr"] for entry in result.history] == pytest.approx(expected, rel=1e-12)
+    warm = TrainConfig(epochs=4, warmup_steps=2, schedule_unit="epoch", **QUICK)
+    assert [lr_at(warm, 0, e, 8) for e in range(4)] == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])
+
+
+def test_grad_accumulation_equals_one_batch():
+    one, _ = run(TrainConfig(epochs=1, max_steps=4, **QUICK))
+    accumulated, _ = run(TrainConfig(epochs=1, max_steps=4, grad_accumulation=2, **QUICK))
+    assert_same_params(accumulated, one, rel_rms=1e-6)
+    assert not all(torch.equal(p, q) for p, q in zip(one.parameters(), make_model().parameters()))
+
+
+def test_loss_counts_only_labelled_positions():
+    data = make_data()
+    inputs, labels = data
+    initial = make_model()
+    model, result = run(TrainConfig(epochs=1, max_steps=1, grad_accumulation=2, **QUICK), model=copy.deepcopy(initial))
+    batch = batch_order(len(inputs), 16, 0, 0)[0]
+    mask = labels[batch] != -100
+    assert [m.sum().item() for m in model.selections] == [mask[:8].sum().item(), mask[8:].sum().item()]
+    assert torch.equal(torch.cat(model.selections), mask)  # the model was asked for logits at labels only
+    expected = F.cross_entropy(initial(inputs[batch])[mask], labels[batch][mask]).item()
+    assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+    class FullLogits(TinyLM):  # a model without `select`: full logits, then the labelled rows
+        def forward(self, ids):
+            return super().forward(ids)
+
+    full = FullLogits(torch.Generator().manual_seed(0))
+    run(TrainConfig(epochs=1, max_steps=3, **QUICK), model=full)
+    selected, _ = run(TrainConfig(epochs=1, max_steps=3, **QUICK))
+    assert_same_params(full, selected, rel_rms=1e-6)
+
+
+def test_early_stop_fires_above_threshold():
+    scores = iter([0.5, 0.9, 0.995, 1.0, 1.0])
+    config = TrainConfig(epochs=5, batch_size=16, early_stop_metric="accuracy", early_stop_threshold=0.99)
+    _, result = run(config, evaluate=lambda m: {"accuracy": next(scores)})
+    assert result.stopped_early and result.steps == 24
+    assert [entry["accuracy"] for entry in result.history] == [0.5, 0.9, 0.995]
+    assert result.best == result.history[-1]
+    with pytest.raises(ValueError, match="early_stop_metric"):
+        run(TrainConfig(epochs=1, batch_size=16), evaluate=lambda m: {"loss": 1.0})
+
+
+def test_checkpoints_are_atomic_and_a_finished_run_is_not_retrained(tmp_path, monkeypatch):
+    config = TrainConfig(epochs=2, checkpoint_every=3, **QUICK)
+    trained, result = run(config, tmp_path, evaluate=lambda m: {"accuracy": 0.5})
+    assert sorted(os.listdir(tmp_path)) == sorted([CHECKPOINT, CONFIG, METRICS])  # no temporary names left
+    assert json.loads((tmp_path / CONFIG).read_text())["checkpoint_every"] == 3
+    assert len((tmp_path / METRICS).read_text().splitlines()) == 2
+
+    seen, hook = record_lrs()
+    try:
+        again, stored = run(config, tmp_path, evaluate=lambda m: {"accuracy": 0.5})
+    finally:
+        hook.remove()
+    assert seen == [] and stored == result  # not retrained, and the model holds the final weights
+    assert_same_params(again, trained, rel_rms=0.0)
+
+    saves, real_save = [], torch.save
+
+    def crash_on_third(obj, f):
+        saves.append(1)
+        if len(saves) == 3:
+            f.write(b"partial")
+            raise OSError("disk full")
+        real_save(obj, f)
+
+    monkeypatch.setattr(train_module.torch, "save", crash_on_third)
+    with pytest.raises(OSError, match="disk full"):
+        run(config, tmp_path / "crash")
+    assert sorted(os.listdir(tmp_path / "crash")) == sorted([CHECKPOINT, CONFIG, METRICS])
+    checkpoint = torch.load(tmp_path / "crash" / CHECKPOINT, weights_only=True)
+    assert checkpoint["state"]["step"] == 6  # the second save survives whole
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    run(TrainConfig(epochs=1, **QUICK), tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        run(TrainConfig(epochs=1, **{**QUICK, "lr": 0.5}), tmp_path)
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="batch_size"):
+        run(TrainConfig(batch_size=15, grad_accumulation=2))
+    with pytest.raises(ValueError, match="batch_size"):
+        run(TrainConfig(batch_size=1024))
+
+
+def launch(run_dir: Path, out: Path, config: dict, *extra: str, prefix=(sys.executable,)) -> subprocess.Popen:
+    command = [*prefix, str(SCRIPT), str(run_dir), str(out), "--config", json.dumps(config), *extra]
+    return subprocess.Popen(command, env=script_env(), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+
+
+def metrics_without_time(run_dir: Path) -> list[dict]:
+    lines = (run_dir / METRICS).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tmp_path):
+    config = {"epochs": 5, "batch_size": 16, "lr": 1e-2, "checkpoint_every": 3, "device": "cpu"}
+    args = ("--dropout", "0.3", "--eval-sleep", "0.25")  # dropout: the RNG state matters; sleep: time to kill
+    whole = launch(tmp_path / "whole", tmp_path / "whole.pt", config, *args)
+    killed = launch(tmp_path / "killed", tmp_path / "killed.pt", config, *args)
+    checkpoint = tmp_path / "killed" / CHECKPOINT
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=30)
+    assert killed.returncode == -signal.SIGKILL
+    state = torch.load(checkpoint, weights_only=True)["state"]
+    assert 0 < state["step"] < 40 and not state["done"], state
+
+    finish(launch(tmp_path / "killed", tmp_path / "killed.pt", config, *args))
+    finish(whole)
+    assert metrics_without_time(tmp_path / "killed") == metrics_without_time(tmp_path / "whole")
+    assert len(metrics_without_time(tmp_path / "whole")) == 5
+    resumed, uninterrupted = torch.load(tmp_path / "killed.pt"), torch.load(tmp_path / "whole.pt")
+    for name, p in uninterrupted["params"].items():
+        assert torch.equal(resumed["params"][name], p), name
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    config = {"epochs": 2, "batch_size": 16, "grad_accumulation": 2, "lr": 1e-2, "checkpoint_every": 5, "device": "cpu"}
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    finish(launch(tmp_path / "ddp", tmp_path / "ddp.pt", config, prefix=torchrun))
+    single, result = run(TrainConfig(**{**config, "early_stop_metric": None}))
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for name, p in single.state_dict().items():
+        assert_close(ddp["params"][name], p, rel_rms=1e-5, name=name)
+    assert ddp["result"]["steps"] == result.steps == 16
+    ddp_losses = [entry["train_loss"] for entry in ddp["result"]["history"]]
+    assert ddp_losses == pytest.approx([entry["train_loss"] for entry in result.history], rel=1e-5)
