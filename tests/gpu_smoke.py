@@ -37,9 +37,9 @@ OPTIONS = {
 }
 
 
-def check_mixer(name: str, device: str) -> list:
+def check_mixer(name: str, device: str, label: str = "", **extra) -> list:
     torch.manual_seed(0)
-    mixer = make_mixer(name, D_MODEL, **OPTIONS.get(name, {})).to(device)
+    mixer = make_mixer(name, D_MODEL, **{**OPTIONS.get(name, {}), **extra}).to(device)
     x = torch.randn(BATCH, LENGTH, D_MODEL, device=device, requires_grad=True)
     start = time.perf_counter()
     with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
@@ -99,11 +99,13 @@ def main() -> int:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     header = ["mixer", "output dtype", "grads finite", "bf16 vs fp32", "prefill+steps vs fwd", "fwd+bwd s", "ok"]
     rows = []
-    for name in MIXER_CONFIGS:
+    # backend "auto" takes the Triton kernels on CUDA where installed; "rebased[torch]" pins the torch ops
+    runs = [(name, name, {}) for name in MIXER_CONFIGS] + [("rebased", "rebased[torch]", {"backend": "torch"})]
+    for name, label, extra in runs:
         try:
-            rows.append(check_mixer(name, device))
+            rows.append(check_mixer(name, device, label, **extra))
         except Exception as error:  # report every mixer, not just the first failure
-            rows.append([name, "-", "-", "-", "-", "-", f"FAILED: {type(error).__name__}: {error}"])
+            rows.append([label, "-", "-", "-", "-", "-", f"FAILED: {type(error).__name__}: {error}"])
     print("| " + " | ".join(header) + " |")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
