@@ -60,7 +60,7 @@ def check_mixer(name: str, device: str, label: str = "", **extra) -> list:
         _, step_rel = error_report(torch.cat(steps, dim=1), reference)
     ok = bool(torch.isfinite(y).all()) and grads_ok and bf16_rel < 5e-2 and step_rel < 1e-3
     return [
-        name,
+        label or name,
         str(y.dtype).removeprefix("torch."),
         grads_ok,
         f"{bf16_rel:.1e}",
