@@ -182,7 +182,9 @@ def _check_data(train_data: tuple[Tensor, Tensor], config: TrainConfig, world: i
         raise ValueError(f"batch_size={config.batch_size} is larger than the {len(inputs)} training examples")
     parts = world * config.grad_accumulation
     if config.batch_size % parts:
-        raise ValueError(f"batch_size={config.batch_size} must divide into {world} ranks x {parts // world} micro")
+        raise ValueError(
+            f"batch_size={config.batch_size} must divide into {world} ranks x {parts // world} micro-batches"
+        )
     return inputs.long(), labels.long()
 
 
@@ -198,10 +200,10 @@ class _Engine:
         self.select = "select" in inspect.signature(model.forward).parameters
         matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": matrices}, {"params": others, "weight_decay": 0.0}]
-        fused = {"fused": True} if env.device.type == "cuda" else {}
+        groups = [g for g in ({"params": matrices}, {"params": others, "weight_decay": 0.0}) if g["params"]]
+        fused = env.device.type == "cuda" or None  # one kernel for all parameters on the GPU
         self.optimizer = torch.optim.AdamW(
-            groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **fused
+            groups, config.lr, config.betas, weight_decay=config.weight_decay, fused=fused
         )
         bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
         self.dtype = torch.bfloat16 if bf16 else None
@@ -280,13 +282,8 @@ class _Engine:
         if self.env.rank != 0:
             return
         run_state = {**vars(state), "loss_sum": state.loss_sum.cpu()}
-        payload = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "state": run_state,
-            "rng": rng,
-            "config": _jsonable_config(self.config),
-        }
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "state": run_state}
+        payload.update(rng=rng, config=_jsonable_config(self.config))
         _atomic_write(self.run_dir / CHECKPOINT, lambda f: torch.save(payload, f))
 
     def restore(self) -> _RunState:

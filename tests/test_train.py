@@ -229,7 +229,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     single, result = run(TrainConfig(**{**config, "early_stop_metric": None}))
     ddp = torch.load(tmp_path / "ddp.pt")
     for name, p in single.state_dict().items():
-        assert_close(ddp["params"][name], p, rel_rms=1e-5, name=name)
+        assert_close(ddp["params"][name], p, rel_rms=1e-6, name=name)  # measured 5e-8; a 2x gradient: 2e-5
     assert ddp["result"]["steps"] == result.steps == 16
     ddp_losses = [entry["train_loss"] for entry in ddp["result"]["history"]]
     assert ddp_losses == pytest.approx([entry["train_loss"] for entry in result.history], rel=1e-5)
