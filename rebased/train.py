@@ -221,7 +221,8 @@ class _Engine:
         if self.config.compile:
             self.forward = torch.compile(self.forward)
 
-    def loss_sum(self, x: Tensor, y: Tensor) -> Tensor:
+    def labelled_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy summed over the positions with a label."""
         mask = y != IGNORE_INDEX
         with self.autocast():
             logits = self.forward(x, select=mask) if self.select else self.forward(x)[mask]  # [M, V]
@@ -238,7 +239,7 @@ class _Engine:
             y = self.labels[part].to(device, non_blocking=True)
             last = i == len(micro) - 1
             with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                loss = self.loss_sum(x, y) / count
+                loss = self.labelled_loss(x, y) / count
                 (loss * env.world).backward()  # DDP averages gradients over ranks; the batch gradient is their sum
             total += loss.detach()
         if env.world > 1:
@@ -304,7 +305,6 @@ class _Engine:
         if "cuda" in rng and self.env.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.env.device)
         state = _RunState(**checkpoint["state"])
-        state.loss_sum = state.loss_sum.to(self.env.device)
         log.info("resumed %s at epoch %d, step %d", path, state.epoch, state.step)
         return state
 
@@ -375,6 +375,7 @@ class _Engine:
             return self.result(state)
         self.write_start_files(state)
         self.wrap()
+        state.loss_sum = state.loss_sum.to(self.env.device)  # summed on the device: no wait for the GPU
         total = total_steps(self.config, self.steps_per_epoch)
         hide = not self.progress or self.env.rank != 0
         bar = tqdm(total=total, initial=state.step, disable=hide, desc="train", unit="step", dynamic_ncols=True)
