@@ -178,3 +178,26 @@ def test_bad_configs_fail_naming_the_field():
         make_mixer("base_conv", D, kernel_size=0)
     with pytest.raises(ValueError, match="max_len"):
         build("hyena")(inputs(length=65))
+
+
+@pytest.mark.parametrize("name", ["rebased", "linear_attention", "based"])
+def test_linear_attention_gives_the_op_one_dtype_under_autocast(name, monkeypatch):
+    """The GPU smoke run found LayerNorm'd q, k in fp32 beside a bf16 v, which the Triton op rejects.
+
+    CUDA autocast runs layer_norm in fp32; CPU autocast keeps it in bf16 but runs softmax in fp32, so on
+    the CPU the Hedgehog map (softmax features) is the case that shows the mismatch."""
+    import rebased.mixers.linear_attention as module
+
+    seen = []
+    real = module.linear_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(module, "linear_attention", spy)
+    options = {**OPTIONS[name], "feature_map": "hedgehog"} if name == "linear_attention" else OPTIONS[name]
+    mixer = make_mixer(name, D, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixer(inputs(torch.float32))
+    assert seen == [(torch.bfloat16,) * 3]

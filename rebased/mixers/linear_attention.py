@@ -45,7 +45,9 @@ class LinearAttention(Mixer):
         k = self.proj_k(x).unflatten(-1, (heads, self.key_dim))
         v = self.proj_v(x).unflatten(-1, (heads, self.value_dim))  # [B, T, H, Dv]
         q, k = self.feature_map.prepare(q, k, offset)
-        return q, k, v
+        # Under autocast, LayerNorm / softmax inside the map return fp32 while v is bf16; the fused ops take
+        # one dtype (the op computes its state and normaliser in fp32 whatever comes in).
+        return q.to(v.dtype), k.to(v.dtype), v
 
     def _attend(self, x: Tensor, output_final_state: bool) -> tuple[Tensor, LinearAttentionState | None]:
         q, k, v = self._project(x, 0)
