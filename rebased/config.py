@@ -54,13 +54,12 @@ class LinearAttentionConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Causal softmax attention (torch SDPA); window > 0 makes it sliding-window attention."""
+    """Causal softmax attention (torch SDPA), optional rotary embeddings, biases as in Zoology's MHA."""
 
     num_heads: int = 1
     rotary: bool = False
     rotary_base: float = 10000.0
     bias: bool = True
-    window: int = 0  # 0: full causal attention
 
     def validate(self, where: str, d_model: int) -> None:
         _check_heads(where, self.num_heads, d_model)
@@ -70,6 +69,8 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class SlidingWindowConfig(AttentionConfig):
+    """Softmax attention over the last `window` tokens (the token itself included)."""
+
     window: int = 64
 
     def validate(self, where: str, d_model: int) -> None:
