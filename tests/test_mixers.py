@@ -201,3 +201,22 @@ def test_linear_attention_gives_the_op_one_dtype_under_autocast(name, monkeypatc
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixer(inputs(torch.float32))
     assert seen == [(torch.bfloat16,) * 3]
+
+
+def test_sliding_window_training_memory_is_linear_in_length(monkeypatch):
+    """Every score block the forward builds has at most 2w keys per query: O(T w), never T x T."""
+    import rebased.mixers.attention as module
+
+    score_sizes = []
+    real = module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        score_sizes.append(q.shape[:-1].numel() * k.shape[-2])
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention", spy)
+    mixer = make_mixer("sliding_window", D, num_heads=4, window=4)
+    length = 256
+    with torch.no_grad():
+        mixer(inputs(torch.float32, batch=1, length=length))
+    assert score_sizes and max(score_sizes) <= 4 * length * 2 * 4  # H * T * 2w
