@@ -7,8 +7,6 @@ Prints one table; the fixed configs in rebased/ops/triton/functions.py come from
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton.testing
 
@@ -22,14 +20,14 @@ TOKENS, HEADS, D, V = 65536, 16, 16, 64
 def main() -> None:
     kernel = Polynomial.rebased(D)
     rows = []
-    for length in (1024, 8192, 65536):
+    for length in (4096, 65536):
         batch = TOKENS // length
         q, k = (torch.randn(batch, length, HEADS, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         v = torch.randn(batch, length, HEADS, V, device="cuda", dtype=torch.bfloat16)
         for x in (q, k, v):
             x.requires_grad_(True)
         grad = torch.randn_like(v)
-        for block_t, block_v, warps in itertools.product((32, 64), (32, 64), (4, 8)):
+        for block_t, block_v, warps in ((64, 64, 4), (64, 32, 4), (64, 64, 8), (32, 64, 4)):
             F.CONFIG_OVERRIDE = F.Config(block_t, block_v, warps)
             run = lambda: linear_attention(q, k, v, mode="chunk", backend="triton", kernel=kernel)[0]  # noqa: B023, E731
             try:

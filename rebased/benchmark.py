@@ -68,10 +68,11 @@ def _inputs(config: OpBenchConfig, length: int, generator: torch.Generator, requ
     if fmap.kernel is None:
         raise ValueError(f"feature_map must have a polynomial kernel for the op benchmark, got {config.feature_map!r}")
     shape = (config.batch, length, config.heads)
-    make = lambda dim: torch.randn(*shape, dim, generator=generator).to(config.device, DTYPES[config.dtype])  # noqa: E731
+    make = lambda dim: torch.randn(*shape, dim, generator=generator)  # noqa: E731
     q, k, v = make(config.head_dim), make(config.head_dim), make(config.value_dim)
-    with torch.no_grad():
+    with torch.no_grad():  # the map's parameters live on the CPU: prepare there, then move
         q, k = fmap.prepare(q, k)
+    q, k, v = (x.to(config.device, DTYPES[config.dtype]) for x in (q, k, v))
     for x in (q, k, v):
         x.requires_grad_(requires_grad)
     return q, k, v, fmap

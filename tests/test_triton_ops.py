@@ -119,6 +119,26 @@ def test_chunk_wide_heads(head_dim, value_dim, kernel_name):
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("segment_chunks", "kernel_name", "with_state"), [(1, "rebased", True), (2, "rebased", False), (2, "taylor", True)]
+)
+def test_chunk_sequence_segments(segment_chunks, kernel_name, with_state, monkeypatch):
+    """Long sequences with few heads run as segments whose starting states (and final-state gradients)
+    come from a pass over the segments: pin tiny segments so this path runs at tiny shapes."""
+    interp = triton_ops.functions.interpreting()
+    block_t = 32 if interp else 64
+    config = triton_ops.functions.Config(block_t, 32 if interp else 64, 4, segment_chunks=segment_chunks)
+    monkeypatch.setattr(triton_ops.functions, "CONFIG_OVERRIDE", config)
+    generator = torch.Generator().manual_seed(segment_chunks * 5 + with_state)
+    kernel = KERNELS[kernel_name](4)
+    length = 4 * block_t + 3  # 5 chunks: 5 segments of 1, or 3 of 2 with a short last one
+    q, k, v = make_inputs((1, length, 2, 4), 40, kernel, generator, torch.float32)
+    state = prefix_state(1, 2, 4, 40, kernel, generator) if with_state else None
+    if state is not None:
+        state = LinearAttentionState(*(x.to(DEVICE) for x in state))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+
+
 def test_chunk_without_final_state_or_grads_of_it():
     generator = torch.Generator().manual_seed(3)
     kernel = Polynomial.rebased(4)

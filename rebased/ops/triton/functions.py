@@ -19,7 +19,7 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, feature_dim
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.chunk import chunk_bwd_kernel, chunk_fwd_kernel
+from rebased.ops.triton.chunk import chunk_bwd_kernel, chunk_fwd_kernel, chunk_state_kernel
 from rebased.ops.triton.step_kernel import step_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,9 +34,10 @@ class Config:
     block_t: int  # chunk length C
     block_v: int  # value columns per program
     num_warps: int
+    segment_chunks: int | None = None  # chunks per sequence segment; None: enough segments to fill the GPU
 
 
-# Set by benchmarks/ to sweep configs; None picks by shape.
+# Set by benchmarks/ and tests to pin a config; None picks by shape.
 CONFIG_OVERRIDE: Config | None = None
 
 
@@ -50,8 +51,19 @@ def pick_config(head_dim: int, value_dim: int) -> Config:
     if interpreting():
         return Config(block_t=32, block_v=min(32, bv_max), num_warps=4)
     if bd <= 16:
-        return Config(block_t=64, block_v=min(64, bv_max), num_warps=8)
-    return Config(block_t=32, block_v=16, num_warps=8)
+        return Config(block_t=64, block_v=min(64, bv_max), num_warps=4)
+    return Config(block_t=32, block_v=16, num_warps=4)
+
+
+def segment_chunks(cfg: Config, programs: int, n_chunks: int, device: torch.device) -> int:
+    """Chunks per segment: one segment when batch x heads x V blocks fill the GPU twice over, else as many
+    as bring the programs to about four per multiprocessor (each extra segment costs a state pass)."""
+    if cfg.segment_chunks is not None:
+        return cfg.segment_chunks
+    sms = 8 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= 2 * sms:
+        return n_chunks
+    return max(4, triton.cdiv(n_chunks, triton.cdiv(4 * sms, programs)))
 
 
 @dataclass(frozen=True)
@@ -75,9 +87,12 @@ class _Poly:
     def flags(self) -> dict[str, bool]:
         return dict(HAS0=self.c0 > 0, HAS1=self.c1 > 0, HAS2=self.c2 > 0)
 
+    def kernel(self) -> Polynomial:
+        return Polynomial(self.c0, self.c1, self.c2, self.scale)
+
     @property
     def clamp(self) -> bool:
-        return Polynomial(self.c0, self.c1, self.c2, self.scale).non_negative
+        return self.kernel().non_negative
 
 
 def _blocks(head_dim: int, poly: _Poly) -> tuple[int, int]:
@@ -85,70 +100,128 @@ def _blocks(head_dim: int, poly: _Poly) -> tuple[int, int]:
     return bd, (bd * bd if poly.c2 > 0 else 16)  # BD2 is unused without a quadratic term: keep it tiny
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """Grid and block sizes shared by the forward and backward of one call."""
+
+    cfg: Config
+    bd: int
+    bd2: int
+    num_v: int
+    seg: int  # chunks per segment
+    num_seg: int
+
+    @classmethod
+    def of(cls, q: Tensor, value_dim: int, poly: _Poly) -> _Launch:
+        batch, length, heads, head_dim = q.shape
+        cfg = pick_config(head_dim, value_dim)
+        bd, bd2 = _blocks(head_dim, poly)
+        num_v = triton.cdiv(value_dim, cfg.block_v)
+        n_chunks = triton.cdiv(length, cfg.block_t)
+        seg = segment_chunks(cfg, num_v * batch * heads, n_chunks, q.device)
+        return cls(cfg, bd, bd2, num_v, seg, triton.cdiv(n_chunks, seg))
+
+    def grid(self, batch_heads: int) -> tuple[int, int, int]:
+        return (self.num_v, batch_heads, self.num_seg)
+
+    def blocks(self) -> dict:
+        return dict(BT=self.cfg.block_t, BD=self.bd, BD2=self.bd2, BV=self.cfg.block_v)
+
+
+def _segment_sums(launch, x, y, den, dd, poly, normalize, eps, feat, grad: bool) -> tuple[Tensor, Tensor]:
+    """Each segment's own state sums: [B H, NS, F, V] and [B H, NS, F] (see chunk_state_kernel)."""
+    batch, length, heads, head_dim = x.shape
+    value_dim = y.shape[-1]
+    s = x.new_empty(batch * heads, launch.num_seg, feat, value_dim, dtype=torch.float32)
+    z = x.new_empty(batch * heads, launch.num_seg, feat, dtype=torch.float32)
+    scale, c0, c1, c2, a0, a1, a2 = poly.args()
+    chunk_state_kernel[launch.grid(batch * heads)](
+        x, y, den, dd, s, z, length, heads, head_dim, value_dim, feat, a0, a1, a2, eps, launch.seg,
+        **launch.blocks(), **poly.flags(), GRAD=grad, NORMALIZE=normalize, PREC=_precision(x.dtype),
+        num_warps=launch.cfg.num_warps,
+    )  # fmt: skip
+    return s, z
+
+
+def _exclusive(x: Tensor, reverse: bool) -> tuple[Tensor, Tensor]:
+    """Along the segment dim 1: (sums of the segments before each one [or after, reverse], the total)."""
+    incl = (x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)).contiguous()
+    zero = torch.zeros_like(x[:, :1])
+    excl = torch.cat([incl[:, 1:], zero], 1) if reverse else torch.cat([zero, incl[:, :-1]], 1)
+    return excl, incl[:, 0] if reverse else incl[:, -1]
+
+
 class ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv0, ksum0, poly: _Poly, output_final_state: bool, normalize: bool, eps: float):
         batch, length, heads, head_dim = q.shape
-        value_dim, feat = v.shape[-1], feature_dim(head_dim, Polynomial(poly.c0, poly.c1, poly.c2, poly.scale))
-        cfg = pick_config(head_dim, value_dim)
-        bd, bd2 = _blocks(head_dim, poly)
-        num_v = triton.cdiv(value_dim, cfg.block_v)
+        value_dim, feat = v.shape[-1], feature_dim(head_dim, poly.kernel())
+        launch = _Launch.of(q, value_dim, poly)
         o = torch.empty_like(v)
-        den = torch.empty(batch, length, heads, device=q.device, dtype=torch.float32)
+        den = q.new_empty(batch, length, heads, dtype=torch.float32)
         final = [None, None]
-        if output_final_state:
-            final = [
-                q.new_empty(batch, heads, feat, value_dim, dtype=torch.float32),
-                q.new_empty(batch, heads, feat, dtype=torch.float32),
-            ]
-        use_init = kv0 is not None
-        chunk_fwd_kernel[(num_v, batch * heads)](
-            q, k, v, o, den, kv0 if use_init else o, ksum0 if use_init else o,
-            final[0] if output_final_state else o, final[1] if output_final_state else o,
-            length, heads, head_dim, value_dim, feat, *poly.args(), eps,
-            BT=cfg.block_t, BD=bd, BD2=bd2, BV=cfg.block_v, **poly.flags(),
-            USE_INIT=use_init, STORE_FINAL=output_final_state, NORMALIZE=normalize, CLAMP=poly.clamp,
-            PREC=_precision(q.dtype), num_warps=cfg.num_warps,
+        s_in, z_in = kv0, ksum0
+        if launch.num_seg > 1:  # each segment starts from the initial state plus the segments before it
+            sums = _segment_sums(launch, k, v, den, den, poly, normalize, eps, feat, grad=False)
+            (s_in, s_total), (z_in, z_total) = _exclusive(sums[0], False), _exclusive(sums[1], False)
+            if kv0 is not None:
+                s_in, z_in = s_in + kv0.flatten(0, 1)[:, None], z_in + ksum0.flatten(0, 1)[:, None]
+                s_total, z_total = s_total + kv0.flatten(0, 1), z_total + ksum0.flatten(0, 1)
+            if output_final_state:
+                final = [s_total.view(batch, heads, feat, value_dim), z_total.view(batch, heads, feat)]
+        elif output_final_state:
+            final = [q.new_empty(batch, heads, feat, value_dim, dtype=torch.float32)]
+            final.append(q.new_empty(batch, heads, feat, dtype=torch.float32))
+        store_final = output_final_state and launch.num_seg == 1
+        chunk_fwd_kernel[launch.grid(batch * heads)](
+            q, k, v, o, den, s_in if s_in is not None else o, z_in if z_in is not None else o,
+            final[0] if store_final else o, final[1] if store_final else o,
+            length, heads, head_dim, value_dim, feat, *poly.args(), eps, launch.seg, **launch.blocks(),
+            **poly.flags(), USE_INIT=s_in is not None, STORE_FINAL=store_final, NORMALIZE=normalize,
+            CLAMP=poly.clamp, PREC=_precision(q.dtype), num_warps=launch.cfg.num_warps,
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, o, den, kv0, ksum0)
-        ctx.poly, ctx.normalize, ctx.eps, ctx.feat = poly, normalize, eps, feat
-        ctx.mark_non_differentiable(den)
+        ctx.save_for_backward(q, k, v, o, den, s_in, z_in)
+        ctx.poly, ctx.normalize, ctx.eps, ctx.feat, ctx.launch = poly, normalize, eps, feat, launch
+        ctx.has_init = kv0 is not None
         return o, final[0], final[1]
 
     @staticmethod
     def backward(ctx, do, d_kv, d_ksum):
-        q, k, v, o, den, kv0, ksum0 = ctx.saved_tensors
-        poly, feat = ctx.poly, ctx.feat
+        q, k, v, o, den, s_in, z_in = ctx.saved_tensors
+        poly, feat, launch = ctx.poly, ctx.feat, ctx.launch
         batch, length, heads, head_dim = q.shape
         value_dim = v.shape[-1]
-        cfg = pick_config(head_dim, value_dim)
-        bd, bd2 = _blocks(head_dim, poly)
-        num_v = triton.cdiv(value_dim, cfg.block_v)
         do = do.contiguous()
         # the normaliser's gradient, one number a token: -(do . o) / (den + eps), in fp32
         dd = -(do.float() * o.float()).sum(-1) / (den + ctx.eps) if ctx.normalize else den
-        dq = q.new_empty(num_v, batch, length, heads, head_dim, dtype=torch.float32)
-        dk = torch.empty_like(dq)
-        dv = torch.empty_like(v)
-        use_init, use_dfinal = kv0 is not None, d_kv is not None or d_ksum is not None
-        if use_dfinal:
+        if d_kv is not None or d_ksum is not None:
             d_kv = torch.zeros(batch, heads, feat, value_dim, device=q.device) if d_kv is None else d_kv
             d_ksum = torch.zeros(batch, heads, feat, device=q.device) if d_ksum is None else d_ksum
             d_kv, d_ksum = d_kv.float().contiguous(), d_ksum.float().contiguous()
-        d_kv0 = torch.empty_like(kv0) if use_init else None
-        d_ksum0 = torch.empty_like(ksum0) if use_init else None
-        chunk_bwd_kernel[(num_v, batch * heads)](
-            q, k, v, do, den, dd, kv0 if use_init else dq, ksum0 if use_init else dq,
-            d_kv if use_dfinal else dq, d_ksum if use_dfinal else dq, dq, dk, dv,
-            d_kv0 if use_init else dq, d_ksum0 if use_init else dq,
-            length, heads, head_dim, value_dim, feat, *poly.args(), ctx.eps,
-            BT=cfg.block_t, BD=bd, BD2=bd2, BV=cfg.block_v, **poly.flags(),
-            USE_INIT=use_init, USE_DFINAL=use_dfinal, NORMALIZE=ctx.normalize,
-            PREC=_precision(q.dtype), num_warps=cfg.num_warps,
+        ds_in, dz_in, d_init = d_kv, d_ksum, [None, None]
+        if launch.num_seg > 1:  # each segment's end receives what later segments and the final state send
+            sums = _segment_sums(launch, q, do, den, dd, poly, ctx.normalize, ctx.eps, feat, grad=True)
+            (ds_in, ds_total), (dz_in, dz_total) = _exclusive(sums[0], True), _exclusive(sums[1], True)
+            if d_kv is not None:
+                ds_in, dz_in = ds_in + d_kv.flatten(0, 1)[:, None], dz_in + d_ksum.flatten(0, 1)[:, None]
+                ds_total, dz_total = ds_total + d_kv.flatten(0, 1), dz_total + d_ksum.flatten(0, 1)
+            if ctx.has_init:
+                d_init = [ds_total.view(batch, heads, feat, value_dim), dz_total.view(batch, heads, feat)]
+        elif ctx.has_init:
+            d_init = [torch.empty_like(s_in), torch.empty_like(z_in)]
+        store_dinit = ctx.has_init and launch.num_seg == 1
+        dq = q.new_empty(launch.num_v, batch, length, heads, head_dim, dtype=torch.float32)
+        dk, dv = torch.empty_like(dq), torch.empty_like(v)
+        chunk_bwd_kernel[launch.grid(batch * heads)](
+            q, k, v, do, den, dd, s_in if s_in is not None else dq, z_in if z_in is not None else dq,
+            ds_in if ds_in is not None else dq, dz_in if dz_in is not None else dq, dq, dk, dv,
+            d_init[0] if store_dinit else dq, d_init[1] if store_dinit else dq,
+            length, heads, head_dim, value_dim, feat, *poly.args(), ctx.eps, launch.seg, **launch.blocks(),
+            **poly.flags(), USE_INIT=s_in is not None, USE_DS_IN=ds_in is not None, STORE_DINIT=store_dinit,
+            NORMALIZE=ctx.normalize, PREC=_precision(q.dtype), num_warps=launch.cfg.num_warps,
         )  # fmt: skip
-        dq = dq.sum(0).to(q.dtype)
-        dk = dk.sum(0).to(k.dtype)
-        return dq, dk, dv, d_kv0, d_ksum0, None, None, None, None
+        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+        return dq, dk, dv, d_init[0], d_init[1], None, None, None, None
 
 
 def _precision(dtype: torch.dtype) -> str:
