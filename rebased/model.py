@@ -143,11 +143,13 @@ class LanguageModel(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         return self.lm_head(self.norm_f(x))
 
-    def forward(self, ids: Tensor) -> Tensor:  # [B, T] -> [B, T, V]
+    def forward(self, ids: Tensor, select: Tensor | None = None) -> Tensor:
+        """ids [B, T] -> logits [B, T, V]; with a boolean mask select [B, T], logits [n_selected, V] only
+        at those positions (MQAR labels a few positions: the head over the vocabulary dominates otherwise)."""
         x = self._embed(ids, 0)
         for layer in self.layers:
             x = layer(x)
-        return self._logits(x)
+        return self._logits(x if select is None else x[select])
 
     def prefill(self, ids: Tensor) -> tuple[Tensor, ModelState]:
         x, states = self._embed(ids, 0), []

@@ -1,0 +1,75 @@
+"""`rebased mqar [EXPERIMENT]`: train and evaluate an MQAR grid, print the table, save results and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from rebased.cli import verb
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", nargs="?", default="quick", help="quick (default), paper-fig1, "
+                        "paper-ablation, length-gen")  # fmt: skip
+    parser.add_argument("--out", default=None, help="output folder (default: runs/mqar-<experiment>)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the experiment's)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the experiment's models")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a run field for every run, e.g. --set epochs=2 (repeatable)")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    from rebased.experiments.mqar import MQARRun
+
+    types = {f.name: f.type for f in dataclasses.fields(MQARRun)}
+    overrides = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in types or not value:
+            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
+        overrides[name] = float(value) if types[name] == "float" else int(value) if types[name] == "int" else value
+    return overrides
+
+
+@verb("mqar", "train and evaluate an MQAR grid; print the table, write results.jsonl, summary.md, a plot", _arguments)
+def run(args: argparse.Namespace) -> int:
+    from rebased.experiments.mqar import experiment
+    from rebased.mqar import plot_summary, run_sweep, summarise, summary_markdown
+
+    runs = experiment(args.experiment, args.seeds, **parse_overrides(args.set))
+    if args.models:
+        wanted = set(args.models.split(","))
+        runs = [r for r in runs if r.model in wanted]
+        if not runs:
+            raise ValueError(f"--models {args.models!r}: none of them is in experiment {args.experiment!r}")
+    out = Path(args.out or f"runs/mqar-{args.experiment}")
+    print(f"rebased mqar {args.experiment}: {len(runs)} runs -> {out}")
+    if args.dry_run:
+        for r in runs:
+            print(f"  {r.run_id}")
+        return 0
+    started = time.perf_counter()
+
+    def report(result: dict, done: int, total: int) -> None:
+        print(f"  [{done}/{total}] {result['run_id']}: accuracy {result['accuracy']:.3f} "
+              f"({result['seconds']:.0f} s, {result['steps']} steps)", flush=True)  # fmt: skip
+
+    results = run_sweep(runs, out, progress=sys.stderr.isatty(), on_result=report)
+    cells = summarise(results)
+    table = summary_markdown(cells)
+    minutes = (time.perf_counter() - started) / 60
+    command = (
+        "rebased mqar " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["mqar"] else f"rebased mqar {args.experiment}"
+    )
+    (out / "summary.md").write_text(
+        f"# MQAR: {args.experiment}\n\nCommand: `{command}`\n\nBest test accuracy per run, mean ± std over seeds "
+        f"at the best learning rate per cell.\n\n{table}\n"
+    )
+    plot = plot_summary(cells, out / "accuracy.png")
+    print(f"\n{table}\n\n{len(results)} runs in {minutes:.1f} min; wrote {out / 'results.jsonl'}, "
+          f"{out / 'summary.md'}" + (f", {plot}" if plot else ""))  # fmt: skip
+    return 0

@@ -1,0 +1,1 @@
+"""The paper's sweeps as Python: functions that return lists of runs."""

@@ -1,0 +1,126 @@
+"""MQAR experiments: each a function returning the grid of runs (models x d_model x L x lr x seeds).
+
+quick             the CPU default: ReBased, Based and attention on a small task, about 5 minutes on 2 cores
+paper-fig1        PAPER.md section 4: L 128..2048 (N = 16 at L = 128, else L / 4), d_model 64..512,
+                  lr {5e-4, 1e-3, 3e-3, 1e-2}, 100k train / 3k test, 64 epochs, batch 512
+paper-ablation    paper Table 1: the six kernels, 32 pairs, d_model 16/24/32/48, L 256 and 2048
+length-gen        train on a mixture of short lengths, test on longer ones (no absolute positions)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+PAPER_LRS = (5e-4, 1e-3, 3e-3, 1e-2)
+# Table 1's kernels, as MQAR model names: the linear-attention mixer with that feature map.
+ABLATION_KERNELS = ("based", "square", "norm_square", "gamma_square", "affine_square", "rebased")
+
+
+@dataclass(frozen=True)
+class MQARRun:
+    """One training run: a model on one MQAR task with one learning rate and seed."""
+
+    model: str  # rebased, based, attention, mamba, rwkv, or a feature-map name (kernel ablation)
+    d_model: int
+    seq_len: int
+    num_kv_pairs: int
+    lr: float
+    seed: int = 0
+    vocab_size: int = 8192
+    train_examples: int = 100_000
+    test_examples: int = 3_000
+    epochs: int = 64
+    batch_size: int = 512
+    train_mix: tuple[tuple[int, int], ...] = ()  # (L, N) segments; empty: the single (seq_len, num_kv_pairs)
+    test_mix: tuple[tuple[int, int], ...] = ()
+    position_embeddings: bool = True
+    data_seed: int = 0  # the same data for every model and seed of a grid, as in Zoology
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}-d{self.d_model}-L{self.seq_len}-N{self.num_kv_pairs}-lr{self.lr:g}-s{self.seed}"
+
+    @property
+    def cell(self) -> tuple[str, int, int]:
+        return (self.model, self.d_model, self.seq_len)
+
+    def validate(self) -> None:
+        """Fail before any training on a task that cannot be generated."""
+        for length, pairs in self.train_mix or ((self.seq_len, self.num_kv_pairs),):
+            _check_task(length, pairs, self.vocab_size)
+        for length, pairs in self.test_mix:
+            _check_task(length, pairs, self.vocab_size)
+
+
+def _check_task(seq_len: int, num_kv_pairs: int, vocab_size: int) -> None:
+    if seq_len % 2:
+        raise ValueError(f"seq_len={seq_len}: must be even (the queries fill (L - 2N) / 2 slots)")
+    if 4 * num_kv_pairs > seq_len:
+        raise ValueError(f"num_kv_pairs={num_kv_pairs}: 4N must be <= seq_len={seq_len}")
+    if num_kv_pairs > vocab_size // 2 - 1:
+        raise ValueError(f"vocab_size={vocab_size}: too small for {num_kv_pairs} distinct keys")
+
+
+def paper_pairs(seq_len: int) -> int:
+    return 16 if seq_len == 128 else seq_len // 4
+
+
+def grid(models, d_models, lengths, lrs, seeds, pairs: Callable[[int], int], **common) -> list[MQARRun]:
+    return [
+        MQARRun(model, d, length, pairs(length), lr, seed, **common)
+        for model in models
+        for length in lengths
+        for d in d_models
+        for lr in lrs
+        for seed in seeds
+    ]
+
+
+def quick(seeds: int = 1) -> list[MQARRun]:
+    """Small enough for a 2-core CPU: vocab 512, L 64 with 8 pairs, 4k examples, 8 epochs."""
+    return grid(
+        ("rebased", "based", "attention"), (16, 32), (64,), (3e-3,), range(seeds), pairs=lambda _: 8,
+        vocab_size=512, train_examples=4_000, test_examples=500, epochs=8, batch_size=64,
+    )  # fmt: skip
+
+
+def paper_fig1(seeds: int = 1, models=("rebased", "based", "attention", "mamba", "rwkv")) -> list[MQARRun]:
+    return grid(models, (64, 128, 256, 512), (128, 256, 512, 1024, 2048), PAPER_LRS, range(seeds), paper_pairs)
+
+
+def paper_ablation(seeds: int = 2) -> list[MQARRun]:
+    return grid(ABLATION_KERNELS, (16, 24, 32, 48), (256, 2048), PAPER_LRS, range(seeds), pairs=lambda _: 32)
+
+
+def length_generalisation(seeds: int = 1) -> list[MQARRun]:
+    """Train on L 64/128/256 (N = L / 8), test on 512 and 1024 too; no absolute positions to outgrow."""
+    train_mix = ((64, 8), (128, 16), (256, 32))
+    test_mix = (*train_mix, (512, 64), (1024, 128))
+    return grid(
+        ("rebased", "based", "attention"), (64, 128), (256,), (1e-3, 3e-3), range(seeds), pairs=lambda _: 32,
+        train_mix=train_mix, test_mix=test_mix, position_embeddings=False, train_examples=30_000, epochs=32,
+    )  # fmt: skip
+
+
+EXPERIMENTS: dict[str, Callable[..., list[MQARRun]]] = {
+    "quick": quick,
+    "paper-fig1": paper_fig1,
+    "paper-ablation": paper_ablation,
+    "length-gen": length_generalisation,
+}
+
+
+def experiment(name: str, seeds: int | None = None, **overrides) -> list[MQARRun]:
+    """The runs of a named experiment, with optional field overrides (e.g. epochs=2 for a smoke test)."""
+    if name not in EXPERIMENTS:
+        close = difflib.get_close_matches(name, EXPERIMENTS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}{hint}")
+    runs = EXPERIMENTS[name]() if seeds is None else EXPERIMENTS[name](seeds=seeds)
+    runs = [dataclasses.replace(run, **overrides) for run in runs]
+    for run in runs:
+        run.validate()
+    return runs

@@ -1,0 +1,197 @@
+"""The MQAR benchmark: train and evaluate a grid of runs, resume a stopped sweep, summarise, plot.
+
+A run's score is its best test accuracy over epochs (as the paper reports); a cell (model, d_model, L)
+takes the learning rate with the best mean over seeds, and reports that mean and its standard deviation.
+results.jsonl holds one line per finished run; a sweep that stops resumes by skipping those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rebased.config import mixer_config
+from rebased.data.mqar import MQARSplits, make_mqar_splits
+from rebased.evaluate import accuracy_by_slice
+from rebased.experiments.mqar import ABLATION_KERNELS, MQARRun
+from rebased.model import LanguageModel
+from rebased.presets import mqar as mqar_preset
+from rebased.tables import markdown_table
+from rebased.train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+MICRO_BATCH_TOKENS = 512 * 512  # gradient accumulation keeps a micro-batch at or under this many tokens
+
+
+def build_model(run: MQARRun) -> LanguageModel:
+    """Named mixers use their MQAR preset; the other kernel-ablation names are linear attention with that map."""
+    max_len = max((length for length, _ in run.train_mix + run.test_mix), default=run.seq_len)
+    positions = max_len if run.position_embeddings else 0
+    if run.model in ABLATION_KERNELS and run.model not in ("rebased", "based"):
+        cfg = mqar_preset("linear_attention", run.d_model, max_len)
+        mixer = mixer_config("linear_attention", num_heads=12, feature_dim=16, feature_map=run.model)
+        cfg = cfg.replace(mixers={"linear_attention": mixer})
+    else:
+        cfg = mqar_preset(run.model, run.d_model, max_len)
+    return LanguageModel(cfg.replace(vocab_size=run.vocab_size, max_position_embeddings=positions))
+
+
+def make_data(run: MQARRun) -> MQARSplits:
+    train_mix = run.train_mix or ((run.seq_len, run.num_kv_pairs),)
+    test_mix = run.test_mix or train_mix
+    share = lambda mix, total: [(length, pairs, total // len(mix)) for length, pairs in mix]  # noqa: E731
+    return make_mqar_splits(
+        share(train_mix, run.train_examples), share(test_mix, run.test_examples),
+        vocab_size=run.vocab_size, seed=run.data_seed,
+    )  # fmt: skip
+
+
+def train_config(run: MQARRun) -> TrainConfig:
+    """PAPER.md: AdamW, weight decay 0.1, cosine decay per epoch, no warmup, early stop above 0.99."""
+    accumulation = max(
+        1, math.ceil(run.batch_size * max(run.seq_len, *(L for L, _ in run.train_mix)) / MICRO_BATCH_TOKENS)
+    )
+    while run.batch_size % accumulation:
+        accumulation += 1
+    return TrainConfig(
+        epochs=run.epochs, batch_size=run.batch_size, grad_accumulation=accumulation, lr=run.lr,
+        weight_decay=0.1, schedule="cosine", schedule_unit="epoch", early_stop_metric="accuracy",
+        early_stop_threshold=0.99, seed=run.seed,
+    )  # fmt: skip
+
+
+def run_one(run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, progress: bool = False) -> dict:
+    torch.manual_seed(run.seed)  # the model's initial weights
+    model = build_model(run)
+    test = data.test
+    slices = {s.name: (s.start, s.stop) for s in test.slices}
+    config = train_config(run)
+    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
+    evaluate = lambda m: accuracy_by_slice(m, test.inputs, test.labels, slices, device=device)  # noqa: E731
+    started = time.perf_counter()
+    result = train(model, (data.train.inputs, data.train.labels), config, run_dir, evaluate=evaluate, progress=progress)
+    best = result.best
+    return {
+        "run_id": run.run_id,
+        **dataclasses.asdict(run),
+        "accuracy": best.get("accuracy", float("nan")),
+        "best_epoch": best.get("epoch"),
+        "slices": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("accuracy/")},
+        "final_accuracy": result.history[-1].get("accuracy") if result.history else None,
+        "stopped_early": result.stopped_early,
+        "steps": result.steps,
+        "params": model.num_params(),
+        "state_bytes": model.state_size(run.seq_len).bytes,
+        "seconds": time.perf_counter() - started,
+        "device": device,
+    }
+
+
+def load_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_sweep(
+    runs: Sequence[MQARRun], out_dir: str | Path, *, progress: bool = True,
+    on_result: Callable[[dict, int, int], None] = lambda result, done, total: None,
+) -> list[dict]:  # fmt: skip
+    """Train every run not yet in out_dir/results.jsonl; data is generated once per distinct task."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.jsonl"
+    results = load_results(results_path)
+    done = {r["run_id"] for r in results}
+    todo = [run for run in runs if run.run_id not in done]
+    data_cache: dict[tuple, MQARSplits] = {}
+    for run in todo:
+        key = (run.seq_len, run.num_kv_pairs, run.vocab_size, run.train_examples, run.test_examples,
+               run.train_mix, run.test_mix, run.data_seed)  # fmt: skip
+        if key not in data_cache:
+            data_cache.clear()  # one task's data at a time: the grid is ordered by task
+            data_cache[key] = make_data(run)
+        result = run_one(run, data_cache[key], out_dir / "runs" / run.run_id, progress=progress)
+        with results_path.open("a") as handle:  # one line per finished run: the sweep's resume point
+            handle.write(json.dumps(result) + "\n")
+        results.append(result)
+        on_result(result, len(results), len(runs))
+    wanted = {run.run_id for run in runs}
+    return [r for r in results if r["run_id"] in wanted]
+
+
+@dataclass
+class CellSummary:
+    model: str
+    d_model: int
+    seq_len: int
+    best_lr: float
+    mean: float
+    std: float
+    seeds: int
+
+
+def summarise(results: Sequence[dict]) -> list[CellSummary]:
+    by_cell: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by_cell[(r["model"], r["d_model"], r["seq_len"])][r["lr"]].append(r["accuracy"])
+    cells = []
+    for (model, d_model, seq_len), by_lr in by_cell.items():
+        lr, scores = max(by_lr.items(), key=lambda item: statistics.fmean(item[1]))
+        std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        cells.append(CellSummary(model, d_model, seq_len, lr, statistics.fmean(scores), std, len(scores)))
+    return sorted(cells, key=lambda c: (c.model, c.seq_len, c.d_model))
+
+
+def summary_markdown(cells: Sequence[CellSummary]) -> str:
+    """Rows (model, L), columns d_model: mean accuracy +- std over seeds at the best lr."""
+    d_models = sorted({c.d_model for c in cells})
+    rows: dict[tuple, dict[int, CellSummary]] = defaultdict(dict)
+    for c in cells:
+        rows[(c.model, c.seq_len)][c.d_model] = c
+    table = []
+    for (model, seq_len), by_d in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
+        cell = lambda c: "-" if c is None else f"{c.mean:.3f} ± {c.std:.3f} (lr {c.best_lr:g})"  # noqa: E731
+        table.append([model, seq_len, *(cell(by_d.get(d)) for d in d_models)])
+    return markdown_table(["model", "L", *(f"d_model {d}" for d in d_models)], table)
+
+
+def plot_summary(cells: Sequence[CellSummary], path: str | Path) -> Path | None:
+    """Accuracy against d_model, one panel per L, one line per model (the paper's Fig. 1 layout)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot")
+        return None
+    lengths = sorted({c.seq_len for c in cells})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 3.0), sharey=True, squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        for model in sorted({c.model for c in cells}):
+            points = sorted((c.d_model, c.mean, c.std) for c in cells if c.model == model and c.seq_len == length)
+            if points:
+                d, mean, std = zip(*points)
+                ax.errorbar(d, mean, yerr=std, marker="o", capsize=2, label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"L = {length}")
+        ax.set_xlabel("d_model")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("MQAR accuracy")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,94 @@
+"""MQAR experiments and the sweep's bookkeeping: grids, validation before training, summaries, plots."""
+
+import json
+
+import pytest
+
+from rebased.experiments.mqar import EXPERIMENTS, MQARRun, experiment, paper_pairs
+from rebased.mqar import build_model, load_results, plot_summary, summarise, summary_markdown
+
+
+def test_paper_fig1_grid_matches_the_paper():
+    runs = experiment("paper-fig1", seeds=1)
+    assert len(runs) == 5 * 4 * 5 * 4  # models x d_model x L x lr
+    assert {r.seq_len: r.num_kv_pairs for r in runs} == {128: 16, 256: 64, 512: 128, 1024: 256, 2048: 512}
+    assert {r.lr for r in runs} == {5e-4, 1e-3, 3e-3, 1e-2}
+    first = runs[0]
+    assert (first.vocab_size, first.train_examples, first.test_examples, first.epochs, first.batch_size) == (
+        8192, 100_000, 3_000, 64, 512,
+    )  # fmt: skip
+    assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_ablation_grid_has_the_six_kernels():
+    runs = experiment("paper-ablation")
+    assert {r.model for r in runs} == {"based", "square", "norm_square", "gamma_square", "affine_square", "rebased"}
+    assert {r.num_kv_pairs for r in runs} == {32} and {r.seq_len for r in runs} == {256, 2048}
+    assert {r.seed for r in runs} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"seq_len": 63}, "must be even"),
+        ({"num_kv_pairs": 20}, "4N must be <= seq_len"),
+        ({"vocab_size": 16}, "too small for 8 distinct keys"),
+    ],
+)
+def test_invalid_tasks_fail_before_training(changes, message):
+    with pytest.raises(ValueError, match=message):
+        experiment("quick", **changes)
+
+
+def test_unknown_experiment_suggests_a_name():
+    with pytest.raises(ValueError, match="did you mean 'quick'"):
+        experiment("quik")
+    assert set(EXPERIMENTS) == {"quick", "paper-fig1", "paper-ablation", "length-gen"}
+    assert paper_pairs(128) == 16 and paper_pairs(1024) == 256
+
+
+def test_models_build_for_every_experiment_name():
+    for name in ("rebased", "based", "attention", "square", "gamma_square"):
+        model = build_model(MQARRun(name, 24, 64, 8, 1e-3, vocab_size=64))
+        assert model.num_params() > 0
+
+
+def test_ablation_kernel_model_uses_its_feature_map():
+    model = build_model(MQARRun("affine_square", 48, 64, 8, 1e-3, vocab_size=64))
+    names = [n for n, _ in model.named_parameters()]
+    assert any("q_norm.weight" in n for n in names) and any("q_norm.bias" in n for n in names)
+
+
+def fake_results():
+    rows = []
+    for model, acc in (("rebased", 0.9), ("based", 0.7)):
+        for lr, bonus in ((1e-3, 0.0), (3e-3, 0.05)):
+            for seed, noise in ((0, 0.01), (1, -0.01)):
+                rows.append(dict(run_id=f"{model}-{lr}-{seed}", model=model, d_model=64, seq_len=256, lr=lr,
+                                 seed=seed, accuracy=acc + bonus + noise))  # fmt: skip
+    return rows
+
+
+def test_summary_takes_the_best_lr_per_cell_and_averages_seeds():
+    cells = {c.model: c for c in summarise(fake_results())}
+    assert cells["rebased"].best_lr == 3e-3 and cells["rebased"].mean == pytest.approx(0.95)
+    assert cells["rebased"].std == pytest.approx(0.01414, rel=1e-3) and cells["rebased"].seeds == 2
+    table = summary_markdown(list(cells.values()))
+    assert "0.950 ± 0.014 (lr 0.003)" in table and "0.750 ± 0.014" in table
+
+
+def test_results_file_round_trips_and_plot_is_written(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in fake_results()))
+    assert load_results(path) == fake_results()
+    plot = plot_summary(summarise(load_results(path)), tmp_path / "accuracy.png")
+    assert plot is not None and plot.stat().st_size > 1000
+
+
+def test_select_gives_the_logits_of_the_selected_positions():
+    import torch
+
+    model = build_model(MQARRun("rebased", 24, 64, 8, 1e-3, vocab_size=64)).eval()
+    ids = torch.randint(0, 64, (3, 64), generator=torch.Generator().manual_seed(0))
+    select = torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) < 0.2
+    assert torch.allclose(model(ids, select=select), model(ids)[select], atol=1e-6)
