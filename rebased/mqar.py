@@ -58,9 +58,8 @@ def make_data(run: MQARRun) -> MQARSplits:
 
 def train_config(run: MQARRun) -> TrainConfig:
     """PAPER.md: AdamW, weight decay 0.1, cosine decay per epoch, no warmup, early stop above 0.99."""
-    accumulation = max(
-        1, math.ceil(run.batch_size * max(run.seq_len, *(L for L, _ in run.train_mix)) / MICRO_BATCH_TOKENS)
-    )
+    longest = max([run.seq_len, *(length for length, _ in run.train_mix)])
+    accumulation = max(1, math.ceil(run.batch_size * longest / MICRO_BATCH_TOKENS))
     while run.batch_size % accumulation:
         accumulation += 1
     return TrainConfig(

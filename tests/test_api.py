@@ -116,3 +116,16 @@ def test_cli_bench_runs_its_check_and_table(capsys):
 def test_cli_reports_bad_arguments_as_errors(capsys):
     assert main(["bench", "--feature-map", "relu", "--lengths", "32"]) == 2
     assert "polynomial kernel" in capsys.readouterr().err
+
+
+def test_auto_uses_torch_when_the_fused_kernel_refuses_the_inputs(monkeypatch):
+    def refuses(*args, **kwargs):
+        raise NotImplementedError("fake fused kernel: float64 not covered")
+
+    q, k, v = qkv()
+    expected, _ = linear_attention(q, k, v, backend="torch")
+    monkeypatch.setattr(ops, "resolve_backend", lambda mode, backend, q: refuses)
+    o, _ = linear_attention(q, k, v, backend="auto")
+    assert torch.equal(o, expected)
+    with pytest.raises(NotImplementedError, match="fake fused kernel"):
+        linear_attention(q, k, v, backend="triton")

@@ -123,4 +123,5 @@ def experiment(name: str, seeds: int | None = None, **overrides) -> list[MQARRun
     runs = [dataclasses.replace(run, **overrides) for run in runs]
     for run in runs:
         run.validate()
-    return runs
+    # An override can fold grid points together (--set d_model=32): keep each run once, in grid order.
+    return list({run.run_id: run for run in reversed(runs)}.values())[::-1]

@@ -9,13 +9,14 @@ any mode continues in any other.
 
 Modes: "parallel" (masked quadratic), "chunk" (linear in T), "recurrent" (a scan). Backends: "torch"
 (any device), "triton" (CUDA; fused kernels, imported only when asked for), "auto" (triton for CUDA
-tensors where it implements the pair, else torch).
+tensors where it implements the pair and covers the inputs, else torch). Explicit backends never fall back.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 from collections.abc import Callable
 
 from torch import Tensor
@@ -34,6 +35,8 @@ from rebased.ops.kernels import Polynomial
 from rebased.ops.parallel import parallel_linear_attention
 from rebased.ops.recurrent import recurrent_linear_attention, step_unchecked, zero_state
 from rebased.ops.reference import linear_attention_reference
+
+log = logging.getLogger(__name__)
 
 MODES = ("parallel", "chunk", "recurrent")
 BACKENDS = ("torch", "triton", "auto")
@@ -101,18 +104,18 @@ def linear_attention(
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     state = validate_inputs(q, k, v, initial_state, kernel, eps)
-    implementation = resolve_backend(mode, backend, q)
-    return implementation(
-        q,
-        k,
-        v,
-        kernel=kernel,
-        initial_state=state,
-        output_final_state=output_final_state,
-        normalize=normalize,
-        eps=eps,
+    options = dict(
+        kernel=kernel, initial_state=state, output_final_state=output_final_state, normalize=normalize, eps=eps,
         chunk_size=chunk_size,
-    )
+    )  # fmt: skip
+    implementation = resolve_backend(mode, backend, q)
+    if backend == "auto" and implementation is not IMPLEMENTATIONS[(mode, "torch")]:
+        try:  # a fused kernel refuses inputs it does not cover (dtype, head dim) before doing any work
+            return implementation(q, k, v, **options)
+        except NotImplementedError as refusal:
+            log.debug("backend auto: %s; using torch", refusal)
+            return IMPLEMENTATIONS[(mode, "torch")](q, k, v, **options)
+    return implementation(q, k, v, **options)
 
 
 def linear_attention_step(

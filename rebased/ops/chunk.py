@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, compute_dtype, features, normalise
 from rebased.ops.kernels import Polynomial
-from rebased.ops.parallel import add_state_terms, causal_scores
+from rebased.ops.parallel import add_state_terms, causal_scores, parallel_linear_attention
 
 
 def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
@@ -52,6 +52,12 @@ def chunk_linear_attention(
         x = F.pad(x.transpose(1, 2).to(dtype), (0, 0, 0, pad))
         return x.unflatten(2, (num_chunks, chunk_size))
 
+    if num_chunks == 1 and initial_state is None and not output_final_state:
+        # One chunk and no state in or out: exactly the parallel form, without the feature expansion.
+        return parallel_linear_attention(
+            q, k, v, kernel=kernel, initial_state=None, output_final_state=False, normalize=normalize, eps=eps,
+            chunk_size=chunk_size,
+        )  # fmt: skip
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
     scores = causal_scores(qc, kc, kernel)  # [B, H, N, C, C]
     numerator, denominator = scores @ vc, scores.sum(-1)
