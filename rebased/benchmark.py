@@ -247,8 +247,8 @@ def time_suite(config: SuiteConfig, progress: Callable[[str], None] = lambda _: 
             if quadratic and not name.startswith(("sdpa", "fla")) and scores > config.max_scores_bytes:
                 rows.append(SuiteRow(name, length, math.nan, math.nan, math.nan, math.nan, "skipped: T^2 memory"))
                 continue
-            progress(f"{name} T={length}")
             rows.append(_time_entry(name, fn, _suite_inputs(config, name, length, fmap, generator), length))
+            progress(f"{name} T={length}: {rows[-1]}")
             torch.cuda.empty_cache()
     return rows
 

@@ -102,21 +102,28 @@ def _suite(args: argparse.Namespace) -> int:
         modes=("parallel", "chunk"), backends=("torch", "triton"), dtype=config.dtype, device="cuda",
     )  # fmt: skip
     sections = [_header(config)]
-    _emit(sections, _check_section(check, check_modes(check)))
-    rows = time_suite(config, progress=lambda what: print(f"  timing {what}", file=sys.stderr, flush=True))
-    _emit(sections, _time_section(config, rows))
+    _emit(sections, _check_section(check, check_modes(check)), args.out)
+    rows = time_suite(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    _emit(sections, _time_section(config, rows), args.out)
     decode = time_decode(config)
-    _emit(sections, _decode_section(config, decode))
+    _emit(sections, _decode_section(config, decode), args.out)
     if args.out:
         _write(args.out, sections, config, rows, decode)
     return 0
 
 
-def _emit(sections: list[str], text: str) -> None:
+def _emit(sections: list[str], text: str, out: str | None) -> None:
+    """Print a section and, with --out, rewrite bench.md so far (a long run cut short keeps what it had)."""
+    import os
+
     if len(sections) == 1:
         print(sections[0])
     sections.append(text)
     print(text, flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench.md"), "w") as f:
+            f.write("\n".join(sections) + "\n")
 
 
 def _check_section(check, checks) -> str:
@@ -166,9 +173,6 @@ def _write(out: str, sections, config, rows, decode) -> None:
     import json
     import os
 
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench.md"), "w") as f:
-        f.write("\n".join(sections) + "\n")
     payload = {"command": "rebased " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(config)}
     payload |= {"rows": [dataclasses.asdict(r) for r in rows], "decode": [dataclasses.asdict(r) for r in decode]}
     with open(os.path.join(out, "bench.json"), "w") as f:

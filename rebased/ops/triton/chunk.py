@@ -46,30 +46,40 @@ def _cols(base, t, c, T, stride, C):
 
 
 @triton.jit
-def _selectors(BD: tl.constexpr, BD2: tl.constexpr):
-    """E1, E2 [BD, BD2] (fp32 0/1): feature r = (i, j) = (r // BD, r % BD); x E1 = x_i, x E2 = x_j."""
+def _selectors(BD: tl.constexpr, BD2: tl.constexpr, dtype: tl.constexpr):
+    """E1, E2 [BD, BD2] (0/1 in the inputs' dtype, which holds them in half the registers of fp32):
+    feature r = (i, j) = (r // BD, r % BD); x E1 = x_i, x E2 = x_j."""
     i = tl.arange(0, BD)[:, None]
     r = tl.arange(0, BD2)[None, :]
-    return (r // BD == i).to(tl.float32), (r % BD == i).to(tl.float32)
+    return (r // BD == i).to(dtype), (r % BD == i).to(dtype)
 
 
 @triton.jit
-def _selectors_t(BD: tl.constexpr, BD2: tl.constexpr):
+def _selectors_t(BD: tl.constexpr, BD2: tl.constexpr, dtype: tl.constexpr):
     """E1^T, E2^T [BD2, BD]."""
     r = tl.arange(0, BD2)[:, None]
     i = tl.arange(0, BD)[None, :]
-    return (r // BD == i).to(tl.float32), (r % BD == i).to(tl.float32)
+    return (r // BD == i).to(dtype), (r % BD == i).to(dtype)
 
 
 @triton.jit
 def _pick(x, e, PREC: tl.constexpr):
     """x E (or E^T x^T): exact, since E is 0/1 and x keeps its own dtype; fp32 out."""
-    return tl.dot(x, e.to(x.dtype), input_precision=PREC)
+    return tl.dot(x, e, input_precision=PREC)
 
 
 @triton.jit
 def _pick_t(e_t, x_t, PREC: tl.constexpr):
-    return tl.dot(e_t.to(x_t.dtype), x_t, input_precision=PREC)
+    return tl.dot(e_t, x_t, input_precision=PREC)
+
+
+@triton.jit
+def _quad_grad(m, x1, x2, e1t, e2t, PREC: tl.constexpr):
+    """(M + M^T) x per row from m [BT, BD2] and x1 = x E1, x2 = x E2. The products go to the selectors'
+    dtype for the dot: for 16-bit inputs that rounds each term to bf16/fp16 (random, ~0.2%, averaged
+    over D^2 terms); fp32 inputs stay fp32."""
+    dt = e1t.dtype
+    return tl.dot((m * x2).to(dt), e1t, input_precision=PREC) + tl.dot((m * x1).to(dt), e2t, input_precision=PREC)
 
 
 @triton.jit
@@ -97,17 +107,21 @@ def _feature_rows(D, BD: tl.constexpr, BD2: tl.constexpr):
 @triton.jit
 def _tile_ptrs(base, rows, m_rows, cv, V, TRANS: tl.constexpr):
     """Pointers and mask for state rows x V block: [rows, BV], or [BV, rows] when TRANS."""
-    if TRANS:
-        return base + rows[None, :] * V + cv[:, None], m_rows[None, :] & (cv < V)[:, None]
-    return base + rows[:, None] * V + cv[None, :], m_rows[:, None] & (cv < V)[None, :]
+    if TRANS:  # one return statement: compiled Triton wants every return to have the same type
+        ptr, mask = base + rows[None, :] * V + cv[:, None], m_rows[None, :] & (cv < V)[:, None]
+    else:
+        ptr, mask = base + rows[:, None] * V + cv[None, :], m_rows[:, None] & (cv < V)[None, :]
+    return ptr, mask
 
 
 @triton.jit
 def _zero_state(BD: tl.constexpr, BD2: tl.constexpr, BV: tl.constexpr, TRANS: tl.constexpr):
     z0, z1, z2 = tl.zeros([1], tl.float32), tl.zeros([BD], tl.float32), tl.zeros([BD2], tl.float32)
-    if TRANS:
-        return tl.zeros([BV], tl.float32), tl.zeros([BV, BD], tl.float32), tl.zeros([BV, BD2], tl.float32), z0, z1, z2
-    return tl.zeros([BV], tl.float32), tl.zeros([BD, BV], tl.float32), tl.zeros([BD2, BV], tl.float32), z0, z1, z2
+    if TRANS:  # one return statement: compiled Triton wants every return to have the same type
+        s1, s2 = tl.zeros([BV, BD], tl.float32), tl.zeros([BV, BD2], tl.float32)
+    else:
+        s1, s2 = tl.zeros([BD, BV], tl.float32), tl.zeros([BD2, BV], tl.float32)
+    return tl.zeros([BV], tl.float32), s1, s2, z0, z1, z2
 
 
 @triton.jit
@@ -200,7 +214,7 @@ def chunk_state_kernel(
     v_base = (b.to(tl.int64) * T * H + h) * V
     d = tl.arange(0, BD)
     cv = pid_v * BV + tl.arange(0, BV)
-    e1t, e2t = _selectors_t(BD, BD2)
+    e1t, e2t = _selectors_t(BD, BD2, x.dtype.element_ty)
     s0, s1, s2, z0, z1, z2 = _zero_state(BD, BD2, BV, False)
     for n in range(seg * SEG, tl.minimum((seg + 1) * SEG, tl.cdiv(T, BT))):
         t = n * BT + tl.arange(0, BT)
@@ -248,8 +262,8 @@ def chunk_fwd_kernel(
                                              HAS0, HAS1, HAS2, False)  # fmt: skip
     else:
         s0, s1, s2, z0, z1, z2 = _zero_state(BD, BD2, BV, False)
-    e1, e2 = _selectors(BD, BD2)
-    e1t, e2t = _selectors_t(BD, BD2)
+    e1, e2 = _selectors(BD, BD2, q.dtype.element_ty)
+    e1t, e2t = _selectors_t(BD, BD2, q.dtype.element_ty)
 
     for n in range(seg * SEG, tl.minimum((seg + 1) * SEG, tl.cdiv(T, BT))):
         t = n * BT + tl.arange(0, BT)
@@ -316,8 +330,8 @@ def chunk_bwd_kernel(
     mv = cv < V
     slot = pid_bh * tl.num_programs(2) + seg
     lo, hi = seg * SEG, tl.minimum((seg + 1) * SEG, tl.cdiv(T, BT))
-    e1, e2 = _selectors(BD, BD2)
-    e1t, e2t = _selectors_t(BD, BD2)
+    e1, e2 = _selectors(BD, BD2, q.dtype.element_ty)
+    e1t, e2t = _selectors_t(BD, BD2, q.dtype.element_ty)
 
     if USE_INIT:  # S^T [BV, F]: walk 1 reads it as g S^T
         s0, s1, s2, z0, z1, z2 = _load_state(s_init, z_init, slot, cv, F, D, V, F, BD, BD2, BV,
@@ -338,7 +352,7 @@ def chunk_bwd_kernel(
         if HAS2:
             m = tl.dot(g, s2, input_precision=PREC) + gd[:, None] * z2[None, :]  # [BT, BD2]
             x1, x2 = _pick(qt, e1, PREC), _pick(qt, e2, PREC)
-            dqt += a2 * (tl.dot(m * x2, e1t, input_precision=PREC) + tl.dot(m * x1, e2t, input_precision=PREC))
+            dqt += a2 * _quad_grad(m, x1, x2, e1t, e2t, PREC)
         tl.store(dq + part_base + t[:, None] * (H * D) + d[None, :], dqt, mask=(t[:, None] < T) & (d[None, :] < D))
         if HAS0:
             s0 += a0 * tl.sum(vt_t.to(tl.float32), axis=1)
@@ -378,7 +392,7 @@ def chunk_bwd_kernel(
             dvt += a2 * tl.dot(s2, _pick_t(e1t, kt_t, PREC) * _pick_t(e2t, kt_t, PREC), input_precision=PREC)
             w = tl.dot(vt.to(tl.float32), s2, input_precision=PREC) + z2[None, :]  # [BT, BD2]
             x1, x2 = _pick(kt, e1, PREC), _pick(kt, e2, PREC)
-            dkt += a2 * (tl.dot(w * x2, e1t, input_precision=PREC) + tl.dot(w * x1, e2t, input_precision=PREC))
+            dkt += a2 * _quad_grad(w, x1, x2, e1t, e2t, PREC)
         tl.store(dk + part_base + t[:, None] * (H * D) + d[None, :], dkt, mask=(t[:, None] < T) & (d[None, :] < D))
         tl.store(dv + v_base + t[None, :] * (H * V) + cv[:, None], dvt.to(dv.dtype.element_ty),
                  mask=(t[None, :] < T) & mv[:, None])  # fmt: skip

@@ -37,33 +37,39 @@ class Config:
     segment_chunks: int | None = None  # chunks per sequence segment; None: enough segments to fill the GPU
 
 
-# Set by benchmarks/ and tests to pin a config; None picks by shape.
-CONFIG_OVERRIDE: Config | None = None
+# Set by benchmarks/ and tests to pin the configs: one for both passes, or a (forward, backward) pair.
+CONFIG_OVERRIDE: Config | tuple[Config, Config] | None = None
 
 
-def pick_config(head_dim: int, value_dim: int) -> Config:
-    """Fixed configs (the interpreter cannot autotune): the quadratic state [BD^2, BV] fp32 lives in
-    registers, so BV shrinks as D grows to keep it near 16k floats a program."""
+def pick_config(head_dim: int, value_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[Config, Config]:
+    """(forward, backward) launch configs, fixed (the interpreter cannot autotune). The quadratic state
+    [BD^2, BV] fp32 and the chunk's features [C, BD^2] live in registers, and the backward holds twice
+    as many tiles: it takes shorter chunks, which keeps its shared memory under the 227 KiB a block
+    may use on Hopper (C = 64 with BV = 64 asked for 285 KiB)."""
     if CONFIG_OVERRIDE is not None:
-        return CONFIG_OVERRIDE
+        return CONFIG_OVERRIDE if isinstance(CONFIG_OVERRIDE, tuple) else (CONFIG_OVERRIDE, CONFIG_OVERRIDE)
     bd = max(16, triton.next_power_of_2(head_dim))
     bv_max = max(16, triton.next_power_of_2(value_dim))
     if interpreting():
-        return Config(block_t=32, block_v=min(32, bv_max), num_warps=4)
+        return (Config(32, min(32, bv_max), 4),) * 2
+    wide = 2 if dtype == torch.float32 else 1  # fp32 tiles take twice the shared memory
     if bd <= 16:
-        return Config(block_t=64, block_v=min(64, bv_max), num_warps=4)
-    return Config(block_t=32, block_v=16, num_warps=4)
+        return Config(64, min(32, bv_max), 8), Config(32, min(64 // wide, bv_max), 8)
+    return Config(32, 16, 8), Config(16, 16, 8)
 
 
-def segment_chunks(cfg: Config, programs: int, n_chunks: int, device: torch.device) -> int:
-    """Chunks per segment: one segment when batch x heads x V blocks fill the GPU twice over, else as many
-    as bring the programs to about four per multiprocessor (each extra segment costs a state pass)."""
-    if cfg.segment_chunks is not None:
-        return cfg.segment_chunks
+def segment_tokens(fwd: Config, bwd: Config, programs: int, length: int, device: torch.device) -> int:
+    """Tokens per segment: the whole sequence when batch x heads x V blocks fill the GPU twice over, else
+    enough segments to bring the programs to about four per multiprocessor (each extra segment costs a
+    pass over the segment's states). A multiple of both chunk lengths, so both walks agree on it."""
+    step = max(fwd.block_t, bwd.block_t)
+    n_steps = triton.cdiv(length, step)
+    if fwd.segment_chunks is not None:
+        return fwd.segment_chunks * fwd.block_t
     sms = 8 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
     if programs >= 2 * sms:
-        return n_chunks
-    return max(4, triton.cdiv(n_chunks, triton.cdiv(4 * sms, programs)))
+        return n_steps * step
+    return step * max(4, triton.cdiv(n_steps, triton.cdiv(4 * sms, programs)))
 
 
 @dataclass(frozen=True)
@@ -102,43 +108,45 @@ def _blocks(head_dim: int, poly: _Poly) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _Launch:
-    """Grid and block sizes shared by the forward and backward of one call."""
+    """Block sizes and the sequence segmentation shared by the forward and backward of one call."""
 
-    cfg: Config
+    fwd: Config
+    bwd: Config
     bd: int
     bd2: int
-    num_v: int
-    seg: int  # chunks per segment
+    seg_tokens: int
     num_seg: int
 
     @classmethod
     def of(cls, q: Tensor, value_dim: int, poly: _Poly) -> _Launch:
         batch, length, heads, head_dim = q.shape
-        cfg = pick_config(head_dim, value_dim)
+        fwd, bwd = pick_config(head_dim, value_dim, q.dtype)
         bd, bd2 = _blocks(head_dim, poly)
-        num_v = triton.cdiv(value_dim, cfg.block_v)
-        n_chunks = triton.cdiv(length, cfg.block_t)
-        seg = segment_chunks(cfg, num_v * batch * heads, n_chunks, q.device)
-        return cls(cfg, bd, bd2, num_v, seg, triton.cdiv(n_chunks, seg))
+        programs = triton.cdiv(value_dim, fwd.block_v) * batch * heads
+        seg_tokens = segment_tokens(fwd, bwd, programs, length, q.device)
+        return cls(fwd, bwd, bd, bd2, seg_tokens, triton.cdiv(length, seg_tokens))
 
-    def grid(self, batch_heads: int) -> tuple[int, int, int]:
-        return (self.num_v, batch_heads, self.num_seg)
+    def num_v(self, cfg: Config, value_dim: int) -> int:
+        return triton.cdiv(value_dim, cfg.block_v)
 
-    def blocks(self) -> dict:
-        return dict(BT=self.cfg.block_t, BD=self.bd, BD2=self.bd2, BV=self.cfg.block_v)
+    def grid(self, cfg: Config, batch_heads: int, value_dim: int) -> tuple[int, int, int]:
+        return (self.num_v(cfg, value_dim), batch_heads, self.num_seg)
+
+    def args(self, cfg: Config) -> dict:
+        """The kernels' block constexprs and SEG, the segment in this config's chunks."""
+        return dict(SEG=self.seg_tokens // cfg.block_t, BT=cfg.block_t, BD=self.bd, BD2=self.bd2, BV=cfg.block_v)
 
 
-def _segment_sums(launch, x, y, den, dd, poly, normalize, eps, feat, grad: bool) -> tuple[Tensor, Tensor]:
+def _segment_sums(launch, cfg, x, y, den, dd, poly, normalize, eps, feat, grad: bool) -> tuple[Tensor, Tensor]:
     """Each segment's own state sums: [B H, NS, F, V] and [B H, NS, F] (see chunk_state_kernel)."""
     batch, length, heads, head_dim = x.shape
     value_dim = y.shape[-1]
     s = x.new_empty(batch * heads, launch.num_seg, feat, value_dim, dtype=torch.float32)
     z = x.new_empty(batch * heads, launch.num_seg, feat, dtype=torch.float32)
     scale, c0, c1, c2, a0, a1, a2 = poly.args()
-    chunk_state_kernel[launch.grid(batch * heads)](
-        x, y, den, dd, s, z, length, heads, head_dim, value_dim, feat, a0, a1, a2, eps, launch.seg,
-        **launch.blocks(), **poly.flags(), GRAD=grad, NORMALIZE=normalize, PREC=_precision(x.dtype),
-        num_warps=launch.cfg.num_warps,
+    chunk_state_kernel[launch.grid(cfg, batch * heads, value_dim)](
+        x, y, den, dd, s, z, length, heads, head_dim, value_dim, feat, a0, a1, a2, eps, **launch.args(cfg),
+        **poly.flags(), GRAD=grad, NORMALIZE=normalize, PREC=_precision(x.dtype), num_warps=cfg.num_warps,
     )  # fmt: skip
     return s, z
 
@@ -162,7 +170,7 @@ class ChunkFunction(torch.autograd.Function):
         final = [None, None]
         s_in, z_in = kv0, ksum0
         if launch.num_seg > 1:  # each segment starts from the initial state plus the segments before it
-            sums = _segment_sums(launch, k, v, den, den, poly, normalize, eps, feat, grad=False)
+            sums = _segment_sums(launch, launch.fwd, k, v, den, den, poly, normalize, eps, feat, grad=False)
             (s_in, s_total), (z_in, z_total) = _exclusive(sums[0], False), _exclusive(sums[1], False)
             if kv0 is not None:
                 s_in, z_in = s_in + kv0.flatten(0, 1)[:, None], z_in + ksum0.flatten(0, 1)[:, None]
@@ -173,12 +181,12 @@ class ChunkFunction(torch.autograd.Function):
             final = [q.new_empty(batch, heads, feat, value_dim, dtype=torch.float32)]
             final.append(q.new_empty(batch, heads, feat, dtype=torch.float32))
         store_final = output_final_state and launch.num_seg == 1
-        chunk_fwd_kernel[launch.grid(batch * heads)](
+        chunk_fwd_kernel[launch.grid(launch.fwd, batch * heads, value_dim)](
             q, k, v, o, den, s_in if s_in is not None else o, z_in if z_in is not None else o,
             final[0] if store_final else o, final[1] if store_final else o,
-            length, heads, head_dim, value_dim, feat, *poly.args(), eps, launch.seg, **launch.blocks(),
+            length, heads, head_dim, value_dim, feat, *poly.args(), eps, **launch.args(launch.fwd),
             **poly.flags(), USE_INIT=s_in is not None, STORE_FINAL=store_final, NORMALIZE=normalize,
-            CLAMP=poly.clamp, PREC=_precision(q.dtype), num_warps=launch.cfg.num_warps,
+            CLAMP=poly.clamp, PREC=_precision(q.dtype), num_warps=launch.fwd.num_warps,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, den, s_in, z_in)
         ctx.poly, ctx.normalize, ctx.eps, ctx.feat, ctx.launch = poly, normalize, eps, feat, launch
@@ -200,7 +208,7 @@ class ChunkFunction(torch.autograd.Function):
             d_kv, d_ksum = d_kv.float().contiguous(), d_ksum.float().contiguous()
         ds_in, dz_in, d_init = d_kv, d_ksum, [None, None]
         if launch.num_seg > 1:  # each segment's end receives what later segments and the final state send
-            sums = _segment_sums(launch, q, do, den, dd, poly, ctx.normalize, ctx.eps, feat, grad=True)
+            sums = _segment_sums(launch, launch.bwd, q, do, den, dd, poly, ctx.normalize, ctx.eps, feat, grad=True)
             (ds_in, ds_total), (dz_in, dz_total) = _exclusive(sums[0], True), _exclusive(sums[1], True)
             if d_kv is not None:
                 ds_in, dz_in = ds_in + d_kv.flatten(0, 1)[:, None], dz_in + d_ksum.flatten(0, 1)[:, None]
@@ -210,23 +218,24 @@ class ChunkFunction(torch.autograd.Function):
         elif ctx.has_init:
             d_init = [torch.empty_like(s_in), torch.empty_like(z_in)]
         store_dinit = ctx.has_init and launch.num_seg == 1
-        dq = q.new_empty(launch.num_v, batch, length, heads, head_dim, dtype=torch.float32)
+        dq = q.new_empty(launch.num_v(launch.bwd, value_dim), batch, length, heads, head_dim, dtype=torch.float32)
         dk, dv = torch.empty_like(dq), torch.empty_like(v)
-        chunk_bwd_kernel[launch.grid(batch * heads)](
+        chunk_bwd_kernel[launch.grid(launch.bwd, batch * heads, value_dim)](
             q, k, v, do, den, dd, s_in if s_in is not None else dq, z_in if z_in is not None else dq,
             ds_in if ds_in is not None else dq, dz_in if dz_in is not None else dq, dq, dk, dv,
             d_init[0] if store_dinit else dq, d_init[1] if store_dinit else dq,
-            length, heads, head_dim, value_dim, feat, *poly.args(), ctx.eps, launch.seg, **launch.blocks(),
+            length, heads, head_dim, value_dim, feat, *poly.args(), ctx.eps, **launch.args(launch.bwd),
             **poly.flags(), USE_INIT=s_in is not None, USE_DS_IN=ds_in is not None, STORE_DINIT=store_dinit,
-            NORMALIZE=ctx.normalize, PREC=_precision(q.dtype), num_warps=launch.cfg.num_warps,
+            NORMALIZE=ctx.normalize, PREC=_precision(q.dtype), num_warps=launch.bwd.num_warps,
         )  # fmt: skip
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
         return dq, dk, dv, d_init[0], d_init[1], None, None, None, None
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get fp32 dots (the contract is fp32 accuracy); 16-bit inputs let fp32 dots use tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 inputs get fp32-accurate dots (three tf32 products, on tensor cores: a plain fp32 dot of these
+    tiles spills tens of KiB a thread); 16-bit inputs let the fp32 state dots run in tf32."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _check(q: Tensor, kernel: Polynomial | None, what: str) -> None:
@@ -236,8 +245,10 @@ def _check(q: Tensor, kernel: Polynomial | None, what: str) -> None:
         raise NotImplementedError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
     if kernel is None and q.shape[-1] > 128:
         raise NotImplementedError(f"{what} takes feature-mapped q, k up to dim 128, got {q.shape[-1]}")
-    if kernel is not None and q.shape[-1] > 32:
-        raise NotImplementedError(f"{what} supports polynomial kernels with q/k dim <= 32, got {q.shape[-1]}")
+    if kernel is not None and kernel.c2 > 0 and q.shape[-1] > 16:
+        # a chunk's D^2 quadratic features and the [D^2, BV] state must fit one block's shared memory
+        # (227 KiB on Hopper): at D = 32 the smallest tiles (C = 16, BV = 16) still ask for 320 KiB
+        raise NotImplementedError(f"{what} supports quadratic kernels with q/k dim <= 16, got {q.shape[-1]}")
 
 
 def chunk_linear_attention(
