@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rebased import checkpoint
 from rebased.config import mixer_config
 from rebased.data.mqar import MQARSplits, make_mqar_splits
 from rebased.evaluate import accuracy_by_slice
@@ -79,6 +80,8 @@ def run_one(run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, prog
     evaluate = lambda m: accuracy_by_slice(m, test.inputs, test.labels, slices, device=device)  # noqa: E731
     started = time.perf_counter()
     result = train(model, (data.train.inputs, data.train.labels), config, run_dir, evaluate=evaluate, progress=progress)
+    if run_dir is not None:  # the final weights, loadable by `rebased generate` and the analyses
+        checkpoint.save(model, run_dir, extra={"mqar_run": dataclasses.asdict(run)})
     best = result.best
     return {
         "run_id": run.run_id,

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 IGNORE_INDEX = -100
-CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "config.json"
+# train_config.json, not config.json: that name belongs to the model's config beside its weights (checkpoint.py).
+CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "train_config.json"
 _MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
 
 log = logging.getLogger(__name__)
