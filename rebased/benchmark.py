@@ -176,7 +176,7 @@ class SuiteRow:
 def _gpu_ms(fn: Callable[[], object]) -> float:
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
 def _peak_mib(fn: Callable[[], object]) -> float:
@@ -293,7 +293,7 @@ def time_decode(config: SuiteConfig) -> list[DecodeRow]:
     fmap = make_feature_map(config.feature_map, config.head_dim, config.heads)
     kernel, dtype, heads = fmap.kernel, DTYPES[config.dtype], config.heads
     feat = kernel.feature_dim(config.head_dim)
-    bench = lambda fn: 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")  # noqa: E731
+    bench = lambda fn: 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")  # noqa: E731
     rows = []
     for batch in config.decode_batches:
         q, k = (torch.randn(batch, heads, config.head_dim, device="cuda", dtype=dtype) for _ in range(2))

@@ -236,4 +236,5 @@ def test_gpu_step_matches_chunk_final_state():
     o = triton_ops.step_(q[:, 32], k[:, 32], v[:, 32], state, kernel=kernel)
     ref_o, ref_final = linear_attention_reference(q, k, v, kernel=kernel, output_final_state=True)
     assert_close(o, ref_o[:, 32], rel_rms=1e-2, name="o")
-    assert_close(state.kv, ref_final.kv, rel_rms=1e-4, name="kv")
+    # bf16 inputs: the chunk kernel's state dots run in tf32 (2^-11 relative per term), measured 3.5e-4
+    assert_close(state.kv, ref_final.kv, rel_rms=1e-3, name="kv")
