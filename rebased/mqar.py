@@ -11,10 +11,13 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
+import os
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +90,7 @@ def run_one(run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, prog
         "run_id": run.run_id,
         **dataclasses.asdict(run),
         "accuracy": best.get("accuracy", float("nan")),
+        "loss": best.get("loss", float("nan")),
         "best_epoch": best.get("epoch"),
         "slices": {k.split("/", 1)[1]: v for k, v in best.items() if k.startswith("accuracy/")},
         "final_accuracy": result.history[-1].get("accuracy") if result.history else None,
@@ -105,31 +109,56 @@ def load_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _data_key(run: MQARRun) -> tuple:
+    return (run.seq_len, run.num_kv_pairs, run.vocab_size, run.train_examples, run.test_examples,
+            run.train_mix, run.test_mix, run.data_seed)  # fmt: skip
+
+
+def _train_in_worker(run: MQARRun, run_dir: Path, threads: int) -> dict:
+    """One run in a worker process: its own data (the fast generator takes seconds) and CPU threads."""
+    torch.set_num_threads(threads)
+    return run_one(run, make_data(run), run_dir)
+
+
 def run_sweep(
-    runs: Sequence[MQARRun], out_dir: str | Path, *, progress: bool = True,
+    runs: Sequence[MQARRun], out_dir: str | Path, *, workers: int = 1, progress: bool = True,
     on_result: Callable[[dict, int, int], None] = lambda result, done, total: None,
 ) -> list[dict]:  # fmt: skip
-    """Train every run not yet in out_dir/results.jsonl; data is generated once per distinct task."""
+    """Train every run not yet in out_dir/results.jsonl and return the results of `runs`.
+
+    workers > 1 trains that many runs at once in separate processes: small MQAR models leave a GPU mostly
+    idle, so several processes sharing it finish a grid sooner. With one worker, data is generated once per
+    distinct task (the grid is ordered by task).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
-    results = load_results(results_path)
+    wanted = {run.run_id for run in runs}
+    results = [r for r in load_results(results_path) if r["run_id"] in wanted]
     done = {r["run_id"] for r in results}
     todo = [run for run in runs if run.run_id not in done]
-    data_cache: dict[tuple, MQARSplits] = {}
-    for run in todo:
-        key = (run.seq_len, run.num_kv_pairs, run.vocab_size, run.train_examples, run.test_examples,
-               run.train_mix, run.test_mix, run.data_seed)  # fmt: skip
-        if key not in data_cache:
-            data_cache.clear()  # one task's data at a time: the grid is ordered by task
-            data_cache[key] = make_data(run)
-        result = run_one(run, data_cache[key], out_dir / "runs" / run.run_id, progress=progress)
+
+    def record(result: dict) -> None:
         with results_path.open("a") as handle:  # one line per finished run: the sweep's resume point
             handle.write(json.dumps(result) + "\n")
         results.append(result)
         on_result(result, len(results), len(runs))
-    wanted = {run.run_id for run in runs}
-    return [r for r in results if r["run_id"] in wanted]
+
+    if workers <= 1:
+        data_cache: dict[tuple, MQARSplits] = {}
+        for run in todo:
+            if _data_key(run) not in data_cache:
+                data_cache.clear()  # one task's data in memory at a time
+                data_cache[_data_key(run)] = make_data(run)
+            record(run_one(run, data_cache[_data_key(run)], out_dir / "runs" / run.run_id, progress=progress))
+        return results
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into workers
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads) for run in todo]
+        for future in as_completed(futures):
+            record(future.result())
+    return results
 
 
 @dataclass

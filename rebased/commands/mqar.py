@@ -19,6 +19,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, help="comma-separated subset of the experiment's models")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a run field for every run, e.g. --set epochs=2 (repeatable)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
 
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{done}/{total}] {result['run_id']}: accuracy {result['accuracy']:.3f} "
               f"({result['seconds']:.0f} s, {result['steps']} steps)", flush=True)  # fmt: skip
 
-    results = run_sweep(runs, out, progress=sys.stderr.isatty(), on_result=report)
+    results = run_sweep(runs, out, workers=args.workers, progress=sys.stderr.isatty(), on_result=report)
     cells = summarise(results)
     table = summary_markdown(cells)
     minutes = (time.perf_counter() - started) / 60
