@@ -190,6 +190,21 @@ def test_step_updates_state_in_place(kernel_name, head_dim, value_dim):
     assert state.kv.data_ptr() == kv_storage
 
 
+def test_linear_attention_step_triton_backend_updates_in_place():
+    generator = torch.Generator().manual_seed(9)
+    kernel = Polynomial.taylor(4)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(2, 2, 4, 5, kernel, generator)))
+    start = LinearAttentionState(state.kv.clone(), state.k_sum.clone())
+    q, k, v = (x[:, 0] for x in make_inputs((2, 1, 2, 4), 5, kernel, generator, torch.float32))
+    o, same = linear_attention_step(q, k, v, state, kernel=kernel, backend="triton")
+    ref_o, ref_state = linear_attention_step(q, k, v, start, kernel=kernel)
+    assert same.kv is state.kv and same.k_sum is state.k_sum
+    assert_close(o, ref_o, rel_rms=1e-5, name="o")
+    assert_close(state.kv, ref_state.kv, rel_rms=1e-6, name="kv")
+    with pytest.raises(ValueError, match="contiguous float32"):
+        linear_attention_step(q, k, v, (start.kv.double(), start.k_sum.double()), kernel=kernel, backend="triton")
+
+
 def test_import_rebased_does_not_import_triton():
     code = "import sys, rebased, rebased.ops; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

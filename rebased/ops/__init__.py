@@ -127,8 +127,14 @@ def linear_attention_step(
     kernel: Polynomial | None = None,
     normalize: bool = True,
     eps: float = DEFAULT_EPS,
+    backend: str = "torch",
 ) -> tuple[Tensor, LinearAttentionState]:
-    """One decoding step: o [B, H, V] (v's dtype) and the new state; state=None starts from zero."""
+    """One decoding step: o [B, H, V] (v's dtype) and the new state; state=None starts from zero.
+
+    backend="triton" (inference only) adds the token to the given state in place, which must be float32
+    and contiguous, and returns that same state.
+    """
+    _choice("backend", backend, ("torch", "triton"))
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, 3)
     if q.shape != k.shape or v.shape[:2] != q.shape[:2]:
@@ -140,9 +146,16 @@ def linear_attention_step(
     dtype = compute_dtype(q.dtype)
     if state is None:
         state = zero_state(batch, heads, feat, v.shape[-1], dtype=dtype, device=q.device)
+    elif backend == "triton":
+        state = validate_state(state, batch, heads, feat, v.shape[-1])
     else:
         state = validate_state(state, batch, heads, feat, v.shape[-1])
         state = LinearAttentionState(state.kv.to(dtype), state.k_sum.to(dtype))
+    if backend == "triton":
+        if not _load_triton():
+            raise NotImplementedError("linear_attention_step(backend='triton') needs the triton package")
+        step_ = importlib.import_module(_TRITON_MODULE).step_
+        return step_(q, k, v, state, kernel=kernel, normalize=normalize, eps=eps), state
     o, new_state = step_unchecked(q, k, v, state, kernel, normalize, eps)
     return o.to(v.dtype), new_state
 
