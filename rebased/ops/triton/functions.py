@@ -243,8 +243,8 @@ def _check(q: Tensor, kernel: Polynomial | None, what: str) -> None:
         raise NotImplementedError(f"{what} supports float32, bfloat16 and float16, got {q.dtype}")
     if not (q.is_cuda or interpreting()):
         raise NotImplementedError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
-    if kernel is None and q.shape[-1] > 128:
-        raise NotImplementedError(f"{what} takes feature-mapped q, k up to dim 128, got {q.shape[-1]}")
+    if (kernel is None or kernel.c2 == 0) and q.shape[-1] > 128:
+        raise NotImplementedError(f"{what} takes q, k without a quadratic term up to dim 128, got {q.shape[-1]}")
     if kernel is not None and kernel.c2 > 0 and q.shape[-1] > 16:
         # a chunk's D^2 quadratic features and the [D^2, BV] state must fit one block's shared memory
         # (227 KiB on Hopper): at D = 32 the smallest tiles (C = 16, BV = 16) still ask for 320 KiB
