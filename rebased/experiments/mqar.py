@@ -79,11 +79,15 @@ def grid(models, d_models, lengths, lrs, seeds, pairs: Callable[[int], int], **c
     ]
 
 
-def quick(seeds: int = 1) -> list[MQARRun]:
-    """Small enough for a 2-core CPU in about 5 minutes: vocab 64, L 32 with 4 pairs, 40k examples, 4 epochs."""
+def quick(seeds: int = 2) -> list[MQARRun]:
+    """A 2-core CPU in about 5 minutes: vocab 64, L 32 with 4 pairs, d_model 64, 40k examples, 6 epochs.
+
+    Linear attention leaves a plateau (accuracy ~1/N: any value of the context) at a step that varies
+    with the seed, so this reports two seeds rather than one lucky or unlucky run.
+    """
     return grid(
-        ("rebased", "based", "attention"), (32, 64), (32,), (3e-3,), range(seeds), pairs=lambda _: 4,
-        vocab_size=64, train_examples=40_000, test_examples=1_000, epochs=4, batch_size=64,
+        ("rebased", "based", "attention"), (64,), (32,), (3e-3,), range(seeds), pairs=lambda _: 4,
+        vocab_size=64, train_examples=40_000, test_examples=1_000, epochs=6, batch_size=64,
     )  # fmt: skip
 
 
