@@ -28,5 +28,6 @@ for batch in (64, 512):
     for value_dim in (5, 8, 16, 21, 32, 64):
         run = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(value_dim)], capture_output=True, text=True,
                              env={"CUDA_LAUNCH_BLOCKING": "1", **__import__("os").environ}, timeout=120)
-        last = (run.stdout.strip() or run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "no output")
+        lines = (run.stdout.strip() or run.stderr.strip() or "no output").splitlines()
+        last = lines[-1]
         print(f"B={batch:4d} V={value_dim:3d}: {last[-160:]}", flush=True)
