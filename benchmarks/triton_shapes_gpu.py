@@ -4,6 +4,7 @@ illegal memory access poisons the CUDA context. Prints one line per shape: ok + 
     python benchmarks/triton_shapes_gpu.py
 """
 
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,13 @@ print(f"ok o {rel(o, o2):.1e} dq {rel(dq, dq2):.1e}")
 
 for batch in (64, 512):
     for value_dim in (5, 8, 16, 21, 32, 64):
-        run = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(value_dim)], capture_output=True, text=True,
-                             env={"CUDA_LAUNCH_BLOCKING": "1", **__import__("os").environ}, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-c", CHILD, str(batch), str(value_dim)],
+            capture_output=True,
+            text=True,
+            env={"CUDA_LAUNCH_BLOCKING": "1", **os.environ},
+            timeout=120,
+        )
         lines = (run.stdout.strip() or run.stderr.strip() or "no output").splitlines()
         last = lines[-1]
         print(f"B={batch:4d} V={value_dim:3d}: {last[-160:]}", flush=True)
