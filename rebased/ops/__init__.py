@@ -146,11 +146,10 @@ def linear_attention_step(
     dtype = compute_dtype(q.dtype)
     if state is None:
         state = zero_state(batch, heads, feat, v.shape[-1], dtype=dtype, device=q.device)
-    elif backend == "triton":
-        state = validate_state(state, batch, heads, feat, v.shape[-1])
     else:
         state = validate_state(state, batch, heads, feat, v.shape[-1])
-        state = LinearAttentionState(state.kv.to(dtype), state.k_sum.to(dtype))
+        if backend == "torch":  # (the triton step adds in place, so it must get the caller's own tensors)
+            state = LinearAttentionState(state.kv.to(dtype), state.k_sum.to(dtype))
     if backend == "triton":
         if not _load_triton():
             raise NotImplementedError("linear_attention_step(backend='triton') needs the triton package")
