@@ -116,3 +116,15 @@ def test_sweep_trains_resumes_and_runs_workers(tmp_path):
     for r in results:  # same seeds, same data: the same run in another process (thread counts may differ)
         assert by_id[r["run_id"]]["loss"] == pytest.approx(r["loss"], rel=1e-4)
         assert by_id[r["run_id"]]["steps"] == r["steps"]
+
+
+def test_length_generalisation_reports_every_test_length(tmp_path):
+    from rebased.mqar import run_sweep
+
+    run = MQARRun(
+        "based", 16, 32, 4, 3e-3, vocab_size=64, train_examples=256, test_examples=96, epochs=1, batch_size=64,
+        train_mix=((16, 2), (32, 4)), test_mix=((16, 2), (32, 4), (64, 8)), position_embeddings=False,
+    )  # fmt: skip
+    assert build_model(run).position_embedding is None  # nothing to outgrow at the longer test lengths
+    (result,) = run_sweep([run], tmp_path, progress=False)
+    assert set(result["slices"]) == {"L=16,N=2", "L=32,N=4", "L=64,N=8"}
