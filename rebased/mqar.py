@@ -122,14 +122,17 @@ def _train_in_worker(run: MQARRun, run_dir: Path, threads: int) -> dict:
 
 def run_sweep(
     runs: Sequence[MQARRun], out_dir: str | Path, *, workers: int = 1, progress: bool = True,
+    time_limit: float | None = None,
     on_result: Callable[[dict, int, int], None] = lambda result, done, total: None,
 ) -> list[dict]:  # fmt: skip
     """Train every run not yet in out_dir/results.jsonl and return the results of `runs`.
 
     workers > 1 trains that many runs at once in separate processes: small MQAR models leave a GPU mostly
     idle, so several processes sharing it finish a grid sooner. With one worker, data is generated once per
-    distinct task (the grid is ordered by task).
+    distinct task (the grid is ordered by task). time_limit (seconds): start no run after it has passed, so
+    a sweep split across time-boxed sessions stops between runs and the next call resumes from the file.
     """
+    deadline = math.inf if time_limit is None else time.monotonic() + time_limit
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
@@ -147,6 +150,9 @@ def run_sweep(
     if workers <= 1:
         data_cache: dict[tuple, MQARSplits] = {}
         for run in todo:
+            if time.monotonic() > deadline:
+                log.warning("time limit reached: %d runs left for the next call", len(runs) - len(results))
+                break
             if _data_key(run) not in data_cache:
                 data_cache.clear()  # one task's data in memory at a time
                 data_cache[_data_key(run)] = make_data(run)
@@ -158,6 +164,9 @@ def run_sweep(
         futures = [pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads) for run in todo]
         for future in as_completed(futures):
             record(future.result())
+            if time.monotonic() > deadline:  # runs not started yet are dropped; running ones finish
+                for pending in futures:
+                    pending.cancel()
     return results
 
 

@@ -128,3 +128,10 @@ def test_length_generalisation_reports_every_test_length(tmp_path):
     assert build_model(run).position_embedding is None  # nothing to outgrow at the longer test lengths
     (result,) = run_sweep([run], tmp_path, progress=False)
     assert set(result["slices"]) == {"L=16,N=2", "L=32,N=4", "L=64,N=8"}
+
+
+def test_time_limit_stops_between_runs_and_the_next_call_resumes(tmp_path):
+    from rebased.mqar import run_sweep
+
+    assert run_sweep(tiny_runs(), tmp_path, progress=False, time_limit=0.0) == []
+    assert [r["model"] for r in run_sweep(tiny_runs(), tmp_path, progress=False)] == ["based", "attention"]

@@ -20,6 +20,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a run field for every run, e.g. --set epochs=2 (repeatable)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                        help="start no new run after this long; run again to resume")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
 
 
@@ -59,18 +61,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{done}/{total}] {result['run_id']}: accuracy {result['accuracy']:.3f} "
               f"({result['seconds']:.0f} s, {result['steps']} steps)", flush=True)  # fmt: skip
 
-    results = run_sweep(runs, out, workers=args.workers, progress=sys.stderr.isatty(), on_result=report)
+    limit = None if args.time_limit is None else 60 * args.time_limit
+    results = run_sweep(
+        runs, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit, on_result=report
+    )
+    if not results:
+        print("no run finished (time limit?); run the same command again to continue")
+        return 1
     cells = summarise(results)
     table = summary_markdown(cells)
     minutes = (time.perf_counter() - started) / 60
-    command = (
-        "rebased mqar " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["mqar"] else f"rebased mqar {args.experiment}"
-    )
+    words = sys.argv[2:] if sys.argv[1:2] == ["mqar"] else [args.experiment]
+    command = " ".join(["rebased", "mqar", *words])
+    left = len(runs) - len(results)
+    state = f"{left} of {len(runs)} runs still to train: run the same command again" if left else "complete"
     (out / "summary.md").write_text(
-        f"# MQAR: {args.experiment}\n\nCommand: `{command}`\n\nBest test accuracy per run, mean ± std over seeds "
-        f"at the best learning rate per cell.\n\n{table}\n"
+        f"# MQAR: {args.experiment}\n\nCommand: `{command}` ({state})\n\nBest test accuracy per run, mean ± std "
+        f"over seeds at the best learning rate per cell.\n\n{table}\n"
     )
     plot = plot_summary(cells, out / "accuracy.png")
-    print(f"\n{table}\n\n{len(results)} runs in {minutes:.1f} min; wrote {out / 'results.jsonl'}, "
+    print(f"\n{table}\n\n{len(results)} runs ({state}) in {minutes:.1f} min; wrote {out / 'results.jsonl'}, "
           f"{out / 'summary.md'}" + (f", {plot}" if plot else ""))  # fmt: skip
     return 0
