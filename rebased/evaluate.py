@@ -5,19 +5,11 @@ accuracy = (# labelled positions where argmax logits == label) / (# labelled pos
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
-
-
-def _select_logits(model: nn.Module, inputs: Tensor, mask: Tensor) -> Tensor:
-    """Logits [n_labelled, V] at the masked positions; models with a `select` argument skip the rest."""
-    if "select" in inspect.signature(model.forward).parameters:
-        return model(inputs, select=mask)
-    return model(inputs)[mask]  # a model without `select`: compute every position, keep the labelled ones
+from rebased.data.labels import IGNORE_INDEX
+from rebased.train import labelled_logits, takes_select
 
 
 @torch.no_grad()
@@ -36,11 +28,12 @@ def accuracy_by_slice(
     correct = torch.zeros(len(inputs), dtype=torch.long)
     counted = torch.zeros(len(inputs), dtype=torch.long)
     loss_sum = 0.0
+    select = takes_select(model)
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
         mask = y != IGNORE_INDEX
-        logits = _select_logits(model, x, mask).float()
+        logits = labelled_logits(model, x, mask, select).float()
         target = y[mask]
         loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
         rows = mask.nonzero()[:, 0].cpu() + start

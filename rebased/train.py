@@ -27,12 +27,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-IGNORE_INDEX = -100
+from rebased.data.labels import IGNORE_INDEX
+
 # train_config.json, not config.json: that name belongs to the model's config beside its weights (checkpoint.py).
 CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "train_config.json"
 _MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
 
 log = logging.getLogger(__name__)
+
+
+def takes_select(model: nn.Module) -> bool:
+    """Whether model.forward(ids, select=mask) computes logits only at the masked positions."""
+    return "select" in inspect.signature(model.forward).parameters
+
+
+def labelled_logits(forward: Callable, inputs: Tensor, mask: Tensor, select: bool) -> Tensor:
+    """Logits [M, V] at the M masked positions; a model without `select` computes all, then keeps those."""
+    return forward(inputs, select=mask) if select else forward(inputs)[mask]
 
 
 @dataclass(frozen=True)
@@ -198,7 +209,7 @@ class _Engine:
         self.inputs, self.labels = _check_data(train_data, config, env.world)
         self.steps_per_epoch = len(self.inputs) // config.batch_size
         self.model = model.to(env.device)
-        self.select = "select" in inspect.signature(model.forward).parameters
+        self.select = takes_select(model)
         matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [g for g in ({"params": matrices}, {"params": others, "weight_decay": 0.0}) if g["params"]]
@@ -226,7 +237,7 @@ class _Engine:
         """Cross-entropy summed over the positions with a label."""
         mask = y != IGNORE_INDEX
         with self.autocast():
-            logits = self.forward(x, select=mask) if self.select else self.forward(x)[mask]  # [M, V]
+            logits = labelled_logits(self.forward, x, mask, self.select)  # [M, V]
         return F.cross_entropy(logits.float(), y[mask], reduction="sum")
 
     def optimizer_step(self, indices: Tensor, lr: float) -> Tensor:
