@@ -10,11 +10,12 @@ through to_dict / from_dict (config.json).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from rebased.ops.common import check_choice
 
 
 def _fail(field_name: str, value: object, requirement: str) -> None:
@@ -161,10 +162,7 @@ NORMS = ("layernorm", "rmsnorm")
 
 def mixer_config(name: str, **options) -> Any:
     """The sub-config for a mixer name; unknown names fail with a did-you-mean."""
-    if name not in MIXER_CONFIGS:
-        close = difflib.get_close_matches(str(name), MIXER_CONFIGS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown mixer {name!r}: choose one of {', '.join(MIXER_CONFIGS)}{hint}")
+    check_choice("mixer", name, MIXER_CONFIGS)
     try:
         return MIXER_CONFIGS[name](**options)
     except TypeError as error:

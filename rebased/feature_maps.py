@@ -23,7 +23,6 @@ Shape letters: B batch, T time, H heads, D projected dim, F feature dim.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rebased.ops.common import DEFAULT_EPS
+from rebased.ops.common import DEFAULT_EPS, check_choice
 from rebased.ops.kernels import Polynomial
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as in the official ReBased code
@@ -249,10 +248,7 @@ FEATURE_MAPS = {
 
 def make_feature_map(name: str, head_dim: int, num_heads: int = 1, **options) -> FeatureMap:
     """Build a registered feature map; unknown names and options fail with ValueError."""
-    if name not in FEATURE_MAPS:
-        close = difflib.get_close_matches(name, FEATURE_MAPS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown feature map {name!r}: choose one of {', '.join(FEATURE_MAPS)}{hint}")
+    check_choice("feature map", name, FEATURE_MAPS)
     try:
         return FEATURE_MAPS[name](head_dim, num_heads, **options)
     except TypeError as error:  # an option this map does not take

@@ -10,9 +10,10 @@ length-gen        train on a mixture of short lengths, test on longer ones (no a
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from rebased.ops.common import check_choice
 
 PAPER_LRS = (5e-4, 1e-3, 3e-3, 1e-2)
 # Table 1's kernels, as MQAR model names: the linear-attention mixer with that feature map.
@@ -119,10 +120,7 @@ EXPERIMENTS: dict[str, Callable[..., list[MQARRun]]] = {
 
 def experiment(name: str, seeds: int | None = None, **overrides) -> list[MQARRun]:
     """The runs of a named experiment, with optional field overrides (e.g. epochs=2 for a smoke test)."""
-    if name not in EXPERIMENTS:
-        close = difflib.get_close_matches(name, EXPERIMENTS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}{hint}")
+    check_choice("experiment", name, EXPERIMENTS)
     runs = EXPERIMENTS[name]() if seeds is None else EXPERIMENTS[name](seeds=seeds)
     runs = [dataclasses.replace(run, **overrides) for run in runs]
     for run in runs:

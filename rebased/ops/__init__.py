@@ -14,7 +14,6 @@ tensors where it implements the pair and covers the inputs, else torch). Explici
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from rebased.ops.chunk import chunk_linear_attention
 from rebased.ops.common import (
     DEFAULT_EPS,
     LinearAttentionState,
+    check_choice,
     check_tensor,
     compute_dtype,
     feature_dim,
@@ -48,14 +48,6 @@ IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {
     ("recurrent", "torch"): recurrent_linear_attention,
 }
 _TRITON_MODULE = "rebased.ops.triton"  # registers its own pairs into IMPLEMENTATIONS when imported
-
-
-def _choice(kind: str, value: object, options: tuple[str, ...]) -> str:
-    if value not in options:
-        close = difflib.get_close_matches(str(value), options, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {kind} {value!r}: choose one of {', '.join(options)}{hint}")
-    return value  # type: ignore[return-value]
 
 
 def _load_triton() -> bool:
@@ -99,8 +91,8 @@ def linear_attention(
     kernel=None: q, k are feature maps phi(q), phi(k) of dimension F. kernel=Polynomial: q, k are the
     projected inputs of dimension D and sim = kernel.similarity(q . k).
     """
-    _choice("mode", mode, MODES)
-    _choice("backend", backend, BACKENDS)
+    check_choice("mode", mode, MODES)
+    check_choice("backend", backend, BACKENDS)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     state = validate_inputs(q, k, v, initial_state, kernel, eps)
@@ -134,7 +126,7 @@ def linear_attention_step(
     backend="triton" (inference only) adds the token to the given state in place, which must be float32
     and contiguous, and returns that same state.
     """
-    _choice("backend", backend, ("torch", "triton"))
+    check_choice("backend", backend, ("torch", "triton"))
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, 3)
     if q.shape != k.shape or v.shape[:2] != q.shape[:2]:

@@ -5,6 +5,7 @@ Shape letters: B batch, T time, H heads, D projected q/k dim, F feature dim, V v
 
 from __future__ import annotations
 
+import difflib
 from typing import NamedTuple
 
 import torch
@@ -23,6 +24,16 @@ class LinearAttentionState(NamedTuple):
 
     kv: Tensor  # [B, H, F, V], fp32 (fp64 for fp64 inputs)
     k_sum: Tensor  # [B, H, F]
+
+
+def check_choice(kind: str, value: object, options) -> str:
+    """value if it is one of options (any iterable of names), else ValueError with a did-you-mean."""
+    options = tuple(options)
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {kind} {value!r}: choose one of {', '.join(options)}{hint}")
+    return value  # type: ignore[return-value]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
