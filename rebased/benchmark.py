@@ -17,6 +17,7 @@ import torch
 
 from rebased.feature_maps import make_feature_map
 from rebased.ops import MODES, linear_attention, linear_attention_reference
+from rebased.testing import error_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -58,9 +59,7 @@ class TimeRow:
 
 
 def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    diff = actual.double() - expected
-    return (diff.square().mean().sqrt() / expected.square().mean().sqrt().clamp_min(1e-300)).item()
+    return error_report(actual, expected)[1]
 
 
 def _inputs(config: OpBenchConfig, length: int, generator: torch.Generator, requires_grad: bool):
