@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rebased.ops.common import LinearAttentionState, compute_dtype, features, normalise
+from rebased.ops.common import LinearAttentionState, compute_dtype, feature_dim, features, normalise
 from rebased.ops.kernels import Polynomial
 
 
@@ -62,8 +62,7 @@ def recurrent_linear_attention(
     dtype = compute_dtype(q.dtype)
     batch, length, heads, head_dim = q.shape
     if initial_state is None:
-        feat = head_dim if kernel is None else kernel.feature_dim(head_dim)
-        state = zero_state(batch, heads, feat, v.shape[-1], dtype=dtype, device=q.device)
+        state = zero_state(batch, heads, feature_dim(head_dim, kernel), v.shape[-1], dtype=dtype, device=q.device)
     else:
         state = LinearAttentionState(initial_state.kv.to(dtype), initial_state.k_sum.to(dtype))
     outputs = []
