@@ -1,7 +1,9 @@
-"""Which (batch, value dim) shapes does the Triton chunk kernel handle? One subprocess per shape, since an
-illegal memory access poisons the CUDA context. Prints one line per shape: ok + errors against torch, or the failure.
+"""Which (value dim, launch config) pairs does the compiled Triton chunk kernel handle? One subprocess per
+case, run in parallel, since an illegal memory access poisons the CUDA context. Prints one line per case:
+"fwd ok" / "ok" plus errors against the torch backend, or the failure.
 
-    python benchmarks/triton_shapes_gpu.py
+    python benchmarks/triton_shapes_gpu.py            # the configs pick_config chooses
+    python benchmarks/triton_shapes_gpu.py --variants # also pinned (forward, backward) configs, to find the crash
 """
 
 import os
@@ -11,29 +13,49 @@ import sys
 CHILD = """
 import sys, torch
 from rebased.ops import linear_attention, Polynomial
-B, V = int(sys.argv[1]), int(sys.argv[2])
+from rebased.ops.triton import functions as F
+B, V, variant = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if variant != "default":  # "fwdT,fwdV,fwdW/bwdT,bwdV,bwdW"
+    fwd, bwd = (F.Config(*map(int, part.split(","))) for part in variant.split("/"))
+    F.CONFIG_OVERRIDE = (fwd, bwd)
 g = torch.Generator(device="cuda").manual_seed(0)
 q, k = (torch.randn(B, 128, 12, 16, device="cuda", generator=g).bfloat16().requires_grad_() for _ in range(2))
 v = torch.randn(B, 128, 12, V, device="cuda", generator=g).bfloat16().requires_grad_()
 kern = Polynomial.rebased(16)
-o, _ = linear_attention(q, k, v, kernel=kern, backend="triton")
-dq, = torch.autograd.grad(o.float().square().sum(), (q,))
-o2, _ = linear_attention(q, k, v, kernel=kern, backend="torch")
-dq2, = torch.autograd.grad(o2.float().square().sum(), (q,))
-torch.cuda.synchronize()
 rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-print(f"ok o {rel(o, o2):.1e} dq {rel(dq, dq2):.1e}")
+o, _ = linear_attention(q, k, v, kernel=kern, backend="triton")
+o2, _ = linear_attention(q, k, v, kernel=kern, backend="torch")
+torch.cuda.synchronize()
+print(f"fwd ok o {rel(o, o2):.1e}", flush=True)
+dq, dv = torch.autograd.grad(o.float().square().sum(), (q, v))
+dq2, dv2 = torch.autograd.grad(o2.float().square().sum(), (q, v))
+torch.cuda.synchronize()
+print(f"ok o {rel(o, o2):.1e} dq {rel(dq, dq2):.1e} dv {rel(dv, dv2):.1e}")
 """
 
-for batch in (64, 512):
-    for value_dim in (5, 8, 16, 21, 32, 64):
-        run = subprocess.run(
-            [sys.executable, "-c", CHILD, str(batch), str(value_dim)],
-            capture_output=True,
-            text=True,
-            env={"CUDA_LAUNCH_BLOCKING": "1", **os.environ},
-            timeout=120,
-        )
-        lines = (run.stdout.strip() or run.stderr.strip() or "no output").splitlines()
-        last = lines[-1]
-        print(f"B={batch:4d} V={value_dim:3d}: {last[-160:]}", flush=True)
+VARIANTS = ["64,16,8/32,16,8", "64,32,8/32,32,8", "64,16,4/32,16,4", "64,32,8/32,16,8", "64,16,8/32,32,8"]
+
+
+def main() -> None:
+    cases = [(b, v, "default") for b in (64, 512) for v in (5, 8, 16, 21, 32, 64)]
+    if "--variants" in sys.argv:  # the crashing value dims, under pinned configs
+        cases += [(64, v, variant) for variant in VARIANTS for v in (5, 8, 16)]
+    env = {"CUDA_LAUNCH_BLOCKING": "1", **os.environ}
+    procs = [
+        (case, subprocess.Popen([sys.executable, "-c", CHILD, *map(str, case)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env))
+        for case in cases
+    ]  # fmt: skip
+    for (batch, value_dim, variant), proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = "timeout"
+        lines = [line for line in (out or "no output").splitlines() if line.strip()] or ["no output"]
+        status = lines[-1] if lines[-1].startswith("ok") else " | ".join(lines[-2:])
+        print(f"{variant:18s} B={batch:4d} V={value_dim:3d}: {status[-200:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

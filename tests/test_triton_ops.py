@@ -59,14 +59,14 @@ def prefix_state(batch, heads, head_dim, value_dim, kernel, generator):
     return LinearAttentionState(*(x.float() for x in state))
 
 
-def run_both(q, k, v, state, kernel, generator):
+def run_both(q, k, v, state, kernel, generator, mode="chunk"):
     """Outputs, final state and gradients (of o, final kv, final k_sum, all weighted) for triton and reference."""
     normalize = kernel is None or kernel.non_negative
     leaves = [q, k, v] + (list(state) if state is not None else [])
     for x in leaves:
         x.requires_grad_(True)
     options = dict(kernel=kernel, initial_state=state, output_final_state=True, normalize=normalize)
-    o, final = linear_attention(q, k, v, mode="chunk", backend="triton", **options)
+    o, final = linear_attention(q, k, v, mode=mode, backend="triton", **options)
     ref_o, ref_final = linear_attention_reference(q, k, v, **options)
     w_o = torch.randn(o.shape, generator=generator).to(DEVICE)
     w_kv = torch.randn(final.kv.shape, generator=generator).to(DEVICE)
@@ -138,6 +138,41 @@ def test_chunk_sequence_segments(segment_chunks, kernel_name, with_state, monkey
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+# The parallel kernels tile 16 x 16 under the interpreter: lengths below, at and across the blocks.
+@pytest.mark.parametrize("kernel_name", KERNELS)
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 50])
+def test_parallel_matches_reference(kernel_name, length):
+    generator = torch.Generator().manual_seed(length * 7)
+    kernel = KERNELS[kernel_name](4)
+    q, k, v = make_inputs((2, length, 2, 4), 3, kernel, generator, torch.float32)
+    check(*run_both(q, k, v, None, kernel, generator, mode="parallel"), rel_rms=1e-5)
+
+
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (12, 20), (32, 17)])
+@pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
+def test_parallel_wide_heads(head_dim, value_dim, kernel_name):
+    """q/k dim 32 with a square term too: the parallel tiles never hold the D^2 features."""
+    generator = torch.Generator().manual_seed(head_dim * value_dim)
+    kernel = KERNELS[kernel_name](head_dim)
+    q, k, v = make_inputs((1, 37, 3, head_dim), value_dim, kernel, generator, torch.float32)
+    check(*run_both(q, k, v, None, kernel, generator, mode="parallel"), rel_rms=1e-5)
+
+
+def test_parallel_without_normalisation():
+    generator = torch.Generator().manual_seed(8)
+    kernel = Polynomial.rebased(4)
+    q, k, v = make_inputs((1, 33, 2, 4), 5, kernel, generator, torch.float32)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    o, _ = linear_attention(q, k, v, mode="parallel", backend="triton", kernel=kernel, normalize=False)
+    ref_o, _ = linear_attention_reference(q, k, v, kernel=kernel, normalize=False)
+    assert_close(o, ref_o, rel_rms=1e-5, name="o")
+    grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref_o.square().sum(), (q, k, v))
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(g, r, rel_rms=1e-5, name=name)
+
+
 def test_chunk_without_final_state_or_grads_of_it():
     generator = torch.Generator().manual_seed(3)
     kernel = Polynomial.rebased(4)
@@ -163,8 +198,14 @@ def test_unsupported_inputs_raise():
     wide = torch.randn(1, 5, 1, 32, device=DEVICE)
     with pytest.raises(NotImplementedError, match="dim <= 16"):
         linear_attention(wide, wide, wide, mode="chunk", backend="triton", kernel=Polynomial.rebased(32))
-    with pytest.raises(NotImplementedError, match="parallel"):
-        linear_attention(wide, wide, wide, mode="parallel", backend="triton", kernel=Polynomial.rebased(32))
+    state = LinearAttentionState(torch.zeros(1, 1, 16, 4, device=DEVICE), torch.zeros(1, 1, 16, device=DEVICE))
+    small = torch.randn(1, 5, 1, 4, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="initial state"):
+        linear_attention(small, small, small, mode="parallel", backend="triton", kernel=Polynomial.rebased(4),
+                         initial_state=state)  # fmt: skip
+    huge = torch.randn(1, 5, 1, 129, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="up to 128"):
+        linear_attention(huge, huge, huge, mode="parallel", backend="triton")
 
 
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor", "features"])
@@ -224,13 +265,17 @@ def per_position_rel_rms(actual, expected):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
 @pytest.mark.parametrize("length", [1000, 4097])
-def test_gpu_chunk_against_float64(dtype, kernel_name, length):
-    """bf16: every gradient within 1% relative RMS of float64 at every position; fp32: 1e-4 overall."""
+@pytest.mark.parametrize("mode", ["chunk", "parallel"])
+def test_gpu_against_float64(dtype, kernel_name, length, mode):
+    """bf16: every gradient within 1% relative RMS of float64 at every position; fp32: 1e-4 overall.
+    The chunk kernel starts from a state; the parallel kernel takes none."""
     generator = torch.Generator().manual_seed(length)
     kernel = KERNELS[kernel_name](16)
     q, k, v = make_inputs((2, length, 4, 16), 64, kernel, generator, dtype)
-    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(2, 4, 16, 64, kernel, generator)))
-    got, want = run_both(q, k, v, state, kernel, generator)
+    state = None
+    if mode == "chunk":
+        state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(2, 4, 16, 64, kernel, generator)))
+    got, want = run_both(q, k, v, state, kernel, generator, mode=mode)
     if dtype == torch.float32:
         check(got, want, rel_rms=1e-4)
         return
@@ -238,6 +283,18 @@ def test_gpu_chunk_against_float64(dtype, kernel_name, length):
     for name, g, r in zip(GRAD_NAMES[:3], got[2], want[2]):
         worst = per_position_rel_rms(g, r).max().item()
         assert worst <= 1e-2, f"{name}: worst per-position rel-RMS {worst:.3e} (error {error_report(g, r)})"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("value_dim", [5, 8, 16, 21])
+@pytest.mark.parametrize("mode", ["chunk", "parallel"])
+def test_gpu_small_value_dims(value_dim, mode):
+    """The MQAR models' value dims (d_model // 12): block_v 16 with 8 warps once crashed the chunk forward."""
+    generator = torch.Generator().manual_seed(value_dim)
+    kernel = Polynomial.rebased(16)
+    q, k, v = make_inputs((64, 130, 12, 16), value_dim, kernel, generator, torch.float32)
+    check(*run_both(q, k, v, None, kernel, generator, mode=mode), rel_rms=1e-4)
 
 
 @gpu

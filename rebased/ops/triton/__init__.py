@@ -21,7 +21,9 @@ import triton  # noqa: F401  (ImportError here tells the dispatcher the backend 
 
 from rebased.ops import IMPLEMENTATIONS
 from rebased.ops.triton.functions import chunk_linear_attention, step_
+from rebased.ops.triton.parallel import parallel_linear_attention
 
 IMPLEMENTATIONS[("chunk", "triton")] = chunk_linear_attention
+IMPLEMENTATIONS[("parallel", "triton")] = parallel_linear_attention
 
-__all__ = ["chunk_linear_attention", "step_"]
+__all__ = ["chunk_linear_attention", "parallel_linear_attention", "step_"]

@@ -1,0 +1,231 @@
+"""Tiled quadratic (parallel) linear attention for polynomial kernels: forward and backward Triton kernels.
+
+The flash-attention schedule with sim = p(s) in place of exp and no running maximum (p is a polynomial:
+nothing to overflow, so no rescaling). The T x T scores live only in registers, a tile at a time:
+
+    s = scale q.k,  P = mask(p(s)),  den = P 1,  o = P V / (den + eps)                  (forward)
+
+Backward, with g = do / (den + eps) and dd = -(do . o) / (den + eps) per query row (computed in torch
+from the saved den and o: cheap, elementwise):
+
+    dS = (g V^T + dd 1^T) * p'(s) * scale  (masked);   dq = dS K;   dk = dS^T Q;   dv = P^T g
+
+One program owns a block of query rows (forward, dq) or of key rows (dk, dv) of one (batch, head) and
+loops over the other side's blocks up to the causal diagonal. Work is O(T^2 (D + V)), memory O(T): the
+fastest path at short and moderate T, where the chunk kernel's feature-space state (D^2 x V per chunk)
+costs more than the tiles it saves. Query blocks are launched longest-first to shorten the tail.
+
+Shape letters: B batch, T time, H heads, D q/k dim (BD padded), V value dim (BV padded), M/N row blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from rebased.ops.common import LinearAttentionState, features
+from rebased.ops.kernels import Polynomial
+from rebased.ops.triton.chunk import _rows
+from rebased.ops.triton.functions import SUPPORTED_DTYPES, _Poly, _precision, interpreting
+
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which holds batch x heads
+
+
+@triton.jit
+def _sim(q, k, rows, cols, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr):
+    """Causally masked p(s) and p'(s) scale for a [M, N] tile of query rows x key columns, fp32."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    p = c2 * s * s
+    dp = 2.0 * c2 * s
+    if HAS1:
+        p += c1 * s
+        dp += c1
+    if HAS0:
+        p += c0
+    keep = (rows[:, None] >= cols[None, :]) & (cols[None, :] < T)
+    return tl.where(keep, p, 0.0), tl.where(keep, dp * scale, 0.0)
+
+
+@triton.jit
+def _head_offsets(H, T, D, V):
+    """Program axis 1 is batch x head: element offsets of (b, 0, h, 0) in q/k [B, T, H, D] and v [B, T, H, V]."""
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    return bh, (b * T * H + h) * D, (b * T * H + h) * V
+
+
+@triton.jit
+def parallel_fwd_kernel(q, k, v, o, den, T, H, D, V, scale, c0, c1, c2, eps,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                        HAS0: tl.constexpr, HAS1: tl.constexpr, NORMALIZE: tl.constexpr, CLAMP: tl.constexpr,
+                        PREC: tl.constexpr):  # fmt: skip
+    m = tl.cdiv(T, BM) - 1 - tl.program_id(0)  # the longest rows first
+    bh, qk_base, v_base = _head_offsets(H, T, D, V)
+    rows = m * BM + tl.arange(0, BM)
+    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
+    qt = _rows(q + qk_base, rows, cd, T, H * D, D)
+    acc = tl.zeros([BM, BV], tl.float32)
+    z = tl.zeros([BM], tl.float32)
+    for start in range(0, tl.minimum((m + 1) * BM, T), BN):
+        cols = start + tl.arange(0, BN)
+        kt = _rows(k + qk_base, cols, cd, T, H * D, D)
+        vt = _rows(v + v_base, cols, cv, T, H * V, V)
+        p, _ = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        z += tl.sum(p, 1)
+        acc += tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+    if NORMALIZE:
+        acc = acc / ((tl.maximum(z, 0.0) if CLAMP else z) + eps)[:, None]
+        tl.store(den + bh * T + rows, z, mask=rows < T)
+    out = o + v_base + rows[:, None] * (H * V) + cv[None, :]
+    tl.store(out, acc.to(o.dtype.element_ty), mask=(rows[:, None] < T) & (cv[None, :] < V))
+
+
+@triton.jit
+def parallel_dkdv_kernel(q, k, v, g, dd, dk, dv, T, H, D, V, scale, c0, c1, c2,
+                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                         HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """dk, dv for one block of key rows: a walk over the query blocks at and after the diagonal."""
+    n = tl.program_id(0)
+    bh, qk_base, v_base = _head_offsets(H, T, D, V)
+    cols = n * BN + tl.arange(0, BN)
+    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
+    kt = _rows(k + qk_base, cols, cd, T, H * D, D)
+    vt = _rows(v + v_base, cols, cv, T, H * V, V)
+    dkt = tl.zeros([BN, BD], tl.float32)
+    dvt = tl.zeros([BN, BV], tl.float32)
+    for start in range((n * BN // BM) * BM, T, BM):
+        rows = start + tl.arange(0, BM)
+        qt = _rows(q + qk_base, rows, cd, T, H * D, D)
+        gt = _rows(g + v_base, rows, cv, T, H * V, V)  # fp32
+        ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
+        p, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
+        da = tl.dot(gt.to(vt.dtype), tl.trans(vt), input_precision=PREC) + ddt[:, None]
+        dvt += tl.dot(tl.trans(p), gt, input_precision=PREC)
+        dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
+    mask = cols[:, None] < T
+    tl.store(dk + qk_base + cols[:, None] * (H * D) + cd[None, :], dkt.to(dk.dtype.element_ty), mask=mask & (cd < D))
+    tl.store(dv + v_base + cols[:, None] * (H * V) + cv[None, :], dvt.to(dv.dtype.element_ty), mask=mask & (cv < V))
+
+
+@triton.jit
+def parallel_dq_kernel(q, k, v, g, dd, dq, T, H, D, V, scale, c0, c1, c2,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                       HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """dq for one block of query rows: a walk over the key blocks up to the diagonal."""
+    m = tl.cdiv(T, BM) - 1 - tl.program_id(0)
+    bh, qk_base, v_base = _head_offsets(H, T, D, V)
+    rows = m * BM + tl.arange(0, BM)
+    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
+    qt = _rows(q + qk_base, rows, cd, T, H * D, D)
+    gt = _rows(g + v_base, rows, cv, T, H * V, V)
+    ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
+    dqt = tl.zeros([BM, BD], tl.float32)
+    for start in range(0, tl.minimum((m + 1) * BM, T), BN):
+        cols = start + tl.arange(0, BN)
+        kt = _rows(k + qk_base, cols, cd, T, H * D, D)
+        vt = _rows(v + v_base, cols, cv, T, H * V, V)
+        _, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        da = tl.dot(gt.to(vt.dtype), tl.trans(vt), input_precision=PREC) + ddt[:, None]
+        dqt += tl.dot((da * dp).to(kt.dtype), kt, input_precision=PREC)
+    mask = (rows[:, None] < T) & (cd[None, :] < D)
+    tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
+
+
+def _blocks(head_dim: int, value_dim: int) -> dict:
+    """Tile sizes: 64 x 64 on the GPU (scores, D and V tiles stay small at D <= 128, V <= 128); 16 x 16 under
+    the interpreter, so tiny test shapes still cross several blocks."""
+    size = 16 if interpreting() else 64
+    return dict(BM=size, BN=size, BD=max(16, triton.next_power_of_2(head_dim)),
+                BV=max(16, triton.next_power_of_2(value_dim)))  # fmt: skip
+
+
+def _poly_args(poly: _Poly) -> dict:
+    return dict(scale=poly.scale, c0=poly.c0, c1=poly.c1, c2=poly.c2, HAS0=poly.c0 > 0, HAS1=poly.c1 > 0)
+
+
+class ParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, poly: _Poly, normalize: bool, eps: float):
+        batch, length, heads, head_dim = q.shape
+        value_dim = v.shape[-1]
+        blocks = _blocks(head_dim, value_dim)
+        o = torch.empty_like(v)
+        den = q.new_empty(batch, heads, length, dtype=torch.float32)
+        grid = (triton.cdiv(length, blocks["BM"]), batch * heads)
+        parallel_fwd_kernel[grid](
+            q, k, v, o, den, length, heads, head_dim, value_dim, eps=eps, **_poly_args(poly), **blocks,
+            NORMALIZE=normalize, CLAMP=poly.clamp, PREC=_precision(q.dtype), num_warps=4,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, o, den)
+        ctx.poly, ctx.normalize, ctx.eps = poly, normalize, eps
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, den = ctx.saved_tensors
+        batch, length, heads, head_dim = q.shape
+        value_dim = v.shape[-1]
+        g, dd = _output_grads(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
+        blocks = _blocks(head_dim, value_dim)
+        args = dict(**_poly_args(ctx.poly), **blocks, PREC=_precision(q.dtype), num_warps=4)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        parallel_dkdv_kernel[(triton.cdiv(length, blocks["BN"]), batch * heads)](
+            q, k, v, g, dd, dk, dv, length, heads, head_dim, value_dim, **args
+        )
+        parallel_dq_kernel[(triton.cdiv(length, blocks["BM"]), batch * heads)](
+            q, k, v, g, dd, dq, length, heads, head_dim, value_dim, **args
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _output_grads(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
+    """g = do / (den + eps) [B, T, H, V] and dd = -(do . o) / (den + eps) [B, H, T], fp32 (dd = 0 without
+    normalisation, and where a clamped denominator had no gradient)."""
+    do = do.float()
+    if not normalize:
+        return do.contiguous(), do.new_zeros(do.shape[0], do.shape[2], do.shape[1])
+    den = den.transpose(1, 2)  # [B, T, H]
+    scale = 1.0 / ((den.clamp_min(0.0) if clamp else den) + eps)
+    g = do * scale.unsqueeze(-1)
+    dd = -(g * o.float()).sum(-1)
+    if clamp:
+        dd = dd.masked_fill(den < 0, 0.0)
+    return g.contiguous(), dd.transpose(1, 2).contiguous()
+
+
+def parallel_linear_attention(
+    q: Tensor,  # [B, T, H, D]
+    k: Tensor,  # [B, T, H, D]
+    v: Tensor,  # [B, T, H, V]
+    *,
+    kernel: Polynomial | None,
+    initial_state: LinearAttentionState | None,
+    output_final_state: bool,
+    normalize: bool,
+    eps: float,
+    chunk_size: int,
+) -> tuple[Tensor, LinearAttentionState | None]:
+    """The ("parallel", "triton") pair. The final state, when asked for, is summed in torch in feature space
+    (one matmul); an initial state is not covered (the chunk kernel takes one)."""
+    del chunk_size
+    what = "(mode='parallel', backend='triton')"
+    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise NotImplementedError(f"{what} needs one of float32, bfloat16, float16 for q, k, v, got {q.dtype}")
+    if not (q.is_cuda or interpreting()):
+        raise NotImplementedError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+    if initial_state is not None:
+        raise NotImplementedError(f"{what} does not take an initial state: use mode='chunk'")
+    if q.shape[-1] > 128 or v.shape[-1] > 128:
+        raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
+    if q.shape[0] * q.shape[2] > MAX_GRID_Y:
+        raise NotImplementedError(f"{what} covers batch x heads up to {MAX_GRID_Y}, got {q.shape[0] * q.shape[2]}")
+    poly = _Poly.of(kernel)
+    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), poly, normalize, eps)
+    final_state = None
+    if output_final_state:
+        phi_k = features(k.float(), kernel)  # [B, T, H, F]
+        kv = torch.einsum("bthf,bthv->bhfv", phi_k, v.float())
+        final_state = LinearAttentionState(kv, phi_k.sum(1))
+    return o, final_state
