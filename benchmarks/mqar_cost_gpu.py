@@ -6,9 +6,11 @@ everything a sweep pays per step: host-to-device copies, accumulation, clipping,
 One process per op path (a crash in one path does not stop the others); one line per cell.
 
     python benchmarks/mqar_cost_gpu.py PATH [PATH ...]     # PATH: MODE-BACKEND, e.g. chunk-torch, parallel-triton
+    CELLS=rebased:64:1024,based:64:2048 python benchmarks/mqar_cost_gpu.py ...   # other (model, d_model, L) cells
 """
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -23,6 +25,10 @@ CELLS = [
     ("rebased", 64, 128), ("rebased", 64, 512), ("rebased", 64, 2048), ("rebased", 128, 2048),
     ("rebased", 512, 2048), ("based", 64, 2048), ("attention", 64, 2048),
 ]  # fmt: skip
+
+
+if "CELLS" in os.environ:
+    CELLS = [(m, int(d), int(length)) for m, d, length in (c.split(":") for c in os.environ["CELLS"].split(","))]
 
 
 def with_op_path(model: LanguageModel, mode: str, backend: str) -> LanguageModel:
@@ -52,7 +58,7 @@ def main() -> None:
     for path in sys.argv[1:]:
         mode, backend = path.split("-")
         for model, d_model, seq_len in CELLS:
-            if mode == "parallel" and seq_len > 512:
+            if (mode, backend) == ("parallel", "torch") and seq_len > 512:
                 continue  # the T x T scores of a 128-example micro-batch at L 2048 take tens of GB
             run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=8 * 512,
                           test_examples=512)  # fmt: skip

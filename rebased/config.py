@@ -40,7 +40,7 @@ class LinearAttentionConfig:
     feature_dim: int = 16
     feature_map_options: dict = field(default_factory=dict)
     eps: float | None = None  # None: the feature map's own eps (1e-12, the official value)
-    mode: str = "chunk"  # op mode for training and prefill
+    mode: str = "auto"  # op mode for training and prefill: parallel at short T, chunk at long T
     backend: str = "auto"
     chunk_size: int = 64
 

@@ -129,3 +129,22 @@ def test_auto_uses_torch_when_the_fused_kernel_refuses_the_inputs(monkeypatch):
     assert torch.equal(o, expected)
     with pytest.raises(NotImplementedError, match="fake fused kernel"):
         linear_attention(q, k, v, backend="triton")
+
+
+def test_auto_mode_takes_parallel_up_to_the_threshold_and_chunk_beyond(monkeypatch):
+    limit = ops.PARALLEL_MAX_LENGTH["torch"]
+    for length, expected in ((limit, "parallel"), (limit + 1, "chunk")):
+        q, k, v = qkv(batch=1, length=length, heads=1)
+        assert ops.pick_mode(q, "auto", None) == expected  # CPU tensors: the torch threshold
+        picked = []
+        monkeypatch.setitem(ops.IMPLEMENTATIONS, (expected, "torch"), lambda *a, **kw: picked.append(1) or (a[2], None))
+        linear_attention(q, k, v, mode="auto", backend="torch", kernel=Polynomial.rebased(4))
+        assert picked == [1]
+
+
+def test_auto_mode_gives_the_same_numbers_as_the_mode_it_picks():
+    q, k, v = qkv(length=40)
+    kernel = Polynomial.rebased(4)
+    o, state = linear_attention(q, k, v, mode="auto", kernel=kernel, output_final_state=True)
+    ref, ref_state = linear_attention(q, k, v, mode="parallel", kernel=kernel, output_final_state=True)
+    assert torch.equal(o, ref) and torch.equal(state.kv, ref_state.kv)

@@ -25,7 +25,7 @@ from rebased.ops import (  # noqa: E402
     linear_attention_reference,
     linear_attention_step,
 )
-from rebased.testing import assert_close, error_report  # noqa: E402
+from rebased.testing import assert_close, error_report, per_position_relative_error  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
@@ -254,12 +254,6 @@ def test_import_rebased_does_not_import_triton():
 # ---- GPU: compiled kernels at realistic shapes -------------------------------------------------------
 
 
-def per_position_rel_rms(actual, expected):
-    """Relative RMS error at each time step ([B, T, H, *] -> [T]): the worst one is the bound we state."""
-    diff = (actual.double() - expected.double()).square().mean(dim=(0, 2, 3)).sqrt()
-    return diff / expected.double().square().mean(dim=(0, 2, 3)).sqrt().clamp_min(1e-300)
-
-
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -281,7 +275,7 @@ def test_gpu_against_float64(dtype, kernel_name, length, mode):
         return
     check(got, want, rel_rms=1e-2)
     for name, g, r in zip(GRAD_NAMES[:3], got[2], want[2]):
-        worst = per_position_rel_rms(g, r).max().item()
+        worst = per_position_relative_error(g, r).max().item()
         assert worst <= 1e-2, f"{name}: worst per-position rel-RMS {worst:.3e} (error {error_report(g, r)})"
 
 

@@ -17,6 +17,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: runs/mqar-<experiment>)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the experiment's)")
     parser.add_argument("--models", default=None, help="comma-separated subset of the experiment's models")
+    parser.add_argument("--lengths", default=None, help="comma-separated subset of the experiment's seq_len values")
+    parser.add_argument("--d-models", default=None, help="comma-separated subset of the experiment's d_model values")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a run field for every run, e.g. --set epochs=2 (repeatable)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
@@ -38,17 +40,25 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def keep_runs(runs: list, field: str, wanted: str | None, kind: type, flag: str, experiment: str) -> list:
+    """The runs whose `field` is one of the comma-separated `wanted` values (all runs when wanted is None)."""
+    if wanted is None:
+        return runs
+    values = {kind(value) for value in wanted.split(",")}
+    kept = [r for r in runs if getattr(r, field) in values]
+    if not kept:
+        raise ValueError(f"{flag} {wanted!r}: none of them is in experiment {experiment!r}")
+    return kept
+
+
 @verb("mqar", "train and evaluate an MQAR grid; print the table, write results.jsonl, summary.md, a plot", _arguments)
 def run(args: argparse.Namespace) -> int:
     from rebased.experiments.mqar import experiment
     from rebased.mqar import plot_summary, run_sweep, summarise, summary_markdown
 
     runs = experiment(args.experiment, args.seeds, **parse_overrides(args.set))
-    if args.models:
-        wanted = set(args.models.split(","))
-        runs = [r for r in runs if r.model in wanted]
-        if not runs:
-            raise ValueError(f"--models {args.models!r}: none of them is in experiment {args.experiment!r}")
+    for flag, field, kind in (("models", "model", str), ("lengths", "seq_len", int), ("d_models", "d_model", int)):
+        runs = keep_runs(runs, field, getattr(args, flag), kind, f"--{flag.replace('_', '-')}", args.experiment)
     out = Path(args.out or f"runs/mqar-{args.experiment}")
     print(f"rebased mqar {args.experiment}: {len(runs)} runs -> {out}")
     if args.dry_run:

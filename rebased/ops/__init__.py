@@ -7,9 +7,10 @@ with a Polynomial kernel (sim = p(q.k), computed by the kernel trick where a mod
 [B, T, H, *] everywhere; the state is (kv [B, H, F, V], k_sum [B, H, F]) in feature space, so a state from
 any mode continues in any other.
 
-Modes: "parallel" (masked quadratic), "chunk" (linear in T), "recurrent" (a scan). Backends: "torch"
-(any device), "triton" (CUDA; fused kernels, imported only when asked for), "auto" (triton for CUDA
-tensors where it implements the pair and covers the inputs, else torch). Explicit backends never fall back.
+Modes: "parallel" (masked quadratic), "chunk" (linear in T), "recurrent" (a scan), "auto" (parallel up
+to PARALLEL_MAX_LENGTH, chunk beyond). Backends: "torch" (any device), "triton" (CUDA; fused kernels,
+imported only when asked for), "auto" (triton for CUDA tensors where it implements the pair and covers the
+inputs, else torch). Explicit backends never fall back.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ from rebased.ops.reference import linear_attention_reference
 
 log = logging.getLogger(__name__)
 
-MODES = ("parallel", "chunk", "recurrent")
+MODES = ("parallel", "chunk", "recurrent")  # the concrete forms; mode="auto" resolves to one of them
 BACKENDS = ("torch", "triton", "auto")
+# mode="auto": the parallel form up to this length, the chunk form beyond. Measured fwd+bwd crossovers:
+# torch on the CPU, parallel 2-6x faster at T 128-256, even at 512 (`rebased bench --batch 8 --heads 12
+# --value-dim 5`); triton on the H200 (benchmarks/results/h200/bench_parallel.md), parallel 2.3x faster at
+# T 1k, chunk 1.25x faster at 4k (v dim 64; the MQAR models' smaller v dims favour parallel a little longer).
+PARALLEL_MAX_LENGTH = {"torch": 256, "triton": 2048}
 
 # (mode, backend) -> implementation; every entry has the same keyword signature.
 IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {
@@ -72,6 +78,15 @@ def resolve_backend(mode: str, backend: str, q: Tensor) -> Callable:
     return IMPLEMENTATIONS[(mode, backend)]
 
 
+def pick_mode(q: Tensor, backend: str, initial_state: LinearAttentionState | None) -> str:
+    """mode="auto": parallel up to PARALLEL_MAX_LENGTH for the backend that will run, else chunk. The fused
+    parallel kernel takes no initial state, so a call with one goes to the fused chunk kernel instead."""
+    fused = backend != "torch" and q.is_cuda and _load_triton()
+    if fused and initial_state is not None:
+        return "chunk"
+    return "parallel" if q.shape[1] <= PARALLEL_MAX_LENGTH["triton" if fused else "torch"] else "chunk"
+
+
 def linear_attention(
     q: Tensor,  # [B, T, H, D]
     k: Tensor,  # [B, T, H, D]
@@ -91,11 +106,13 @@ def linear_attention(
     kernel=None: q, k are feature maps phi(q), phi(k) of dimension F. kernel=Polynomial: q, k are the
     projected inputs of dimension D and sim = kernel.similarity(q . k).
     """
-    check_choice("mode", mode, MODES)
+    check_choice("mode", mode, (*MODES, "auto"))
     check_choice("backend", backend, BACKENDS)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     state = validate_inputs(q, k, v, initial_state, kernel, eps)
+    if mode == "auto":
+        mode = pick_mode(q, backend, state)
     options = dict(
         kernel=kernel, initial_state=state, output_final_state=output_final_state, normalize=normalize, eps=eps,
         chunk_size=chunk_size,
@@ -156,9 +173,11 @@ __all__ = [
     "DEFAULT_EPS",
     "IMPLEMENTATIONS",
     "MODES",
+    "PARALLEL_MAX_LENGTH",
     "LinearAttentionState",
     "Polynomial",
     "linear_attention",
     "linear_attention_reference",
     "linear_attention_step",
+    "pick_mode",
 ]

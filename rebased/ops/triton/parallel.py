@@ -10,6 +10,11 @@ from the saved den and o: cheap, elementwise):
 
     dS = (g V^T + dd 1^T) * p'(s) * scale  (masked);   dq = dS K;   dk = dS^T Q;   dv = P^T g
 
+g v_j + dd = g (v_j - o) cancels where v_j is close to o (exactly at t = 0, where o_0 = v_0 and dq_0 = 0)
+while g is large there (ReBased's normaliser can be ~1e-4): so o is kept in fp32 for the backward, the
+forward's normaliser sums the same rounded scores its numerator uses, and the g V^T dot runs at fp32
+accuracy (three tf32 products). In bf16, rounding any of these lost the first positions' dq entirely.
+
 One program owns a block of query rows (forward, dq) or of key rows (dk, dv) of one (batch, head) and
 loops over the other side's blocks up to the causal diagonal. Work is O(T^2 (D + V)), memory O(T): the
 fastest path at short and moderate T, where the chunk kernel's feature-space state (D^2 x V per chunk)
@@ -73,13 +78,14 @@ def parallel_fwd_kernel(q, k, v, o, den, T, H, D, V, scale, c0, c1, c2, eps,
         kt = _rows(k + qk_base, cols, cd, T, H * D, D)
         vt = _rows(v + v_base, cols, cv, T, H * V, V)
         p, _ = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
-        z += tl.sum(p, 1)
-        acc += tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        p = p.to(vt.dtype)  # 16-bit scores for the tensor cores; the normaliser sums the same rounded values,
+        z += tl.sum(p.to(tl.float32), 1)  # so o stays an exact weighted mean of v (o_0 = v_0)
+        acc += tl.dot(p, vt, input_precision=PREC)
     if NORMALIZE:
         acc = acc / ((tl.maximum(z, 0.0) if CLAMP else z) + eps)[:, None]
         tl.store(den + bh * T + rows, z, mask=rows < T)
-    out = o + v_base + rows[:, None] * (H * V) + cv[None, :]
-    tl.store(out, acc.to(o.dtype.element_ty), mask=(rows[:, None] < T) & (cv[None, :] < V))
+    out = o + v_base + rows[:, None] * (H * V) + cv[None, :]  # fp32: the backward's dd needs o unrounded
+    tl.store(out, acc, mask=(rows[:, None] < T) & (cv[None, :] < V))
 
 
 @triton.jit
@@ -101,7 +107,7 @@ def parallel_dkdv_kernel(q, k, v, g, dd, dk, dv, T, H, D, V, scale, c0, c1, c2,
         gt = _rows(g + v_base, rows, cv, T, H * V, V)  # fp32
         ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
         p, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
-        da = tl.dot(gt.to(vt.dtype), tl.trans(vt), input_precision=PREC) + ddt[:, None]
+        da = tl.dot(gt, tl.trans(vt.to(tl.float32)), input_precision="tf32x3") + ddt[:, None]
         dvt += tl.dot(tl.trans(p), gt, input_precision=PREC)
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
     mask = cols[:, None] < T
@@ -127,7 +133,7 @@ def parallel_dq_kernel(q, k, v, g, dd, dq, T, H, D, V, scale, c0, c1, c2,
         kt = _rows(k + qk_base, cols, cd, T, H * D, D)
         vt = _rows(v + v_base, cols, cv, T, H * V, V)
         _, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
-        da = tl.dot(gt.to(vt.dtype), tl.trans(vt), input_precision=PREC) + ddt[:, None]
+        da = tl.dot(gt, tl.trans(vt.to(tl.float32)), input_precision="tf32x3") + ddt[:, None]
         dqt += tl.dot((da * dp).to(kt.dtype), kt, input_precision=PREC)
     mask = (rows[:, None] < T) & (cd[None, :] < D)
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
@@ -151,7 +157,7 @@ class ParallelFunction(torch.autograd.Function):
         batch, length, heads, head_dim = q.shape
         value_dim = v.shape[-1]
         blocks = _blocks(head_dim, value_dim)
-        o = torch.empty_like(v)
+        o = torch.empty(v.shape, dtype=torch.float32, device=v.device)
         den = q.new_empty(batch, heads, length, dtype=torch.float32)
         grid = (triton.cdiv(length, blocks["BM"]), batch * heads)
         parallel_fwd_kernel[grid](
@@ -160,7 +166,7 @@ class ParallelFunction(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, den)
         ctx.poly, ctx.normalize, ctx.eps = poly, normalize, eps
-        return o
+        return o.to(v.dtype)
 
     @staticmethod
     def backward(ctx, do):
