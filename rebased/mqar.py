@@ -179,17 +179,30 @@ class CellSummary:
     mean: float
     std: float
     seeds: int
+    missing: int = 0  # planned runs of this cell (any lr, any seed) not finished yet: the best lr may change
+
+    def text(self) -> str:
+        pending = f", {self.missing} runs pending" if self.missing else ""
+        return f"{self.mean:.3f} ± {self.std:.3f} (lr {self.best_lr:g}{pending})"
 
 
-def summarise(results: Sequence[dict]) -> list[CellSummary]:
+def summarise(results: Sequence[dict], planned: Sequence[MQARRun] = ()) -> list[CellSummary]:
+    """Best lr per cell (by mean over seeds), its mean and std; `planned` (the sweep's runs) lets a cell say
+    how many of its runs are still missing."""
     by_cell: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_cell[(r["model"], r["d_model"], r["seq_len"])][r["lr"]].append(r["accuracy"])
+    done = {r["run_id"] for r in results}
+    missing = defaultdict(int)
+    for run in planned:
+        missing[run.cell] += run.run_id not in done
     cells = []
     for (model, d_model, seq_len), by_lr in by_cell.items():
         lr, scores = max(by_lr.items(), key=lambda item: statistics.fmean(item[1]))
         std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        cells.append(CellSummary(model, d_model, seq_len, lr, statistics.fmean(scores), std, len(scores)))
+        cell = CellSummary(model, d_model, seq_len, lr, statistics.fmean(scores), std, len(scores))
+        cell.missing = missing[(model, d_model, seq_len)]
+        cells.append(cell)
     return sorted(cells, key=lambda c: (c.model, c.seq_len, c.d_model))
 
 
@@ -201,9 +214,25 @@ def summary_markdown(cells: Sequence[CellSummary]) -> str:
         rows[(c.model, c.seq_len)][c.d_model] = c
     table = []
     for (model, seq_len), by_d in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
-        cell = lambda c: "-" if c is None else f"{c.mean:.3f} ± {c.std:.3f} (lr {c.best_lr:g})"  # noqa: E731
-        table.append([model, seq_len, *(cell(by_d.get(d)) for d in d_models)])
+        table.append([model, seq_len, *("-" if by_d.get(d) is None else by_d[d].text() for d in d_models)])
     return markdown_table(["model", "L", *(f"d_model {d}" for d in d_models)], table)
+
+
+def paper_comparison(cells: Sequence[CellSummary], paper: dict[tuple[str, int], dict[int, float]]) -> str:
+    """Ours beside the paper, one row per finished cell both have: ours, paper, difference, and a flag where
+    they differ by more than CLOSE. Empty when no cell is in both."""
+    from rebased.experiments.paper_values import CLOSE
+
+    rows = []
+    for c in sorted(cells, key=lambda c: (c.seq_len, c.model, c.d_model)):
+        theirs = paper.get((c.model, c.seq_len), {}).get(c.d_model)
+        if theirs is not None and not c.missing:
+            diff = c.mean - theirs
+            flag = f"differs by more than {CLOSE}" if abs(diff) > CLOSE else ""
+            rows.append([c.model, c.seq_len, c.d_model, f"{c.mean:.3f}", f"{theirs:.2f}", f"{diff:+.3f}", flag])
+    if not rows:
+        return ""
+    return markdown_table(["model", "L", "d_model", "ours", "paper", "ours - paper", ""], rows)
 
 
 def plot_summary(cells: Sequence[CellSummary], path: str | Path) -> Path | None:
@@ -217,20 +246,33 @@ def plot_summary(cells: Sequence[CellSummary], path: str | Path) -> Path | None:
         log.warning("matplotlib is not installed: no plot")
         return None
     lengths = sorted({c.seq_len for c in cells})
+    models = sorted({c.model for c in cells})
+    colours = {model: f"C{i}" for i, model in enumerate(models)}  # one colour per model in every panel
     fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 3.0), sharey=True, squeeze=False)
     for ax, length in zip(axes[0], lengths):
-        for model in sorted({c.model for c in cells}):
-            points = sorted((c.d_model, c.mean, c.std) for c in cells if c.model == model and c.seq_len == length)
-            if points:
-                d, mean, std = zip(*points)
-                ax.errorbar(d, mean, yerr=std, marker="o", capsize=2, label=model)
+        for model in models:
+            points = sorted(
+                (c.d_model, c.mean, c.std, c.missing) for c in cells if c.model == model and c.seq_len == length
+            )
+            if not points:
+                continue
+            d, mean, std, missing = zip(*points)
+            ax.errorbar(d, mean, yerr=std, marker="o", capsize=2, color=colours[model], label=model)
+            pending = [(x, y) for x, y, m in zip(d, mean, missing) if m]
+            if pending:  # hollow marker: this cell still has runs to train, its best lr may change
+                ax.plot(*zip(*pending), "o", markersize=9, markerfacecolor="white", color=colours[model])
         ax.set_xscale("log", base=2)
         ax.set_title(f"L = {length}")
         ax.set_xlabel("d_model")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy")
-    axes[0][-1].legend(fontsize=8)
+    handles = [plt.Line2D([], [], color=colours[m], marker="o", label=m) for m in models]
+    if any(c.missing for c in cells):
+        handles.append(
+            plt.Line2D([], [], color="grey", marker="o", markerfacecolor="white", ls="", label="runs pending")
+        )
+    axes[0][-1].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -137,7 +137,12 @@ def test_auto_mode_takes_parallel_up_to_the_threshold_and_chunk_beyond(monkeypat
         q, k, v = qkv(batch=1, length=length, heads=1)
         assert ops.pick_mode(q, "auto", None) == expected  # CPU tensors: the torch threshold
         picked = []
-        monkeypatch.setitem(ops.IMPLEMENTATIONS, (expected, "torch"), lambda *a, **kw: picked.append(1) or (a[2], None))
+
+        def spy(*args, picked=picked, **kwargs):
+            picked.append(1)
+            return args[2], None
+
+        monkeypatch.setitem(ops.IMPLEMENTATIONS, (expected, "torch"), spy)
         linear_attention(q, k, v, mode="auto", backend="torch", kernel=Polynomial.rebased(4))
         assert picked == [1]
 

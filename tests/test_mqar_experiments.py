@@ -64,8 +64,9 @@ def fake_results():
     for model, acc in (("rebased", 0.9), ("based", 0.7)):
         for lr, bonus in ((1e-3, 0.0), (3e-3, 0.05)):
             for seed, noise in ((0, 0.01), (1, -0.01)):
-                rows.append(dict(run_id=f"{model}-{lr}-{seed}", model=model, d_model=64, seq_len=256, lr=lr,
-                                 seed=seed, accuracy=acc + bonus + noise))  # fmt: skip
+                run_id = MQARRun(model, 64, 256, 16, lr, seed).run_id
+                rows.append(dict(run_id=run_id, model=model, d_model=64, seq_len=256, lr=lr, seed=seed,
+                                 accuracy=acc + bonus + noise))  # fmt: skip
     return rows
 
 
@@ -75,6 +76,21 @@ def test_summary_takes_the_best_lr_per_cell_and_averages_seeds():
     assert cells["rebased"].std == pytest.approx(0.01414, rel=1e-3) and cells["rebased"].seeds == 2
     table = summary_markdown(list(cells.values()))
     assert "0.950 ± 0.014 (lr 0.003)" in table and "0.750 ± 0.014" in table
+
+
+def test_summary_marks_cells_with_runs_pending_and_compares_only_finished_cells():
+    from rebased.experiments.mqar import grid
+    from rebased.mqar import paper_comparison
+
+    planned = grid(("rebased", "based"), (64,), (256,), (1e-3, 3e-3, 1e-2), (0, 1), pairs=lambda _: 16)
+    cells = {c.model: c for c in summarise(fake_results(), planned)}
+    assert cells["rebased"].missing == 2 and "2 runs pending" in summary_markdown(list(cells.values()))
+    paper = {("rebased", 256): {64: 0.97}, ("based", 256): {64: 0.99}}
+    assert paper_comparison(list(cells.values()), paper) == ""  # both cells still have runs to come
+    finished = summarise(fake_results())
+    table = paper_comparison(finished, paper)
+    assert "| rebased | 256 | 64      | 0.950 | 0.97" in table and "-0.020" in table
+    assert "| based   | 256 | 64      | 0.750 | 0.99  | -0.240       | differs by more than 0.05 |" in table
 
 
 def test_results_file_round_trips_and_plot_is_written(tmp_path):

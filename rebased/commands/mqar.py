@@ -25,6 +25,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="start no new run after this long; run again to resume")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: rewrite the table, summary.md, plot from --out's results")  # fmt: skip
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -54,7 +56,8 @@ def keep_runs(runs: list, field: str, wanted: str | None, kind: type, flag: str,
 @verb("mqar", "train and evaluate an MQAR grid; print the table, write results.jsonl, summary.md, a plot", _arguments)
 def run(args: argparse.Namespace) -> int:
     from rebased.experiments.mqar import experiment
-    from rebased.mqar import plot_summary, run_sweep, summarise, summary_markdown
+    from rebased.experiments.paper_values import PAPER_VALUES
+    from rebased.mqar import load_results, paper_comparison, plot_summary, run_sweep, summarise, summary_markdown
 
     runs = experiment(args.experiment, args.seeds, **parse_overrides(args.set))
     for flag, field, kind in (("models", "model", str), ("lengths", "seq_len", int), ("d_models", "d_model", int)):
@@ -72,22 +75,29 @@ def run(args: argparse.Namespace) -> int:
               f"({result['seconds']:.0f} s, {result['steps']} steps)", flush=True)  # fmt: skip
 
     limit = None if args.time_limit is None else 60 * args.time_limit
-    results = run_sweep(
-        runs, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit, on_result=report
-    )
+    if args.report:
+        wanted = {r.run_id for r in runs}
+        results = [r for r in load_results(out / "results.jsonl") if r["run_id"] in wanted]
+    else:
+        results = run_sweep(
+            runs, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit, on_result=report
+        )
     if not results:
         print("no run finished (time limit?); run the same command again to continue")
         return 1
-    cells = summarise(results)
+    cells = summarise(results, runs)
     table = summary_markdown(cells)
     minutes = (time.perf_counter() - started) / 60
     words = sys.argv[2:] if sys.argv[1:2] == ["mqar"] else [args.experiment]
     command = " ".join(["rebased", "mqar", *words])
     left = len(runs) - len(results)
-    state = f"{left} of {len(runs)} runs still to train: run the same command again" if left else "complete"
+    again = "the same command without --report" if args.report else "the same command again"
+    state = f"{left} of {len(runs)} runs still to train: run {again}" if left else "complete"
+    comparison = paper_comparison(cells, PAPER_VALUES.get(args.experiment, {}))
+    beside = f"\nBeside the paper (PAPER.md):\n\n{comparison}\n" if comparison else ""
     (out / "summary.md").write_text(
         f"# MQAR: {args.experiment}\n\nCommand: `{command}` ({state})\n\nBest test accuracy per run, mean ± std "
-        f"over seeds at the best learning rate per cell.\n\n{table}\n"
+        f"over seeds at the best learning rate per cell.\n\n{table}\n{beside}"
     )
     plot = plot_summary(cells, out / "accuracy.png")
     print(f"\n{table}\n\n{len(results)} runs ({state}) in {minutes:.1f} min; wrote {out / 'results.jsonl'}, "

@@ -4,15 +4,16 @@ Imported only on backend="triton" or "auto" (rebased.ops never imports it at loa
 registers its (mode, backend) pairs into rebased.ops.IMPLEMENTATIONS. Under TRITON_INTERPRET=1 the same
 kernels run on CPU tensors (fixed launch configs), which is how CI checks their logic.
 
-    chunk   linear in T; forward and backward; initial and final state        ("chunk", "triton")
-    step_   one decoding token, the state updated in place                      rebased.ops.triton.step_
-                                                                                (linear_attention_step(backend="triton"))
+    chunk     linear in T; forward and backward; initial and final state      ("chunk", "triton")
+    parallel  tiled quadratic; forward and backward; final state, no initial    ("parallel", "triton")
+    step_     one decoding token, the state updated in place                  rebased.ops.triton.step_
+                                                                              (linear_attention_step(backend="triton"))
 
-Covered: polynomial kernels (any c0, c1, c2, scale) with q/k dim <= 16 when there is a quadratic term (<= 128
-without one), any V, any T, any batch; float32, bfloat16, float16. Anything else raises NotImplementedError
-before doing work, and backend="auto" then runs torch. Not here yet: a parallel (tiled quadratic) Triton mode,
-variable-length batches (cu_seqlens), the ReBased LayerNorm fused into the loads. Measurements and what bounds
-them: benchmarks/results/h200/README.md.
+Covered: polynomial kernels (any c0, c1, c2, scale); chunk: q/k dim <= 16 when there is a quadratic term
+(<= 128 without one), any V; parallel: q/k and v dims <= 128; any T, any batch; float32, bfloat16, float16.
+Anything else raises NotImplementedError before doing work, and backend="auto" then runs torch. Not here
+yet: variable-length batches (cu_seqlens), the ReBased LayerNorm fused into the loads. Measurements and
+what bounds them: benchmarks/results/h200/README.md.
 """
 
 from __future__ import annotations
