@@ -5,15 +5,16 @@ nothing to overflow, so no rescaling). The T x T scores live only in registers, 
 
     s = scale q.k,  P = mask(p(s)),  den = P 1,  o = P V / (den + eps)                  (forward)
 
-Backward, with g = do / (den + eps) and dd = -(do . o) / (den + eps) per query row (computed in torch
-from the saved den and o: cheap, elementwise):
+Backward, with r = 1 / (den + eps) and dd = -(do . o) per query row (computed in torch from the saved
+den and o: cheap, elementwise):
 
-    dS = (g V^T + dd 1^T) * p'(s) * scale  (masked);   dq = dS K;   dk = dS^T Q;   dv = P^T g
+    dA = (do V^T + dd 1^T) * r;   dS = dA * p'(s) * scale  (masked);   dq = dS K;   dk = dS^T Q;   dv = (P r)^T do
 
-g v_j + dd = g (v_j - o) cancels where v_j is close to o (exactly at t = 0, where o_0 = v_0 and dq_0 = 0)
-while g is large there (ReBased's normaliser can be ~1e-4): so o is kept in fp32 for the backward, the
-forward's normaliser sums the same rounded scores its numerator uses, and the g V^T dot runs at fp32
-accuracy (three tf32 products). In bf16, rounding any of these lost the first positions' dq entirely.
+do v_j + dd = do . (v_j - o) cancels where v_j is close to o (exactly at t = 0, where o_0 = v_0 and dq_0 = 0)
+while r is large there (ReBased's normaliser can be ~1e-4), so both terms must be fp32-accurate: o is kept
+in fp32 for the backward, the forward's normaliser sums the same rounded scores its numerator uses, and the
+do V^T dot takes do and v as they are (bf16 products are exact in fp32, summed in fp32), scaling by r only
+afterwards. Rounding any of these in bf16 lost the first positions' dq entirely.
 
 One program owns a block of query rows (forward, dq) or of key rows (dk, dv) of one (batch, head) and
 loops over the other side's blocks up to the causal diagonal. Work is O(T^2 (D + V)), memory O(T): the
@@ -89,7 +90,7 @@ def parallel_fwd_kernel(q, k, v, o, den, T, H, D, V, scale, c0, c1, c2, eps,
 
 
 @triton.jit
-def parallel_dkdv_kernel(q, k, v, g, dd, dk, dv, T, H, D, V, scale, c0, c1, c2,
+def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, T, H, D, V, scale, c0, c1, c2,
                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                          HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """dk, dv for one block of key rows: a walk over the query blocks at and after the diagonal."""
@@ -104,11 +105,12 @@ def parallel_dkdv_kernel(q, k, v, g, dd, dk, dv, T, H, D, V, scale, c0, c1, c2,
     for start in range((n * BN // BM) * BM, T, BM):
         rows = start + tl.arange(0, BM)
         qt = _rows(q + qk_base, rows, cd, T, H * D, D)
-        gt = _rows(g + v_base, rows, cv, T, H * V, V)  # fp32
+        dot = _rows(do + v_base, rows, cv, T, H * V, V)
+        rt = tl.load(r + bh * T + rows, mask=rows < T, other=0.0)
         ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
         p, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
-        da = tl.dot(gt, tl.trans(vt.to(tl.float32)), input_precision="tf32x3") + ddt[:, None]
-        dvt += tl.dot(tl.trans(p), gt, input_precision=PREC)
+        da = (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
+        dvt += tl.dot(tl.trans((p * rt[:, None]).to(dot.dtype)), dot, input_precision=PREC)
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
     mask = cols[:, None] < T
     tl.store(dk + qk_base + cols[:, None] * (H * D) + cd[None, :], dkt.to(dk.dtype.element_ty), mask=mask & (cd < D))
@@ -116,7 +118,7 @@ def parallel_dkdv_kernel(q, k, v, g, dd, dk, dv, T, H, D, V, scale, c0, c1, c2,
 
 
 @triton.jit
-def parallel_dq_kernel(q, k, v, g, dd, dq, T, H, D, V, scale, c0, c1, c2,
+def parallel_dq_kernel(q, k, v, do, r, dd, dq, T, H, D, V, scale, c0, c1, c2,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                        HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """dq for one block of query rows: a walk over the key blocks up to the diagonal."""
@@ -125,7 +127,8 @@ def parallel_dq_kernel(q, k, v, g, dd, dq, T, H, D, V, scale, c0, c1, c2,
     rows = m * BM + tl.arange(0, BM)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     qt = _rows(q + qk_base, rows, cd, T, H * D, D)
-    gt = _rows(g + v_base, rows, cv, T, H * V, V)
+    dot = _rows(do + v_base, rows, cv, T, H * V, V)
+    rt = tl.load(r + bh * T + rows, mask=rows < T, other=0.0)
     ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
     dqt = tl.zeros([BM, BD], tl.float32)
     for start in range(0, tl.minimum((m + 1) * BM, T), BN):
@@ -133,7 +136,7 @@ def parallel_dq_kernel(q, k, v, g, dd, dq, T, H, D, V, scale, c0, c1, c2,
         kt = _rows(k + qk_base, cols, cd, T, H * D, D)
         vt = _rows(v + v_base, cols, cv, T, H * V, V)
         _, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
-        da = tl.dot(gt, tl.trans(vt.to(tl.float32)), input_precision="tf32x3") + ddt[:, None]
+        da = (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
         dqt += tl.dot((da * dp).to(kt.dtype), kt, input_precision=PREC)
     mask = (rows[:, None] < T) & (cd[None, :] < D)
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
@@ -173,32 +176,32 @@ class ParallelFunction(torch.autograd.Function):
         q, k, v, o, den = ctx.saved_tensors
         batch, length, heads, head_dim = q.shape
         value_dim = v.shape[-1]
-        g, dd = _output_grads(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
+        do = do.to(v.dtype).contiguous()
+        r, dd = _row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
         blocks = _blocks(head_dim, value_dim)
         args = dict(**_poly_args(ctx.poly), **blocks, PREC=_precision(q.dtype), num_warps=4)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         parallel_dkdv_kernel[(triton.cdiv(length, blocks["BN"]), batch * heads)](
-            q, k, v, g, dd, dk, dv, length, heads, head_dim, value_dim, **args
+            q, k, v, do, r, dd, dk, dv, length, heads, head_dim, value_dim, **args
         )
         parallel_dq_kernel[(triton.cdiv(length, blocks["BM"]), batch * heads)](
-            q, k, v, g, dd, dq, length, heads, head_dim, value_dim, **args
+            q, k, v, do, r, dd, dq, length, heads, head_dim, value_dim, **args
         )
         return dq, dk, dv, None, None, None
 
 
-def _output_grads(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
-    """g = do / (den + eps) [B, T, H, V] and dd = -(do . o) / (den + eps) [B, H, T], fp32 (dd = 0 without
-    normalisation, and where a clamped denominator had no gradient)."""
-    do = do.float()
+def _row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
+    """Per query row, fp32 [B, H, T]: r = 1 / (den + eps) and dd = -(do . o), with o the fp32 output (r = 1,
+    dd = 0 without normalisation; dd = 0 where a clamped denominator had no gradient)."""
+    batch, length, heads, _ = do.shape
     if not normalize:
-        return do.contiguous(), do.new_zeros(do.shape[0], do.shape[2], do.shape[1])
-    den = den.transpose(1, 2)  # [B, T, H]
-    scale = 1.0 / ((den.clamp_min(0.0) if clamp else den) + eps)
-    g = do * scale.unsqueeze(-1)
-    dd = -(g * o.float()).sum(-1)
+        ones = do.new_ones(batch, heads, length, dtype=torch.float32)
+        return ones, torch.zeros_like(ones)
+    r = 1.0 / ((den.clamp_min(0.0) if clamp else den) + eps)
+    dd = -(do.float() * o).sum(-1).transpose(1, 2)
     if clamp:
         dd = dd.masked_fill(den < 0, 0.0)
-    return g.contiguous(), dd.transpose(1, 2).contiguous()
+    return r.contiguous(), dd.contiguous()
 
 
 def parallel_linear_attention(
