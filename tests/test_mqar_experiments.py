@@ -151,3 +151,14 @@ def test_time_limit_stops_between_runs_and_the_next_call_resumes(tmp_path):
 
     assert run_sweep(tiny_runs(), tmp_path, progress=False, time_limit=0.0) == []
     assert [r["model"] for r in run_sweep(tiny_runs(), tmp_path, progress=False)] == ["based", "attention"]
+
+
+def test_pending_runs_skip_finished_ones_and_go_cheapest_first():
+    from rebased.experiments.mqar import grid
+    from rebased.mqar import pending_runs
+
+    runs = grid(("rebased", "based"), (128, 64), (256, 128), (1e-3,), (0,), pairs=lambda _: 16)
+    done = [{"run_id": runs[0].run_id}]  # rebased, L 256, d 128
+    order = [(r.seq_len, r.d_model, r.model) for r in pending_runs(runs, done)]
+    assert order == [(128, 64, "rebased"), (128, 64, "based"), (128, 128, "rebased"), (128, 128, "based"),
+                     (256, 64, "rebased"), (256, 64, "based"), (256, 128, "based")]  # fmt: skip

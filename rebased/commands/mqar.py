@@ -57,7 +57,15 @@ def keep_runs(runs: list, field: str, wanted: str | None, kind: type, flag: str,
 def run(args: argparse.Namespace) -> int:
     from rebased.experiments.mqar import experiment
     from rebased.experiments.paper_values import PAPER_VALUES
-    from rebased.mqar import load_results, paper_comparison, plot_summary, run_sweep, summarise, summary_markdown
+    from rebased.mqar import (
+        load_results,
+        paper_comparison,
+        pending_runs,
+        plot_summary,
+        run_sweep,
+        summarise,
+        summary_markdown,
+    )
 
     runs = experiment(args.experiment, args.seeds, **parse_overrides(args.set))
     for flag, field, kind in (("models", "model", str), ("lengths", "seq_len", int), ("d_models", "d_model", int)):
@@ -65,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/mqar-{args.experiment}")
     print(f"rebased mqar {args.experiment}: {len(runs)} runs -> {out}")
     if args.dry_run:
-        for r in runs:
+        pending = pending_runs(runs, load_results(out / "results.jsonl"))
+        print(f"{len(runs) - len(pending)} done in {out / 'results.jsonl'}; {len(pending)} to train, in this order:")
+        for r in pending:
             print(f"  {r.run_id}")
         return 0
     started = time.perf_counter()
