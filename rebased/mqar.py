@@ -73,7 +73,12 @@ def train_config(run: MQARRun) -> TrainConfig:
     )  # fmt: skip
 
 
-def run_one(run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, progress: bool = False) -> dict:
+def run_one(
+    run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, progress: bool = False,
+    stop_at: float | None = None,
+) -> dict | None:  # fmt: skip
+    """Train and evaluate one run; its result line, or None when it stopped at stop_at (time.monotonic()),
+    checkpointed in run_dir, where the next call with the same run_dir resumes it."""
     torch.manual_seed(run.seed)  # the model's initial weights
     model = build_model(run)
     test = data.test
@@ -81,8 +86,10 @@ def run_one(run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, prog
     config = train_config(run)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
     evaluate = lambda m: accuracy_by_slice(m, test.inputs, test.labels, slices, device=device)  # noqa: E731
-    started = time.perf_counter()
-    result = train(model, (data.train.inputs, data.train.labels), config, run_dir, evaluate=evaluate, progress=progress)
+    train_data = (data.train.inputs, data.train.labels)
+    result = train(model, train_data, config, run_dir, evaluate=evaluate, progress=progress, stop_at=stop_at)
+    if not result.finished:
+        return None
     if run_dir is not None:  # the final weights, loadable by `rebased generate` and the analyses
         checkpoint.save(model, run_dir, extra={"mqar_run": dataclasses.asdict(run)})
     best = result.best
@@ -98,7 +105,7 @@ def run_one(run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, prog
         "steps": result.steps,
         "params": model.num_params(),
         "state_bytes": model.state_size(run.seq_len).bytes,
-        "seconds": time.perf_counter() - started,
+        "seconds": result.seconds,  # training time, summed over the calls a resumed run took
         "device": device,
     }
 
@@ -107,6 +114,23 @@ def load_results(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stored_results(runs: Sequence[MQARRun], path: Path) -> list[dict]:
+    """The lines of results.jsonl that belong to `runs`. A line with a run's id but other settings (a smoke
+    test with --set epochs=1 written to the same folder, say) is an error, not a result to reuse."""
+    by_id = {run.run_id: json.loads(json.dumps(dataclasses.asdict(run))) for run in runs}  # tuples as lists
+    kept = []
+    for result in load_results(path):
+        settings = by_id.get(result["run_id"])
+        if settings is None:
+            continue
+        changed = sorted(k for k, v in settings.items() if k in result and result[k] != v)
+        if changed:
+            theirs = ", ".join(f"{k}={result[k]!r} (now {settings[k]!r})" for k in changed)
+            raise ValueError(f"{path} holds {result['run_id']} trained with other settings: {theirs}; use another out")
+        kept.append(result)
+    return kept
 
 
 def _data_key(run: MQARRun) -> tuple:
@@ -123,10 +147,11 @@ def pending_runs(runs: Sequence[MQARRun], results: Sequence[dict]) -> list[MQARR
     return sorted((run for run in runs if run.run_id not in done), key=lambda run: (longest(run), run.d_model))
 
 
-def _train_in_worker(run: MQARRun, run_dir: Path, threads: int) -> dict:
-    """One run in a worker process: its own data (the fast generator takes seconds) and CPU threads."""
+def _train_in_worker(run: MQARRun, run_dir: Path, threads: int, stop_at: float | None) -> dict | None:
+    """One run in a worker process: its own data (the fast generator takes seconds) and CPU threads.
+    time.monotonic() is system-wide on Linux, so the parent's deadline means the same instant here."""
     torch.set_num_threads(threads)
-    return run_one(run, make_data(run), run_dir)
+    return run_one(run, make_data(run), run_dir, stop_at=stop_at)
 
 
 def run_sweep(
@@ -138,15 +163,16 @@ def run_sweep(
 
     Runs go cheapest first (by L, then d_model). workers > 1 trains that many runs at once in separate
     processes (on one H200 at the paper's batch this gained 1.0-1.4x: benchmarks/results/h200_mqar). With
-    one worker, data is generated once per distinct task. time_limit (seconds): start no run after it has passed, so
-    a sweep split across time-boxed sessions stops between runs and the next call resumes from the file.
+    one worker, data is generated once per distinct task. time_limit (seconds): start no run after it has
+    passed, and stop a run still training then at its next optimizer step, checkpointed in
+    out_dir/runs/RUN_ID; the next call skips the runs in results.jsonl and resumes the checkpointed ones.
     """
     deadline = math.inf if time_limit is None else time.monotonic() + time_limit
+    stop_at = None if time_limit is None else deadline
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
-    wanted = {run.run_id for run in runs}
-    results = [r for r in load_results(results_path) if r["run_id"] in wanted]
+    results = stored_results(runs, results_path)
     todo = pending_runs(runs, results)
 
     def record(result: dict) -> None:
@@ -159,23 +185,36 @@ def run_sweep(
         data_cache: dict[tuple, MQARSplits] = {}
         for run in todo:
             if time.monotonic() > deadline:
-                log.warning("time limit reached: %d runs left for the next call", len(runs) - len(results))
                 break
             if _data_key(run) not in data_cache:
                 data_cache.clear()  # one task's data in memory at a time
                 data_cache[_data_key(run)] = make_data(run)
-            record(run_one(run, data_cache[_data_key(run)], out_dir / "runs" / run.run_id, progress=progress))
+            run_dir = out_dir / "runs" / run.run_id
+            result = run_one(run, data_cache[_data_key(run)], run_dir, progress=progress, stop_at=stop_at)
+            if result is not None:
+                record(result)
+        _log_left(runs, results)
         return results
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into workers
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads) for run in todo]
+        futures = [pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads, stop_at) for run in todo]
         for future in as_completed(futures):
-            record(future.result())
-            if time.monotonic() > deadline:  # runs not started yet are dropped; running ones finish
+            if future.cancelled():
+                continue
+            if (result := future.result()) is not None:
+                record(result)
+            if time.monotonic() > deadline:  # runs not started yet are dropped; running ones checkpoint
                 for pending in futures:
                     pending.cancel()
+    _log_left(runs, results)
     return results
+
+
+def _log_left(runs: Sequence[MQARRun], results: Sequence[dict]) -> None:
+    if len(results) < len(runs):
+        log.warning("%d runs left for the next call (a run stopped by the time limit resumes from its checkpoint)",
+                    len(runs) - len(results))  # fmt: skip
 
 
 @dataclass

@@ -88,6 +88,7 @@ class TrainResult:
     stopped_early: bool
     steps: int
     seconds: float
+    finished: bool = True  # False: stopped at stop_at; train() again with the same run_dir resumes it
 
 
 # Decay shapes on progress p in [0, 1]: the fraction of (lr - min_lr) left.
@@ -203,8 +204,9 @@ def _check_data(train_data: tuple[Tensor, Tensor], config: TrainConfig, world: i
 class _Engine:
     """The state of one call to train(): model, optimizer, data, and where the run is."""
 
-    def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist):
+    def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist, stop_at: float | None):
         self.config, self.env, self.evaluate, self.progress = config, env, evaluate, progress
+        self.stop_at, self.interrupted = stop_at, False
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.inputs, self.labels = _check_data(train_data, config, env.world)
         self.steps_per_epoch = len(self.inputs) // config.batch_size
@@ -365,6 +367,11 @@ class _Engine:
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.batch < steps:
                 state.seconds = time.perf_counter() - start
                 self.save(state)
+            if state.batch < steps and self.past_deadline():  # mid-epoch: checkpoint here and stop
+                state.seconds = time.perf_counter() - start
+                self.save(state)
+                self.interrupted = True
+                return
         if state.batch == steps:
             state.epoch, state.batch = state.epoch + 1, 0
         last = state.step >= total or state.epoch >= config.epochs
@@ -374,12 +381,23 @@ class _Engine:
         state.seconds = time.perf_counter() - start
         self.save(state)
 
+    def past_deadline(self) -> bool:
+        """stop_at has passed, on any rank (a collective under DDP, so every rank stops at the same step)."""
+        if self.stop_at is None:
+            return False
+        late = time.monotonic() > self.stop_at
+        if self.env.world > 1:
+            flag = torch.tensor([float(late)], device=self.env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        return late
+
     def result(self, state: _RunState) -> TrainResult:
         name, history = self.config.early_stop_metric, state.history
         best = history[-1] if history else {}
         if name is not None and history and all(name in entry for entry in history):
             best = max(history, key=lambda entry: entry[name])  # the first of equals: the earliest
-        return TrainResult(history, best, state.stopped_early, state.step, state.seconds)
+        return TrainResult(history, best, state.stopped_early, state.step, state.seconds, finished=state.done)
 
     def run(self) -> TrainResult:
         state = self.restore()
@@ -394,7 +412,9 @@ class _Engine:
         start = time.perf_counter() - state.seconds
         self.model.train()
         while not state.done:
-            self.run_epoch(state, bar, start)
+            self.run_epoch(state, bar, start)  # saves a checkpoint at every epoch end
+            if self.interrupted or (not state.done and self.past_deadline()):
+                break
         bar.close()
         return self.result(state)
 
@@ -407,18 +427,22 @@ def train(
     *,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     progress: bool = True,
+    stop_at: float | None = None,
 ) -> TrainResult:
     """Train `model` in place on (inputs [N, L], labels [N, L] with -100 where unlabelled).
 
     With run_dir, the run checkpoints there and resumes from its checkpoint.pt if one exists (a finished run
     is not retrained: its stored result is returned and the model gets its final weights). Under torchrun
     (WORLD_SIZE > 1) the process group is initialised here (gloo on CPU, nccl on CUDA) when not already.
+    stop_at (a time.monotonic() value): once it has passed, the run checkpoints after the current optimizer
+    step and returns with finished=False; train() again with the same run_dir continues exactly from there
+    (how a sweep fits runs longer than one time-boxed call).
     """
     torch.set_flush_denormal(True)  # denormal activations made the LM-head backward 50x slower on CPU
     env = _setup_distributed(config)
     try:
         torch.manual_seed(config.seed + env.rank)  # the only seeding: dropout streams differ across ranks
-        engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env)
+        engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env, stop_at)
         return engine.run()
     finally:
         if env.owns_group:

@@ -1,5 +1,6 @@
 """MQAR experiments and the sweep's bookkeeping: grids, validation before training, summaries, plots."""
 
+import dataclasses
 import json
 
 import pytest
@@ -153,6 +154,19 @@ def test_time_limit_stops_between_runs_and_the_next_call_resumes(tmp_path):
     assert [r["model"] for r in run_sweep(tiny_runs(), tmp_path, progress=False)] == ["based", "attention"]
 
 
+def test_a_run_stopped_by_the_time_limit_resumes_from_its_checkpoint(tmp_path):
+    """A run longer than one time-boxed call: stopped mid-way, then finished by the next call's sweep with
+    the same result as an uninterrupted run (dropout and all: bitwise on the CPU)."""
+    from rebased.mqar import make_data, run_one, run_sweep
+
+    run = dataclasses.replace(tiny_runs()[0], epochs=2)
+    whole = run_one(run, make_data(run), tmp_path / "whole")
+    assert run_one(run, make_data(run), tmp_path / "sweep" / "runs" / run.run_id, stop_at=0.0) is None
+    (resumed,) = run_sweep([run], tmp_path / "sweep", progress=False)
+    assert resumed["steps"] == whole["steps"] == 8
+    assert resumed["loss"] == whole["loss"] and resumed["accuracy"] == whole["accuracy"]
+
+
 def test_pending_runs_skip_finished_ones_and_go_cheapest_first():
     from rebased.experiments.mqar import grid
     from rebased.mqar import pending_runs
@@ -162,3 +176,12 @@ def test_pending_runs_skip_finished_ones_and_go_cheapest_first():
     order = [(r.seq_len, r.d_model, r.model) for r in pending_runs(runs, done)]
     assert order == [(128, 64, "rebased"), (128, 64, "based"), (128, 128, "rebased"), (128, 128, "based"),
                      (256, 64, "rebased"), (256, 64, "based"), (256, 128, "based")]  # fmt: skip
+
+
+def test_results_of_the_same_run_id_with_other_settings_are_refused(tmp_path):
+    from rebased.mqar import run_sweep
+
+    smoke = [dataclasses.replace(run, train_examples=128) for run in tiny_runs()]
+    run_sweep(smoke, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="train_examples=128 \\(now 256\\)"):
+        run_sweep(tiny_runs(), tmp_path, progress=False)

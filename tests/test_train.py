@@ -222,6 +222,21 @@ def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tmp_path):
         assert torch.equal(resumed["params"][name], p), name
 
 
+def test_stop_at_checkpoints_and_the_next_call_resumes_bitwise(tmp_path):
+    """A sweep's time-boxed call: past stop_at the run saves and returns unfinished; train() again continues."""
+    config = TrainConfig(epochs=3, **QUICK)
+    whole = make_model(dropout=0.3)  # dropout: the saved RNG state must carry over
+    whole_result = train(whole, make_data(), config, tmp_path / "whole", progress=False)
+    cut = train(make_model(dropout=0.3), make_data(), config, tmp_path / "cut", progress=False, stop_at=0.0)
+    assert not cut.finished and cut.steps == 1 and whole_result.finished
+    resumed = make_model(seed=5, dropout=0.3)  # other initial weights: everything must come from the checkpoint
+    result = train(resumed, make_data(), config, tmp_path / "cut", progress=False)
+    assert result.finished and result.steps == whole_result.steps == 24
+    assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "whole")
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     config = {"epochs": 2, "batch_size": 16, "grad_accumulation": 2, "lr": 1e-2, "checkpoint_every": 5, "device": "cpu"}
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")

@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from rebased.experiments.mqar import experiment
     from rebased.experiments.paper_values import PAPER_VALUES
     from rebased.mqar import (
-        load_results,
         paper_comparison,
         pending_runs,
         plot_summary,
         run_sweep,
+        stored_results,
         summarise,
         summary_markdown,
     )
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/mqar-{args.experiment}")
     print(f"rebased mqar {args.experiment}: {len(runs)} runs -> {out}")
     if args.dry_run:
-        pending = pending_runs(runs, load_results(out / "results.jsonl"))
+        pending = pending_runs(runs, stored_results(runs, out / "results.jsonl"))
         print(f"{len(runs) - len(pending)} done in {out / 'results.jsonl'}; {len(pending)} to train, in this order:")
         for r in pending:
             print(f"  {r.run_id}")
@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     limit = None if args.time_limit is None else 60 * args.time_limit
     if args.report:
-        wanted = {r.run_id for r in runs}
-        results = [r for r in load_results(out / "results.jsonl") if r["run_id"] in wanted]
+        results = stored_results(runs, out / "results.jsonl")
     else:
         results = run_sweep(
             runs, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit, on_result=report
