@@ -36,6 +36,7 @@ from rebased.ops.kernels import Polynomial
 from rebased.ops.parallel import parallel_linear_attention
 from rebased.ops.recurrent import recurrent_linear_attention, step_unchecked, zero_state
 from rebased.ops.reference import linear_attention_reference
+from rebased.ops.varlen import varlen_linear_attention
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +101,24 @@ def linear_attention(
     normalize: bool = True,
     eps: float = DEFAULT_EPS,
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, LinearAttentionState | None]:
     """Causal linear attention. Returns o [B, T, H, V] in v's dtype and, if asked, the final state (fp32).
 
     kernel=None: q, k are feature maps phi(q), phi(k) of dimension F. kernel=Polynomial: q, k are the
-    projected inputs of dimension D and sim = kernel.similarity(q . k).
+    projected inputs of dimension D and sim = kernel.similarity(q . k). cu_seqlens (int [N + 1]): N
+    sequences packed along T in a batch of one, states with N rows (rebased.ops.varlen).
     """
     check_choice("mode", mode, (*MODES, "auto"))
     check_choice("backend", backend, BACKENDS)
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if cu_seqlens is not None:
+        return varlen_linear_attention(
+            linear_attention, q, k, v, cu_seqlens, kernel=kernel, initial_state=initial_state,
+            output_final_state=output_final_state, eps=eps, mode=mode, backend=backend, normalize=normalize,
+            chunk_size=chunk_size,
+        )  # fmt: skip
     state = validate_inputs(q, k, v, initial_state, kernel, eps)
     if mode == "auto":
         mode = pick_mode(q, backend, state)

@@ -11,9 +11,10 @@ kernels run on CPU tensors (fixed launch configs), which is how CI checks their 
 
 Covered: polynomial kernels (any c0, c1, c2, scale); chunk: q/k dim <= 16 when there is a quadratic term
 (<= 128 without one), any V; parallel: q/k and v dims <= 128; any T, any batch; float32, bfloat16, float16.
-Anything else raises NotImplementedError before doing work, and backend="auto" then runs torch. Not here
-yet: variable-length batches (cu_seqlens), the ReBased LayerNorm fused into the loads. Measurements and
-what bounds them: benchmarks/results/h200/README.md.
+Anything else raises NotImplementedError before doing work, and backend="auto" then runs torch.
+Variable-length batches (cu_seqlens) reach these kernels through rebased.ops.varlen, one call per
+sequence: no kernel walks the offsets itself yet. Not here yet: the ReBased LayerNorm fused into the
+loads. Measurements and what bounds them: benchmarks/results/h200/README.md.
 """
 
 from __future__ import annotations
