@@ -3,22 +3,21 @@
 Loss: cross-entropy over the labelled positions (labels != -100) of a global batch, divided by their count in
 the whole global batch, so micro-batches and ranks add up to exactly the gradient of one big batch.
 The data position is (epoch, batch): each epoch's order is a permutation from a generator seeded by
-(seed, epoch), so resuming needs no data-loader state. Files in run_dir (rank 0 only): config.json,
-metrics.jsonl (one JSON line per evaluation), checkpoint.pt (written to a temporary name, then os.replace).
+(seed, epoch), so resuming needs no data-loader state. What run_dir holds, and how it is written and
+checked on resume: rebased.run_files.
 Under `torchrun --nproc_per_node N` every rank takes its slice of each global batch (PyTorch DDP).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +27,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rebased.data.labels import IGNORE_INDEX
+from rebased.run_files import CHECKPOINT, CONFIG, METRICS, RunFiles, RunState
 
-# train_config.json, not config.json: that name belongs to the model's config beside its weights (checkpoint.py).
-CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "train_config.json"
-_MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
+__all__ = [  # the run-folder names are re-exported: callers find a run's files through this module
+    "CHECKPOINT", "CONFIG", "METRICS", "IGNORE_INDEX", "TrainConfig", "TrainResult", "batch_order", "labelled_logits",
+    "lr_at", "takes_select", "total_steps", "train",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -153,40 +154,6 @@ def _setup_distributed(config: TrainConfig) -> _Dist:
     return _Dist(rank, world, device, owns)
 
 
-@dataclass
-class _RunState:
-    """Everything about the run's position that a checkpoint must restore, besides model and optimizer."""
-
-    epoch: int = 0  # epochs completed
-    batch: int = 0  # optimizer steps done in the current epoch
-    step: int = 0
-    lr: float = 0.0
-    loss_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # since last eval
-    loss_count: int = 0
-    seconds: float = 0.0
-    history: list[dict] = field(default_factory=list)
-    stopped_early: bool = False
-    done: bool = False
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _jsonable_config(config: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(config)))  # tuples become lists, as they come back from config.json
-
-
 def _check_data(train_data: tuple[Tensor, Tensor], config: TrainConfig, world: int) -> tuple[Tensor, Tensor]:
     inputs, labels = train_data
     if inputs.dim() != 2 or inputs.shape != labels.shape:
@@ -207,7 +174,7 @@ class _Engine:
     def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist, stop_at: float | None):
         self.config, self.env, self.evaluate, self.progress = config, env, evaluate, progress
         self.stop_at, self.interrupted = stop_at, False
-        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.files = RunFiles(run_dir, config)
         self.inputs, self.labels = _check_data(train_data, config, env.world)
         self.steps_per_epoch = len(self.inputs) // config.batch_size
         self.model = model.to(env.device)
@@ -290,49 +257,28 @@ class _Engine:
         dist.all_gather_object(states, mine)  # each rank's dropout stream, so every rank resumes exactly
         return states
 
-    def save(self, state: _RunState) -> None:
-        if self.run_dir is None:
+    def save(self, state: RunState) -> None:
+        if self.files.dir is None:
             return
         rng = self.rng_states()  # a collective: every rank takes part, rank 0 writes
-        if self.env.rank != 0:
-            return
-        run_state = {**vars(state), "loss_sum": state.loss_sum.cpu()}
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "state": run_state}
-        payload.update(rng=rng, config=_jsonable_config(self.config))
-        _atomic_write(self.run_dir / CHECKPOINT, lambda f: torch.save(payload, f))
+        if self.env.rank == 0:
+            self.files.save(self.model.state_dict(), self.optimizer.state_dict(), state, rng)
 
-    def restore(self) -> _RunState:
-        path = None if self.run_dir is None else self.run_dir / CHECKPOINT
-        if path is None or not path.exists():
-            return _RunState()
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        stored, now = checkpoint["config"], _jsonable_config(self.config)
-        changed = sorted(k for k in now if k not in _MAY_CHANGE_ON_RESUME and stored.get(k) != now[k])
-        if changed:
-            raise ValueError(f"{path} was written with other settings: {[(k, stored.get(k)) for k in changed]}")
-        if len(checkpoint["rng"]) != self.env.world:
-            raise ValueError(f"{path} was written by {len(checkpoint['rng'])} processes, not {self.env.world}")
+    def restore(self) -> RunState:
+        checkpoint = self.files.load(self.env.world)
+        if checkpoint is None:
+            return RunState()
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         rng = checkpoint["rng"][self.env.rank]
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.env.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.env.device)
-        state = _RunState(**checkpoint["state"])
-        log.info("resumed %s at epoch %d, step %d", path, state.epoch, state.step)
+        state = checkpoint["state"]
+        log.info("resumed %s at epoch %d, step %d", self.files.dir, state.epoch, state.step)
         return state
 
-    def write_start_files(self, state: _RunState) -> None:
-        """config.json, and metrics.jsonl cut back to the checkpoint's evaluations (a killed run wrote more)."""
-        if self.run_dir is None or self.env.rank != 0:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_text = json.dumps(_jsonable_config(self.config), indent=2) + "\n"
-        _atomic_write(self.run_dir / CONFIG, lambda f: f.write(config_text.encode()))
-        lines = "".join(json.dumps(entry) + "\n" for entry in state.history)
-        _atomic_write(self.run_dir / METRICS, lambda f: f.write(lines.encode()))
-
-    def record_evaluation(self, state: _RunState, seconds: float) -> None:
+    def record_evaluation(self, state: RunState, seconds: float) -> None:
         metrics = self.run_evaluation()
         train_loss = (state.loss_sum / max(1, state.loss_count)).item()
         entry = {"epoch": state.epoch, "step": state.step, "lr": state.lr, "train_loss": train_loss}
@@ -341,16 +287,15 @@ class _Engine:
         state.loss_sum.zero_()
         state.loss_count = 0
         log.info("%s", entry)
-        if self.run_dir is not None and self.env.rank == 0:
-            with open(self.run_dir / METRICS, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        if self.env.rank == 0:
+            self.files.append_metrics(entry)
         name = self.config.early_stop_metric
         if name is not None and self.evaluate is not None:
             if name not in metrics:
                 raise ValueError(f"early_stop_metric={name!r} is not among the metrics {sorted(metrics)}")
             state.stopped_early = metrics[name] > self.config.early_stop_threshold
 
-    def run_epoch(self, state: _RunState, bar: tqdm, start: float) -> None:
+    def run_epoch(self, state: RunState, bar: tqdm, start: float) -> None:
         config, steps = self.config, self.steps_per_epoch
         total = total_steps(config, steps)
         order = batch_order(len(self.inputs), config.batch_size, config.seed, state.epoch)
@@ -392,7 +337,7 @@ class _Engine:
             late = bool(flag.item())
         return late
 
-    def result(self, state: _RunState) -> TrainResult:
+    def result(self, state: RunState) -> TrainResult:
         name, history = self.config.early_stop_metric, state.history
         best = history[-1] if history else {}
         if name is not None and history and all(name in entry for entry in history):
@@ -403,7 +348,8 @@ class _Engine:
         state = self.restore()
         if state.done:
             return self.result(state)
-        self.write_start_files(state)
+        if self.env.rank == 0:
+            self.files.write_start(state.history)
         self.wrap()
         state.loss_sum = state.loss_sum.to(self.env.device)  # summed on the device: no wait for the GPU
         total = total_steps(self.config, self.steps_per_epoch)

@@ -1,0 +1,104 @@
+"""What a training run keeps in its folder, and how it is written and read back (rank 0 writes).
+
+    train_config.json   the TrainConfig (not config.json: that name is the model's, beside its weights)
+    metrics.jsonl       one JSON line per evaluation
+    checkpoint.pt       model, optimizer, RunState and every rank's RNG states: enough to resume exactly
+
+Every file is written to a temporary name and renamed into place, so a reader (or a run killed mid-write)
+never sees a partial file. A checkpoint is refused when the settings that change the numbers differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "train_config.json"
+MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
+
+
+@dataclass
+class RunState:
+    """Everything about the run's position that a checkpoint must restore, besides model and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # optimizer steps done in the current epoch
+    step: int = 0
+    lr: float = 0.0
+    loss_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # since last eval
+    loss_count: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    done: bool = False
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary file in the same directory, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def jsonable(config) -> dict:
+    """A dataclass as it comes back from JSON (tuples become lists), so stored and current settings compare."""
+    return json.loads(json.dumps(asdict(config)))
+
+
+class RunFiles:
+    """The run folder of one training run (or nothing at all, for run_dir=None)."""
+
+    def __init__(self, run_dir: str | Path | None, config):
+        self.dir = None if run_dir is None else Path(run_dir)
+        self.config = jsonable(config)
+
+    def write_start(self, history: list[dict]) -> None:
+        """train_config.json, and metrics.jsonl cut back to the checkpoint's evaluations (a killed run wrote more)."""
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config_text = json.dumps(self.config, indent=2) + "\n"
+        atomic_write(self.dir / CONFIG, lambda f: f.write(config_text.encode()))
+        lines = "".join(json.dumps(entry) + "\n" for entry in history)
+        atomic_write(self.dir / METRICS, lambda f: f.write(lines.encode()))
+
+    def append_metrics(self, entry: dict) -> None:
+        if self.dir is not None:
+            with open(self.dir / METRICS, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def save(self, model_state: dict, optimizer_state: dict, state: RunState, rng: list[dict]) -> None:
+        if self.dir is None:
+            return
+        run_state = {**vars(state), "loss_sum": state.loss_sum.cpu()}
+        payload = {"model": model_state, "optimizer": optimizer_state, "state": run_state, "rng": rng}
+        payload["config"] = self.config
+        atomic_write(self.dir / CHECKPOINT, lambda f: torch.save(payload, f))
+
+    def load(self, world: int) -> dict | None:
+        """The checkpoint, checked against the current settings and process count; None when there is none."""
+        path = None if self.dir is None else self.dir / CHECKPOINT
+        if path is None or not path.exists():
+            return None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        stored = checkpoint["config"]
+        changed = sorted(k for k in self.config if k not in MAY_CHANGE_ON_RESUME and stored.get(k) != self.config[k])
+        if changed:
+            raise ValueError(f"{path} was written with other settings: {[(k, stored.get(k)) for k in changed]}")
+        if len(checkpoint["rng"]) != world:
+            raise ValueError(f"{path} was written by {len(checkpoint['rng'])} processes, not {world}")
+        checkpoint["state"] = RunState(**checkpoint["state"])
+        return checkpoint
