@@ -158,6 +158,17 @@ def test_parallel_wide_heads(head_dim, value_dim, kernel_name):
     check(*run_both(q, k, v, None, kernel, generator, mode="parallel"), rel_rms=1e-5)
 
 
+@pytest.mark.parametrize(("block_m", "block_n"), [(32, 16), (16, 32)])
+def test_parallel_rectangular_tiles(block_m, block_n, monkeypatch):
+    """Query and key blocks of different sizes: the causal walks must start and stop at the right tiles."""
+    cfg = triton_ops.parallel.TileConfig(block_m, block_n)
+    monkeypatch.setattr(triton_ops.parallel, "CONFIG_OVERRIDE", (cfg, cfg, cfg))
+    generator = torch.Generator().manual_seed(block_m + 3 * block_n)
+    kernel = Polynomial.taylor(4)
+    q, k, v = make_inputs((1, 75, 2, 4), 5, kernel, generator, torch.float32)
+    check(*run_both(q, k, v, None, kernel, generator, mode="parallel"), rel_rms=1e-5)
+
+
 def test_parallel_without_normalisation():
     generator = torch.Generator().manual_seed(8)
     kernel = Polynomial.rebased(4)

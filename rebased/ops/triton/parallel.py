@@ -26,6 +26,8 @@ Shape letters: B batch, T time, H heads, D q/k dim (BD padded), V value dim (BV 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -142,12 +144,34 @@ def parallel_dq_kernel(q, k, v, do, r, dd, dq, T, H, D, V, scale, c0, c1, c2,
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
 
 
-def _blocks(head_dim: int, value_dim: int) -> dict:
-    """Tile sizes: 64 x 64 on the GPU (scores, D and V tiles stay small at D <= 128, V <= 128); 16 x 16 under
-    the interpreter, so tiny test shapes still cross several blocks."""
-    size = 16 if interpreting() else 64
-    return dict(BM=size, BN=size, BD=max(16, triton.next_power_of_2(head_dim)),
-                BV=max(16, triton.next_power_of_2(value_dim)))  # fmt: skip
+@dataclass(frozen=True)
+class TileConfig:
+    """One kernel's launch: block_m query rows x block_n key rows per tile, warps, software-pipeline stages."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# (forward, dk/dv, dq). Fixed, as the interpreter cannot autotune; benchmarks/sweep_parallel.py times others.
+GPU_CONFIGS = (TileConfig(), TileConfig(), TileConfig())
+# Under the interpreter: 16 x 16 tiles, so tiny test shapes still cross several blocks.
+INTERPRETER_CONFIGS = (TileConfig(16, 16), TileConfig(16, 16), TileConfig(16, 16))
+CONFIG_OVERRIDE: tuple[TileConfig, TileConfig, TileConfig] | None = None  # set by benchmarks and tests
+
+
+def launch_configs() -> tuple[TileConfig, TileConfig, TileConfig]:
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE
+    return INTERPRETER_CONFIGS if interpreting() else GPU_CONFIGS
+
+
+def _launch(cfg: TileConfig, head_dim: int, value_dim: int) -> dict:
+    """The kernels' block constexprs and launch options for one config."""
+    return dict(BM=cfg.block_m, BN=cfg.block_n, BD=max(16, triton.next_power_of_2(head_dim)),
+                BV=max(16, triton.next_power_of_2(value_dim)), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)  # fmt: skip
 
 
 def _poly_args(poly: _Poly) -> dict:
@@ -159,13 +183,12 @@ class ParallelFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, poly: _Poly, normalize: bool, eps: float):
         batch, length, heads, head_dim = q.shape
         value_dim = v.shape[-1]
-        blocks = _blocks(head_dim, value_dim)
+        fwd = launch_configs()[0]
         o = torch.empty(v.shape, dtype=torch.float32, device=v.device)
         den = q.new_empty(batch, heads, length, dtype=torch.float32)
-        grid = (triton.cdiv(length, blocks["BM"]), batch * heads)
-        parallel_fwd_kernel[grid](
-            q, k, v, o, den, length, heads, head_dim, value_dim, eps=eps, **_poly_args(poly), **blocks,
-            NORMALIZE=normalize, CLAMP=poly.clamp, PREC=_precision(q.dtype), num_warps=4,
+        parallel_fwd_kernel[(triton.cdiv(length, fwd.block_m), batch * heads)](
+            q, k, v, o, den, length, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
+            **_launch(fwd, head_dim, value_dim), NORMALIZE=normalize, CLAMP=poly.clamp, PREC=_precision(q.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, den)
         ctx.poly, ctx.normalize, ctx.eps = poly, normalize, eps
@@ -178,14 +201,14 @@ class ParallelFunction(torch.autograd.Function):
         value_dim = v.shape[-1]
         do = do.to(v.dtype).contiguous()
         r, dd = _row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
-        blocks = _blocks(head_dim, value_dim)
-        args = dict(**_poly_args(ctx.poly), **blocks, PREC=_precision(q.dtype), num_warps=4)
+        _, dkdv, dqc = launch_configs()
+        args = dict(**_poly_args(ctx.poly), PREC=_precision(q.dtype))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        parallel_dkdv_kernel[(triton.cdiv(length, blocks["BN"]), batch * heads)](
-            q, k, v, do, r, dd, dk, dv, length, heads, head_dim, value_dim, **args
+        parallel_dkdv_kernel[(triton.cdiv(length, dkdv.block_n), batch * heads)](
+            q, k, v, do, r, dd, dk, dv, length, heads, head_dim, value_dim, **args, **_launch(dkdv, head_dim, value_dim)
         )
-        parallel_dq_kernel[(triton.cdiv(length, blocks["BM"]), batch * heads)](
-            q, k, v, do, r, dd, dq, length, heads, head_dim, value_dim, **args
+        parallel_dq_kernel[(triton.cdiv(length, dqc.block_m), batch * heads)](
+            q, k, v, do, r, dd, dq, length, heads, head_dim, value_dim, **args, **_launch(dqc, head_dim, value_dim)
         )
         return dq, dk, dv, None, None, None
 
