@@ -35,26 +35,34 @@ def _ms(fn) -> float:
         return float("nan")
 
 
-def main() -> None:
-    kernel = Polynomial.rebased(16)
-    default = P.GPU_CONFIGS
+def sweep_workload(name: str, batch: int, length: int, heads: int, dim: int, value_dim: int) -> list[list]:
+    kernel = Polynomial.rebased(dim)
+    q, k = (torch.randn(batch, length, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(batch, length, heads, value_dim, device="cuda", dtype=torch.bfloat16)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+
+    def forward():
+        return linear_attention(q, k, v, mode="parallel", backend="triton", kernel=kernel)[0]
+
+    def both():
+        forward().float().sum().backward()
+
     rows = []
-    for name, batch, length, heads, dim, value_dim in WORKLOADS:
-        q, k = (torch.randn(batch, length, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        v = torch.randn(batch, length, heads, value_dim, device="cuda", dtype=torch.bfloat16)
-        for x in (q, k, v):
-            x.requires_grad_(True)
-        forward = lambda: linear_attention(q, k, v, mode="parallel", backend="triton", kernel=kernel)[0]  # noqa: E731
-        both = lambda: forward().float().sum().backward()  # noqa: E731
-        for slot, kernel_name, timed in ((0, "forward", forward), (1, "dk/dv", both), (2, "dq", both)):
-            for cfg in CANDIDATES:
-                configs = list(default)
-                configs[slot] = cfg
-                P.CONFIG_OVERRIDE = tuple(configs)
-                ms = _ms(timed)
-                rows.append([name, kernel_name, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, f"{ms:.3f}"])
-                print(" | ".join(map(str, rows[-1])), flush=True)
-        P.CONFIG_OVERRIDE = None
+    for slot, kernel_name, timed in ((0, "forward", forward), (1, "dk/dv", both), (2, "dq", both)):
+        for cfg in CANDIDATES:
+            configs = list(P.GPU_CONFIGS)
+            configs[slot] = cfg
+            P.CONFIG_OVERRIDE = tuple(configs)
+            ms = _ms(timed)
+            rows.append([name, kernel_name, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, f"{ms:.3f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    P.CONFIG_OVERRIDE = None
+    return rows
+
+
+def main() -> None:
+    rows = [row for workload in WORKLOADS for row in sweep_workload(*workload)]
     header = ["workload", "kernel varied", "block_m", "block_n", "warps", "stages", "ms (fwd; else fwd+bwd)"]
     print(markdown_table(header, rows))
 
