@@ -247,9 +247,8 @@ def summarise(results: Sequence[dict], planned: Sequence[MQARRun] = ()) -> list[
     for (model, d_model, seq_len), by_lr in by_cell.items():
         lr, scores = max(by_lr.items(), key=lambda item: statistics.fmean(item[1]))
         std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        cell = CellSummary(model, d_model, seq_len, lr, statistics.fmean(scores), std, len(scores))
-        cell.missing = missing[(model, d_model, seq_len)]
-        cells.append(cell)
+        mean, pending = statistics.fmean(scores), missing[(model, d_model, seq_len)]
+        cells.append(CellSummary(model, d_model, seq_len, lr, mean, std, len(scores), pending))
     return sorted(cells, key=lambda c: (c.model, c.seq_len, c.d_model))
 
 

@@ -23,7 +23,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a run field for every run, e.g. --set epochs=2 (repeatable)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
-                        help="start no new run after this long; run again to resume")  # fmt: skip
+                        help="then start no new run and checkpoint the running ones; run again to resume")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: rewrite the table, summary.md, plot from --out's results")  # fmt: skip
