@@ -83,8 +83,9 @@ def _quad_grad(m, x1, x2, e1t, e2t, PREC: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, t, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr):
-    """Masked sim(q, k) and its derivative in q.k (p'(s) scale) for one chunk: two [BT, BT] fp32 tiles."""
+def _scores(q, k, rows, cols, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr):
+    """Causally masked sim(q, k) and its derivative in q.k (p'(s) scale) for a tile of query rows x key
+    columns (one chunk: rows = cols): two fp32 tiles. Shared with the parallel kernels."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     a = c2 * s * s
     da = 2.0 * c2 * s
@@ -93,7 +94,7 @@ def _scores(q, k, t, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl.constexp
         da += c1
     if HAS0:
         a += c0
-    keep = (t[:, None] >= t[None, :]) & (t[None, :] < T)
+    keep = (rows[:, None] >= cols[None, :]) & (cols[None, :] < T)
     return tl.where(keep, a, 0.0), tl.where(keep, da * scale, 0.0)
 
 
@@ -270,7 +271,7 @@ def chunk_fwd_kernel(
         qt = _rows(q + qk_base, t, d, T, H * D, D)
         kt = _rows(k + qk_base, t, d, T, H * D, D)
         vt = _rows(v + v_base, t, cv, T, H * V, V)
-        a, _ = _scores(qt, kt, t, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        a, _ = _scores(qt, kt, t, t, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
         num = tl.dot(a.to(vt.dtype), vt, input_precision=PREC)
         dn = tl.sum(a, axis=1)
         if HAS0:
@@ -344,7 +345,7 @@ def chunk_bwd_kernel(
         kt = _rows(k + qk_base, t, d, T, H * D, D)
         vt_t = _cols(v + v_base, t, cv, T, H * V, V)  # v^T [BV, BT]
         g, gd = _out_grads(do + v_base, den, dd, b, h, t, cv, T, H, V, eps, pid_v, NORMALIZE, False)
-        _, ds = _scores(qt, kt, t, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        _, ds = _scores(qt, kt, t, t, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
         da = tl.dot(g.to(vt_t.dtype), vt_t, input_precision=PREC) + gd[:, None]
         dqt = tl.dot((da * ds).to(kt.dtype), kt, input_precision=PREC)
         if HAS1:
@@ -379,7 +380,7 @@ def chunk_bwd_kernel(
         vt_t = _cols(v + v_base, t, cv, T, H * V, V)
         g, gd = _out_grads(do + v_base, den, dd, b, h, t, cv, T, H, V, eps, pid_v, NORMALIZE, False)
         g_t, _ = _out_grads(do + v_base, den, dd, b, h, t, cv, T, H, V, eps, pid_v, NORMALIZE, True)
-        a, ds = _scores(qt, kt, t, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        a, ds = _scores(qt, kt, t, t, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
         da = tl.dot(g.to(vt_t.dtype), vt_t, input_precision=PREC) + gd[:, None]
         dkt = tl.dot(tl.trans((da * ds).to(qt.dtype)), qt, input_precision=PREC)
         dvt = tl.dot(g_t, a, input_precision=PREC)  # dv^T [BV, BT]

@@ -35,25 +35,10 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, features
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.chunk import _rows
+from rebased.ops.triton.chunk import _rows, _scores
 from rebased.ops.triton.functions import SUPPORTED_DTYPES, _Poly, _precision, interpreting
 
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which holds batch x heads
-
-
-@triton.jit
-def _sim(q, k, rows, cols, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr):
-    """Causally masked p(s) and p'(s) scale for a [M, N] tile of query rows x key columns, fp32."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    p = c2 * s * s
-    dp = 2.0 * c2 * s
-    if HAS1:
-        p += c1 * s
-        dp += c1
-    if HAS0:
-        p += c0
-    keep = (rows[:, None] >= cols[None, :]) & (cols[None, :] < T)
-    return tl.where(keep, p, 0.0), tl.where(keep, dp * scale, 0.0)
 
 
 @triton.jit
@@ -80,7 +65,7 @@ def parallel_fwd_kernel(q, k, v, o, den, T, H, D, V, scale, c0, c1, c2, eps,
         cols = start + tl.arange(0, BN)
         kt = _rows(k + qk_base, cols, cd, T, H * D, D)
         vt = _rows(v + v_base, cols, cv, T, H * V, V)
-        p, _ = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        p, _ = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
         p = p.to(vt.dtype)  # 16-bit scores for the tensor cores; the normaliser sums the same rounded values,
         z += tl.sum(p.to(tl.float32), 1)  # so o stays an exact weighted mean of v (o_0 = v_0)
         acc += tl.dot(p, vt, input_precision=PREC)
@@ -110,7 +95,7 @@ def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, T, H, D, V, scale, c0, c1, 
         dot = _rows(do + v_base, rows, cv, T, H * V, V)
         rt = tl.load(r + bh * T + rows, mask=rows < T, other=0.0)
         ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
-        p, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
+        p, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
         da = (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
         dvt += tl.dot(tl.trans((p * rt[:, None]).to(dot.dtype)), dot, input_precision=PREC)
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
@@ -137,7 +122,7 @@ def parallel_dq_kernel(q, k, v, do, r, dd, dq, T, H, D, V, scale, c0, c1, c2,
         cols = start + tl.arange(0, BN)
         kt = _rows(k + qk_base, cols, cd, T, H * D, D)
         vt = _rows(v + v_base, cols, cv, T, H * V, V)
-        _, dp = _sim(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        _, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
         da = (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
         dqt += tl.dot((da * dp).to(kt.dtype), kt, input_precision=PREC)
     mask = (rows[:, None] < T) & (cd[None, :] < D)
