@@ -241,11 +241,19 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _check(q: Tensor, kernel: Polynomial | None, what: str) -> None:
+def check_dtype_and_device(what: str, *tensors: Tensor) -> None:
+    """The refusals every fused kernel shares: dtype (one of SUPPORTED_DTYPES, the same for all) and device."""
+    q = tensors[0]
     if q.dtype not in SUPPORTED_DTYPES:
         raise NotImplementedError(f"{what} supports float32, bfloat16 and float16, got {q.dtype}")
+    if any(x.dtype != q.dtype for x in tensors):
+        raise NotImplementedError(f"{what} needs one dtype for q, k, v, got {[str(x.dtype) for x in tensors]}")
     if not (q.is_cuda or interpreting()):
         raise NotImplementedError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+
+
+def _check_dims(q: Tensor, kernel: Polynomial | None, what: str) -> None:
+    """The chunk kernel's and the decode step's q/k dim limits."""
     if (kernel is None or kernel.c2 == 0) and q.shape[-1] > 128:
         raise NotImplementedError(f"{what} takes q, k without a quadratic term up to dim 128, got {q.shape[-1]}")
     if kernel is not None and kernel.c2 > 0 and q.shape[-1] > 16:
@@ -268,9 +276,8 @@ def chunk_linear_attention(
 ) -> tuple[Tensor, LinearAttentionState | None]:
     """The ("chunk", "triton") pair. chunk_size is the torch mode's knob: the kernel picks its own block."""
     del chunk_size
-    _check(q, kernel, "(mode='chunk', backend='triton')")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise NotImplementedError(f"triton chunk needs one dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dtype_and_device("(mode='chunk', backend='triton')", q, k, v)
+    _check_dims(q, kernel, "(mode='chunk', backend='triton')")
     kv0 = ksum0 = None
     if initial_state is not None:
         kv0, ksum0 = (x.float().contiguous() for x in initial_state)
@@ -292,7 +299,8 @@ def step_(
     eps: float = 1e-12,
 ) -> Tensor:
     """One decoding step (inference only, no autograd): adds phi(k) v^T to the state in place, returns o."""
-    _check(q, kernel, "triton step")
+    check_dtype_and_device("triton step", q)
+    _check_dims(q, kernel, "triton step")
     kv, k_sum = state
     if kv.dtype != torch.float32 or k_sum.dtype != torch.float32 or not (kv.is_contiguous() and k_sum.is_contiguous()):
         raise ValueError("triton step updates the state in place: it must be contiguous float32")

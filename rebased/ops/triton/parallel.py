@@ -36,7 +36,7 @@ from torch import Tensor
 from rebased.ops.common import LinearAttentionState, features
 from rebased.ops.kernels import Polynomial
 from rebased.ops.triton.chunk import _rows, _scores
-from rebased.ops.triton.functions import SUPPORTED_DTYPES, _Poly, _precision, interpreting
+from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, interpreting
 
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which holds batch x heads
 
@@ -228,10 +228,7 @@ def parallel_linear_attention(
     (one matmul); an initial state is not covered (the chunk kernel takes one)."""
     del chunk_size
     what = "(mode='parallel', backend='triton')"
-    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        raise NotImplementedError(f"{what} needs one of float32, bfloat16, float16 for q, k, v, got {q.dtype}")
-    if not (q.is_cuda or interpreting()):
-        raise NotImplementedError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+    check_dtype_and_device(what, q, k, v)
     if initial_state is not None:
         raise NotImplementedError(f"{what} does not take an initial state: use mode='chunk'")
     if q.shape[-1] > 128 or v.shape[-1] > 128:
