@@ -153,3 +153,22 @@ def test_auto_mode_gives_the_same_numbers_as_the_mode_it_picks():
     o, state = linear_attention(q, k, v, mode="auto", kernel=kernel, output_final_state=True)
     ref, ref_state = linear_attention(q, k, v, mode="parallel", kernel=kernel, output_final_state=True)
     assert torch.equal(o, ref) and torch.equal(state.kv, ref_state.kv)
+
+
+def test_auto_mode_falling_back_to_torch_takes_the_torch_crossover(monkeypatch):
+    """A fused parallel kernel that refuses (a dim it does not cover, say) must not leave torch running the
+    quadratic form at the fused kernel's longer crossover length."""
+
+    def refuses(*args, **kwargs):
+        raise NotImplementedError("fake fused kernel refuses")
+
+    monkeypatch.setattr(ops, "pick_mode", lambda q, backend, state: "chunk" if backend == "torch" else "parallel")
+    monkeypatch.setattr(ops, "resolve_backend", lambda mode, backend, q: refuses)
+    ran = []
+    monkeypatch.setitem(ops.IMPLEMENTATIONS, ("chunk", "torch"), lambda *a, **kw: ran.append("chunk") or (a[2], None))
+    monkeypatch.setitem(
+        ops.IMPLEMENTATIONS, ("parallel", "torch"), lambda *a, **kw: ran.append("parallel") or (a[2], None)
+    )
+    q, k, v = qkv(length=300)
+    linear_attention(q, k, v, mode="auto", backend="auto")
+    assert ran == ["chunk"]

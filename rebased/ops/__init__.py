@@ -120,6 +120,7 @@ def linear_attention(
             chunk_size=chunk_size,
         )  # fmt: skip
     state = validate_inputs(q, k, v, initial_state, kernel, eps)
+    requested_mode = mode
     if mode == "auto":
         mode = pick_mode(q, backend, state)
     options = dict(
@@ -132,6 +133,8 @@ def linear_attention(
             return implementation(q, k, v, **options)
         except NotImplementedError as refusal:
             log.debug("backend auto: %s; using torch", refusal)
+            if requested_mode == "auto":  # torch's own crossover: its parallel form holds T x T scores
+                mode = pick_mode(q, "torch", state)
             return IMPLEMENTATIONS[(mode, "torch")](q, k, v, **options)
     return implementation(q, k, v, **options)
 
