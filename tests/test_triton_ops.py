@@ -185,24 +185,47 @@ def test_parallel_without_normalisation():
 
 
 @pytest.mark.parametrize("mode", ["chunk", "parallel"])
-def test_packed_sequences_through_the_fused_kernels(mode):
-    """cu_seqlens: one fused call per sequence, equal to the reference on each (states from chunk only)."""
+def test_packed_sequences_through_the_fused_kernels(mode, monkeypatch):
+    """cu_seqlens: the parallel kernels walk the offsets in one launch, the chunk kernel runs per sequence;
+    both equal the reference on each sequence alone (outputs, final states, gradients)."""
+    from rebased.ops import VARLEN_IMPLEMENTATIONS
+
+    native = VARLEN_IMPLEMENTATIONS.get((mode, "triton"))
+    calls = []
+    if native is not None:  # count the packed launches, to know the offsets were walked in one call
+        monkeypatch.setitem(
+            VARLEN_IMPLEMENTATIONS, (mode, "triton"), lambda *a, **kw: calls.append(1) or native(*a, **kw)
+        )
     generator = torch.Generator().manual_seed(21)
     kernel = Polynomial.rebased(4)
     lengths = [17, 0, 40, 3]
     q, k, v = make_inputs((1, sum(lengths), 2, 4), 3, kernel, generator, torch.float32)
+    for x in (q, k, v):
+        x.requires_grad_(True)
     cu = torch.tensor([0, 17, 17, 57, 60], dtype=torch.int32)
     o, final = linear_attention(q, k, v, mode=mode, backend="triton", kernel=kernel, output_final_state=True,
                                 cu_seqlens=cu)  # fmt: skip
-    for i, (start, end) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
-        if end == start:
-            assert final.kv[i].abs().max() == 0
+    assert calls == ([1] if mode == "parallel" else [])
+    w = torch.randn(o.shape, generator=generator)
+    grads = torch.autograd.grad((o * w).sum() + final.kv.sum(), (q, k, v))
+    ref_outputs, ref_kv = [], []
+    for start, end in zip(cu.tolist(), cu.tolist()[1:]):
+        if end == start:  # the reference takes no empty sequence: nothing out, a zero state
+            ref_outputs.append(v[:, start:end])
+            ref_kv.append(torch.zeros(1, 2, 16, 3))
             continue
         ref_o, ref_final = linear_attention_reference(
             q[:, start:end], k[:, start:end], v[:, start:end], kernel=kernel, output_final_state=True
         )
-        assert_close(o[:, start:end], ref_o, rel_rms=1e-5, name=f"o of sequence {i}")
-        assert_close(final.kv[i : i + 1], ref_final.kv, rel_rms=1e-5, name=f"kv of sequence {i}")
+        ref_outputs.append(ref_o)
+        ref_kv.append(ref_final.kv)
+    ref_o, ref_kv = torch.cat(ref_outputs, 1), torch.cat(ref_kv)
+    ref_grads = torch.autograd.grad((ref_o * w).sum() + ref_kv.sum(), (q, k, v))
+    assert_close(o, ref_o, rel_rms=1e-5, name="o")
+    assert_close(final.kv, ref_kv, rel_rms=1e-5, name="kv")
+    assert final.kv[1].abs().max() == 0  # the empty sequence
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(g, r, rel_rms=1e-5, name=name)
 
 
 def test_chunk_without_final_state_or_grads_of_it():
@@ -322,6 +345,32 @@ def test_gpu_small_value_dims(value_dim, mode):
     kernel = Polynomial.rebased(16)
     q, k, v = make_inputs((64, 130, 12, 16), value_dim, kernel, generator, torch.float32)
     check(*run_both(q, k, v, None, kernel, generator, mode=mode), rel_rms=1e-4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_packed_parallel_against_float64(dtype):
+    """cu_seqlens through the parallel kernels' offset walk: each sequence as if alone (float64 oracle)."""
+    generator = torch.Generator().manual_seed(7)
+    kernel = Polynomial.rebased(16)
+    lengths = [1000, 1, 0, 3000, 513]
+    q, k, v = make_inputs((1, sum(lengths), 4, 16), 64, kernel, generator, dtype)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    o, _ = linear_attention(q, k, v, mode="parallel", backend="triton", kernel=kernel, cu_seqlens=cu)
+    w = torch.randn(o.shape, generator=generator).to(DEVICE)
+    grads = torch.autograd.grad((o.double() * w).sum(), (q, k, v))
+    ref = torch.cat([
+        linear_attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], kernel=kernel)[0] if b > a else v[:, a:b].double()
+        for a, b in zip(cu.tolist(), cu.tolist()[1:])
+    ], dim=1)  # fmt: skip
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    assert_close(o, ref, rel_rms=tolerance, name="o")
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(g, r, rel_rms=tolerance, name=name)
 
 
 @gpu

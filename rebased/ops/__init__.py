@@ -36,7 +36,7 @@ from rebased.ops.kernels import Polynomial
 from rebased.ops.parallel import parallel_linear_attention
 from rebased.ops.recurrent import recurrent_linear_attention, step_unchecked, zero_state
 from rebased.ops.reference import linear_attention_reference
-from rebased.ops.varlen import varlen_linear_attention
+from rebased.ops.varlen import validate_packed, varlen_linear_attention
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {
     ("chunk", "torch"): chunk_linear_attention,
     ("recurrent", "torch"): recurrent_linear_attention,
 }
+# Pairs that take cu_seqlens themselves (the rest run one call per sequence, rebased.ops.varlen).
+VARLEN_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
 _TRITON_MODULE = "rebased.ops.triton"  # registers its own pairs into IMPLEMENTATIONS when imported
 
 
@@ -79,13 +81,15 @@ def resolve_backend(mode: str, backend: str, q: Tensor) -> Callable:
     return IMPLEMENTATIONS[(mode, backend)]
 
 
-def pick_mode(q: Tensor, backend: str, initial_state: LinearAttentionState | None) -> str:
+def pick_mode(q: Tensor, backend: str, initial_state: LinearAttentionState | None, length: int | None = None) -> str:
     """mode="auto": parallel up to PARALLEL_MAX_LENGTH for the backend that will run, else chunk. The fused
-    parallel kernel takes no initial state, so a call with one goes to the fused chunk kernel instead."""
+    parallel kernel takes no initial state, so a call with one goes to the fused chunk kernel instead.
+    length: the sequence length to decide by (default q's T; the longest sequence of a packed batch)."""
     fused = backend != "torch" and q.is_cuda and _load_triton()
     if fused and initial_state is not None:
         return "chunk"
-    return "parallel" if q.shape[1] <= PARALLEL_MAX_LENGTH["triton" if fused else "torch"] else "chunk"
+    length = q.shape[1] if length is None else length
+    return "parallel" if length <= PARALLEL_MAX_LENGTH["triton" if fused else "torch"] else "chunk"
 
 
 def linear_attention(
@@ -114,10 +118,9 @@ def linear_attention(
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if cu_seqlens is not None:
-        return varlen_linear_attention(
-            linear_attention, q, k, v, cu_seqlens, kernel=kernel, initial_state=initial_state,
-            output_final_state=output_final_state, eps=eps, mode=mode, backend=backend, normalize=normalize,
-            chunk_size=chunk_size,
+        return _packed(
+            q, k, v, cu_seqlens, mode=mode, backend=backend, kernel=kernel, initial_state=initial_state,
+            output_final_state=output_final_state, normalize=normalize, eps=eps, chunk_size=chunk_size,
         )  # fmt: skip
     state = validate_inputs(q, k, v, initial_state, kernel, eps)
     requested_mode = mode
@@ -137,6 +140,28 @@ def linear_attention(
                 mode = pick_mode(q, "torch", state)
             return IMPLEMENTATIONS[(mode, "torch")](q, k, v, **options)
     return implementation(q, k, v, **options)
+
+
+def _packed(q, k, v, cu_seqlens, *, mode, backend, initial_state, **options) -> tuple:
+    """cu_seqlens: the pair's own packed kernel where there is one (VARLEN_IMPLEMENTATIONS), else one call per
+    sequence. mode="auto" decides by the longest sequence."""
+    bounds, state = validate_packed(q, k, v, cu_seqlens, initial_state, options["kernel"], options["eps"])
+    if mode == "auto":
+        mode = pick_mode(q, backend, state, length=max(b - a for a, b in zip(bounds, bounds[1:])))
+    wants_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    native = VARLEN_IMPLEMENTATIONS.get((mode, "triton")) if wants_triton and _load_triton() else None
+    if native is not None:
+        chunk_size = options.pop("chunk_size")
+        try:
+            return native(q, k, v, cu_seqlens, initial_state=state, **options)
+        except NotImplementedError as refusal:
+            if backend == "triton":
+                raise
+            log.debug("backend auto: %s; one call per sequence", refusal)
+        options["chunk_size"] = chunk_size
+    return varlen_linear_attention(
+        linear_attention, q, k, v, cu_seqlens, mode=mode, backend=backend, initial_state=state, **options
+    )
 
 
 def linear_attention_step(
@@ -186,6 +211,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "MODES",
     "PARALLEL_MAX_LENGTH",
+    "VARLEN_IMPLEMENTATIONS",
     "LinearAttentionState",
     "Polynomial",
     "linear_attention",

@@ -1,10 +1,10 @@
 """Variable-length batches: N sequences packed along T ([1, T_total, H, *]), bounded by cu_seqlens.
 
 Sequence i is rows cu_seqlens[i] : cu_seqlens[i + 1]; states have one row per sequence ([N, H, F, V],
-[N, H, F]); a zero-length sequence passes its initial state (or zeros) through. Each sequence runs as its
-own call of linear_attention, so every (mode, backend) pair supports it and mode="auto" picks by each
-sequence's own length. One call per sequence costs a launch each: fine for a few long documents, slow for
-many short ones, where a kernel that walks the offsets itself would pay.
+[N, H, F]); a zero-length sequence passes its initial state (or zeros) through. A (mode, backend) pair in
+rebased.ops.VARLEN_IMPLEMENTATIONS walks the offsets itself (the parallel Triton kernel: one launch for all
+sequences); every other pair runs here, one call of linear_attention per sequence, which costs a launch
+each: fine for a few long documents, slow for many short ones.
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ def sequence_bounds(cu_seqlens: object, q: Tensor) -> list[int]:
     return bounds
 
 
+def validate_packed(q, k, v, cu_seqlens, initial_state, kernel, eps) -> tuple[list[int], LinearAttentionState | None]:
+    """The offsets as a list and the initial state (N rows) of a packed call, or ValueError."""
+    bounds = sequence_bounds(cu_seqlens, q)
+    validate_inputs(q, k, v, None, kernel, eps)
+    count, heads, feat, value_dim = len(bounds) - 1, q.shape[2], feature_dim(q.shape[-1], kernel), v.shape[-1]
+    state = None if initial_state is None else validate_state(initial_state, count, heads, feat, value_dim)
+    return bounds, state
+
+
 def varlen_linear_attention(
     attention: Callable,  # linear_attention itself, called once per sequence
     q: Tensor,
@@ -45,10 +54,8 @@ def varlen_linear_attention(
     eps: float,
     **options,
 ) -> tuple[Tensor, LinearAttentionState | None]:
-    bounds = sequence_bounds(cu_seqlens, q)
-    validate_inputs(q, k, v, None, kernel, eps)
-    count, heads, feat, value_dim = len(bounds) - 1, q.shape[2], feature_dim(q.shape[-1], kernel), v.shape[-1]
-    state = None if initial_state is None else validate_state(initial_state, count, heads, feat, value_dim)
+    bounds, state = validate_packed(q, k, v, cu_seqlens, initial_state, kernel, eps)
+    heads, feat, value_dim = q.shape[2], feature_dim(q.shape[-1], kernel), v.shape[-1]
     outputs, finals = [], []
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
         first = None if state is None else LinearAttentionState(state.kv[i : i + 1], state.k_sum[i : i + 1])

@@ -12,8 +12,9 @@ kernels run on CPU tensors (fixed launch configs), which is how CI checks their 
 Covered: polynomial kernels (any c0, c1, c2, scale); chunk: q/k dim <= 16 when there is a quadratic term
 (<= 128 without one), any V; parallel: q/k and v dims <= 128; any T, any batch; float32, bfloat16, float16.
 Anything else raises NotImplementedError before doing work, and backend="auto" then runs torch.
-Variable-length batches (cu_seqlens) reach these kernels through rebased.ops.varlen, one call per
-sequence: no kernel walks the offsets itself yet. Not here yet: the ReBased LayerNorm fused into the
+Variable-length batches (cu_seqlens): the parallel kernels walk the offsets themselves (one launch for all
+sequences; a dense batch is the same kernels on B sequences of T); the chunk kernel runs once per sequence
+(rebased.ops.varlen). Not here yet: the ReBased LayerNorm fused into the
 loads. Measurements and what bounds them: benchmarks/results/h200/README.md.
 """
 
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (ImportError here tells the dispatcher the backend is unavailable)
 
-from rebased.ops import IMPLEMENTATIONS
+from rebased.ops import IMPLEMENTATIONS, VARLEN_IMPLEMENTATIONS
 from rebased.ops.triton.functions import chunk_linear_attention, step_
-from rebased.ops.triton.parallel import parallel_linear_attention
+from rebased.ops.triton.parallel import packed_parallel_linear_attention, parallel_linear_attention
 
 IMPLEMENTATIONS[("chunk", "triton")] = chunk_linear_attention
 IMPLEMENTATIONS[("parallel", "triton")] = parallel_linear_attention
+VARLEN_IMPLEMENTATIONS[("parallel", "triton")] = packed_parallel_linear_attention
 
 __all__ = ["chunk_linear_attention", "parallel_linear_attention", "step_"]

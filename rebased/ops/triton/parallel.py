@@ -16,10 +16,12 @@ in fp32 for the backward, the forward's normaliser sums the same rounded scores 
 do V^T dot takes do and v as they are (bf16 products are exact in fp32, summed in fp32), scaling by r only
 afterwards. Rounding any of these in bf16 lost the first positions' dq entirely.
 
-One program owns a block of query rows (forward, dq) or of key rows (dk, dv) of one (batch, head) and
+One program owns a block of query rows (forward, dq) or of key rows (dk, dv) of one (sequence, head) and
 loops over the other side's blocks up to the causal diagonal. Work is O(T^2 (D + V)), memory O(T): the
 fastest path at short and moderate T, where the chunk kernel's feature-space state (D^2 x V per chunk)
-costs more than the tiles it saves. Query blocks are launched longest-first to shorten the tail.
+costs more than the tiles it saves. Programs find their block in a table of (sequence start, length,
+block index) rows, so a dense batch (B sequences of T, the same memory layout) and a packed variable-length
+one (cu_seqlens) run the same kernels; the table launches the longest blocks first to shorten the tail.
 
 Shape letters: B batch, T time, H heads, D q/k dim (BD padded), V value dim (BV padded), M/N row blocks.
 """
@@ -38,24 +40,24 @@ from rebased.ops.kernels import Polynomial
 from rebased.ops.triton.chunk import _rows, _scores
 from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, interpreting
 
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which holds batch x heads
+
+@triton.jit
+def _block(table, H, D, V):
+    """This program's row block: table row program_id(0) holds (sequence start, sequence length, block index);
+    program axis 1 is the head. Returns the block index, the length T, the offsets of (start, h) in q/k and
+    in v ([tokens, H, D] and [tokens, H, V]), and the first per-row slot (start, h) in [tokens, H]."""
+    row = table + tl.program_id(0) * 3
+    start, length, block = tl.load(row).to(tl.int64), tl.load(row + 1), tl.load(row + 2)
+    h = tl.program_id(1)
+    return block, length, (start * H + h) * D, (start * H + h) * V, start * H + h
 
 
 @triton.jit
-def _head_offsets(H, T, D, V):
-    """Program axis 1 is batch x head: element offsets of (b, 0, h, 0) in q/k [B, T, H, D] and v [B, T, H, V]."""
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    return bh, (b * T * H + h) * D, (b * T * H + h) * V
-
-
-@triton.jit
-def parallel_fwd_kernel(q, k, v, o, den, T, H, D, V, scale, c0, c1, c2, eps,
+def parallel_fwd_kernel(q, k, v, o, den, table, H, D, V, scale, c0, c1, c2, eps,
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                         HAS0: tl.constexpr, HAS1: tl.constexpr, NORMALIZE: tl.constexpr, CLAMP: tl.constexpr,
                         PREC: tl.constexpr):  # fmt: skip
-    m = tl.cdiv(T, BM) - 1 - tl.program_id(0)  # the longest rows first
-    bh, qk_base, v_base = _head_offsets(H, T, D, V)
+    m, T, qk_base, v_base, row_base = _block(table, H, D, V)
     rows = m * BM + tl.arange(0, BM)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     qt = _rows(q + qk_base, rows, cd, T, H * D, D)
@@ -71,18 +73,17 @@ def parallel_fwd_kernel(q, k, v, o, den, T, H, D, V, scale, c0, c1, c2, eps,
         acc += tl.dot(p, vt, input_precision=PREC)
     if NORMALIZE:
         acc = acc / ((tl.maximum(z, 0.0) if CLAMP else z) + eps)[:, None]
-        tl.store(den + bh * T + rows, z, mask=rows < T)
+        tl.store(den + row_base + rows * H, z, mask=rows < T)
     out = o + v_base + rows[:, None] * (H * V) + cv[None, :]  # fp32: the backward's dd needs o unrounded
     tl.store(out, acc, mask=(rows[:, None] < T) & (cv[None, :] < V))
 
 
 @triton.jit
-def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, T, H, D, V, scale, c0, c1, c2,
+def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, table, H, D, V, scale, c0, c1, c2,
                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                          HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """dk, dv for one block of key rows: a walk over the query blocks at and after the diagonal."""
-    n = tl.program_id(0)
-    bh, qk_base, v_base = _head_offsets(H, T, D, V)
+    n, T, qk_base, v_base, row_base = _block(table, H, D, V)
     cols = n * BN + tl.arange(0, BN)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     kt = _rows(k + qk_base, cols, cd, T, H * D, D)
@@ -93,8 +94,8 @@ def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, T, H, D, V, scale, c0, c1, 
         rows = start + tl.arange(0, BM)
         qt = _rows(q + qk_base, rows, cd, T, H * D, D)
         dot = _rows(do + v_base, rows, cv, T, H * V, V)
-        rt = tl.load(r + bh * T + rows, mask=rows < T, other=0.0)
-        ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
+        rt = tl.load(r + row_base + rows * H, mask=rows < T, other=0.0)
+        ddt = tl.load(dd + row_base + rows * H, mask=rows < T, other=0.0)
         p, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
         da = (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
         dvt += tl.dot(tl.trans((p * rt[:, None]).to(dot.dtype)), dot, input_precision=PREC)
@@ -105,18 +106,17 @@ def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, T, H, D, V, scale, c0, c1, 
 
 
 @triton.jit
-def parallel_dq_kernel(q, k, v, do, r, dd, dq, T, H, D, V, scale, c0, c1, c2,
+def parallel_dq_kernel(q, k, v, do, r, dd, dq, table, H, D, V, scale, c0, c1, c2,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                        HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """dq for one block of query rows: a walk over the key blocks up to the diagonal."""
-    m = tl.cdiv(T, BM) - 1 - tl.program_id(0)
-    bh, qk_base, v_base = _head_offsets(H, T, D, V)
+    m, T, qk_base, v_base, row_base = _block(table, H, D, V)
     rows = m * BM + tl.arange(0, BM)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     qt = _rows(q + qk_base, rows, cd, T, H * D, D)
     dot = _rows(do + v_base, rows, cv, T, H * V, V)
-    rt = tl.load(r + bh * T + rows, mask=rows < T, other=0.0)
-    ddt = tl.load(dd + bh * T + rows, mask=rows < T, other=0.0)
+    rt = tl.load(r + row_base + rows * H, mask=rows < T, other=0.0)
+    ddt = tl.load(dd + row_base + rows * H, mask=rows < T, other=0.0)
     dqt = tl.zeros([BM, BD], tl.float32)
     for start in range(0, tl.minimum((m + 1) * BM, T), BN):
         cols = start + tl.arange(0, BN)
@@ -163,53 +163,95 @@ def _poly_args(poly: _Poly) -> dict:
     return dict(scale=poly.scale, c0=poly.c0, c1=poly.c1, c2=poly.c2, HAS0=poly.c0 > 0, HAS1=poly.c1 > 0)
 
 
+@dataclass(frozen=True)
+class Sequences:
+    """Where the sequences lie along the token axis of q, k, v: their starts and lengths (device int64 [N])."""
+
+    starts: Tensor
+    lengths: Tensor
+
+    @classmethod
+    def dense(cls, batch: int, length: int, device: torch.device) -> Sequences:
+        """A [B, T, H, *] batch is B sequences of T tokens, packed: the memory layout is the same."""
+        starts = torch.arange(batch, device=device, dtype=torch.int64) * length
+        return cls(starts, torch.full((batch,), length, device=device, dtype=torch.int64))
+
+    @classmethod
+    def packed(cls, cu_seqlens: Tensor, device: torch.device) -> Sequences:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        return cls(cu[:-1], cu[1:] - cu[:-1])
+
+    def table(self, block: int, longest_first: bool) -> Tensor:
+        """One row per program, (sequence start, sequence length, block index), int32 [P, 3], ordered by block
+        index: descending for query blocks (block m walks m + 1 key blocks), ascending for key blocks."""
+        blocks = (self.lengths + block - 1) // block
+        sequence = torch.repeat_interleave(torch.arange(len(blocks), device=blocks.device), blocks)
+        index = torch.arange(len(sequence), device=blocks.device) - (blocks.cumsum(0) - blocks)[sequence]
+        table = torch.stack([self.starts[sequence], self.lengths[sequence], index], dim=1)
+        order = torch.argsort(index, descending=longest_first, stable=True)
+        return table[order].to(torch.int32).contiguous()
+
+
+def _kernel_args(q: Tensor, v: Tensor) -> tuple[int, int, int]:
+    return q.shape[2], q.shape[3], v.shape[3]  # H, D, V
+
+
 class ParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, poly: _Poly, normalize: bool, eps: float):
-        batch, length, heads, head_dim = q.shape
-        value_dim = v.shape[-1]
+    def forward(ctx, q, k, v, sequences: Sequences, poly: _Poly, normalize: bool, eps: float):
+        heads, head_dim, value_dim = _kernel_args(q, v)
         fwd = launch_configs()[0]
         o = torch.empty(v.shape, dtype=torch.float32, device=v.device)
-        den = q.new_empty(batch, heads, length, dtype=torch.float32)
-        parallel_fwd_kernel[(triton.cdiv(length, fwd.block_m), batch * heads)](
-            q, k, v, o, den, length, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
+        den = q.new_empty(q.shape[0] * q.shape[1], heads, dtype=torch.float32)  # [tokens, H]
+        table = sequences.table(fwd.block_m, longest_first=True)
+        parallel_fwd_kernel[(len(table), heads)](
+            q, k, v, o, den, table, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
             **_launch(fwd, head_dim, value_dim), NORMALIZE=normalize, CLAMP=poly.clamp, PREC=_precision(q.dtype),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, den)
-        ctx.poly, ctx.normalize, ctx.eps = poly, normalize, eps
+        ctx.sequences, ctx.poly, ctx.normalize, ctx.eps = sequences, poly, normalize, eps
         return o.to(v.dtype)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, den = ctx.saved_tensors
-        batch, length, heads, head_dim = q.shape
-        value_dim = v.shape[-1]
+        heads, head_dim, value_dim = _kernel_args(q, v)
         do = do.to(v.dtype).contiguous()
         r, dd = _row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
         _, dkdv, dqc = launch_configs()
         args = dict(**_poly_args(ctx.poly), PREC=_precision(q.dtype))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        parallel_dkdv_kernel[(triton.cdiv(length, dkdv.block_n), batch * heads)](
-            q, k, v, do, r, dd, dk, dv, length, heads, head_dim, value_dim, **args, **_launch(dkdv, head_dim, value_dim)
+        table = ctx.sequences.table(dkdv.block_n, longest_first=False)
+        parallel_dkdv_kernel[(len(table), heads)](
+            q, k, v, do, r, dd, dk, dv, table, heads, head_dim, value_dim, **args, **_launch(dkdv, head_dim, value_dim)
         )
-        parallel_dq_kernel[(triton.cdiv(length, dqc.block_m), batch * heads)](
-            q, k, v, do, r, dd, dq, length, heads, head_dim, value_dim, **args, **_launch(dqc, head_dim, value_dim)
+        table = ctx.sequences.table(dqc.block_m, longest_first=True)
+        parallel_dq_kernel[(len(table), heads)](
+            q, k, v, do, r, dd, dq, table, heads, head_dim, value_dim, **args, **_launch(dqc, head_dim, value_dim)
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
-    """Per query row, fp32 [B, H, T]: r = 1 / (den + eps) and dd = -(do . o), with o the fp32 output (r = 1,
+    """Per query row, fp32 [tokens, H]: r = 1 / (den + eps) and dd = -(do . o), with o the fp32 output (r = 1,
     dd = 0 without normalisation; dd = 0 where a clamped denominator had no gradient)."""
-    batch, length, heads, _ = do.shape
     if not normalize:
-        ones = do.new_ones(batch, heads, length, dtype=torch.float32)
+        ones = torch.ones_like(den)
         return ones, torch.zeros_like(ones)
     r = 1.0 / ((den.clamp_min(0.0) if clamp else den) + eps)
-    dd = -(do.float() * o).sum(-1).transpose(1, 2)
+    dd = -(do.float() * o).sum(-1).reshape(den.shape)
     if clamp:
         dd = dd.masked_fill(den < 0, 0.0)
     return r.contiguous(), dd.contiguous()
+
+
+def _refuse(q: Tensor, k: Tensor, v: Tensor, initial_state) -> None:
+    what = "(mode='parallel', backend='triton')"
+    check_dtype_and_device(what, q, k, v)
+    if initial_state is not None:
+        raise NotImplementedError(f"{what} does not take an initial state: use mode='chunk'")
+    if q.shape[-1] > 128 or v.shape[-1] > 128:
+        raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
 
 
 def parallel_linear_attention(
@@ -227,19 +269,39 @@ def parallel_linear_attention(
     """The ("parallel", "triton") pair. The final state, when asked for, is summed in torch in feature space
     (one matmul); an initial state is not covered (the chunk kernel takes one)."""
     del chunk_size
-    what = "(mode='parallel', backend='triton')"
-    check_dtype_and_device(what, q, k, v)
-    if initial_state is not None:
-        raise NotImplementedError(f"{what} does not take an initial state: use mode='chunk'")
-    if q.shape[-1] > 128 or v.shape[-1] > 128:
-        raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
-    if q.shape[0] * q.shape[2] > MAX_GRID_Y:
-        raise NotImplementedError(f"{what} covers batch x heads up to {MAX_GRID_Y}, got {q.shape[0] * q.shape[2]}")
+    _refuse(q, k, v, initial_state)
+    sequences = Sequences.dense(q.shape[0], q.shape[1], q.device)
     poly = _Poly.of(kernel)
-    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), poly, normalize, eps)
-    final_state = None
-    if output_final_state:
-        phi_k = features(k.float(), kernel)  # [B, T, H, F]
-        kv = torch.einsum("bthf,bthv->bhfv", phi_k, v.float())
-        final_state = LinearAttentionState(kv, phi_k.sum(1))
-    return o, final_state
+    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps)
+    if not output_final_state:
+        return o, None
+    phi_k = features(k.float(), kernel)  # [B, T, H, F]
+    return o, LinearAttentionState(torch.einsum("bthf,bthv->bhfv", phi_k, v.float()), phi_k.sum(1))
+
+
+def packed_parallel_linear_attention(
+    q: Tensor,  # [1, T_total, H, D]
+    k: Tensor,
+    v: Tensor,  # [1, T_total, H, V]
+    cu_seqlens: Tensor,  # [N + 1]
+    *,
+    kernel: Polynomial | None,
+    initial_state: LinearAttentionState | None,
+    output_final_state: bool,
+    normalize: bool,
+    eps: float,
+) -> tuple[Tensor, LinearAttentionState | None]:
+    """Variable-length batches in one launch per kernel: the programs walk the sequences' offsets (the
+    same kernels as the dense batch, which is B sequences of T). Final states, when asked for, per sequence
+    in torch."""
+    _refuse(q, k, v, initial_state)
+    sequences = Sequences.packed(cu_seqlens, q.device)
+    poly = _Poly.of(kernel)
+    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps)
+    if not output_final_state:
+        return o, None
+    bounds = cu_seqlens.tolist()
+    phi_k = features(k[0].float(), kernel)  # [T_total, H, F]
+    parts = [(phi_k[a:b], v[0, a:b].float()) for a, b in zip(bounds, bounds[1:])]
+    kv = torch.stack([torch.einsum("thf,thv->hfv", f, x) for f, x in parts])
+    return o, LinearAttentionState(kv, torch.stack([f.sum(0) for f, _ in parts]))
