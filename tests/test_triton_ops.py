@@ -169,6 +169,17 @@ def test_parallel_rectangular_tiles(block_m, block_n, monkeypatch):
     check(*run_both(q, k, v, None, kernel, generator, mode="parallel"), rel_rms=1e-5)
 
 
+@pytest.mark.parametrize("longest_first", [True, False])
+def test_dense_block_table_equals_the_packed_one(longest_first):
+    """A dense batch's cached table is the packed table of B sequences of T, row for row."""
+    parallel = triton_ops.parallel
+    dense = parallel.Sequences(batch=3, length=50).table(16, longest_first, torch.device("cpu"))
+    cu = torch.arange(4) * 50
+    packed = parallel.Sequences(cu_seqlens=cu).table(16, longest_first, torch.device("cpu"))
+    assert torch.equal(dense, packed) and dense.shape == (12, 3)
+    assert dense[0, 2] == (3 if longest_first else 0)
+
+
 def test_parallel_without_normalisation():
     generator = torch.Generator().manual_seed(8)
     kernel = Polynomial.rebased(4)

@@ -28,6 +28,7 @@ Shape letters: B batch, T time, H heads, D q/k dim (BD padded), V value dim (BV 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -165,31 +166,36 @@ def _poly_args(poly: _Poly) -> dict:
 
 @dataclass(frozen=True)
 class Sequences:
-    """Where the sequences lie along the token axis of q, k, v: their starts and lengths (device int64 [N])."""
+    """Where the sequences lie along the token axis of q, k, v: a dense batch (B sequences of T tokens, packed:
+    the memory layout is the same) or cu_seqlens offsets (a device int tensor [N + 1])."""
 
-    starts: Tensor
-    lengths: Tensor
+    batch: int = 0
+    length: int = 0
+    cu_seqlens: Tensor | None = None
 
-    @classmethod
-    def dense(cls, batch: int, length: int, device: torch.device) -> Sequences:
-        """A [B, T, H, *] batch is B sequences of T tokens, packed: the memory layout is the same."""
-        starts = torch.arange(batch, device=device, dtype=torch.int64) * length
-        return cls(starts, torch.full((batch,), length, device=device, dtype=torch.int64))
-
-    @classmethod
-    def packed(cls, cu_seqlens: Tensor, device: torch.device) -> Sequences:
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        return cls(cu[:-1], cu[1:] - cu[:-1])
-
-    def table(self, block: int, longest_first: bool) -> Tensor:
+    def table(self, block: int, longest_first: bool, device: torch.device) -> Tensor:
         """One row per program, (sequence start, sequence length, block index), int32 [P, 3], ordered by block
         index: descending for query blocks (block m walks m + 1 key blocks), ascending for key blocks."""
-        blocks = (self.lengths + block - 1) // block
-        sequence = torch.repeat_interleave(torch.arange(len(blocks), device=blocks.device), blocks)
-        index = torch.arange(len(sequence), device=blocks.device) - (blocks.cumsum(0) - blocks)[sequence]
-        table = torch.stack([self.starts[sequence], self.lengths[sequence], index], dim=1)
+        if self.cu_seqlens is None:
+            return _dense_table(self.batch, self.length, block, longest_first, device)
+        cu = self.cu_seqlens.to(device=device, dtype=torch.int64)
+        starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        blocks = (lengths + block - 1) // block
+        sequence = torch.repeat_interleave(torch.arange(len(blocks), device=device), blocks)  # waits for the GPU
+        index = torch.arange(len(sequence), device=device) - (blocks.cumsum(0) - blocks)[sequence]
+        table = torch.stack([starts[sequence], lengths[sequence], index], dim=1)
         order = torch.argsort(index, descending=longest_first, stable=True)
         return table[order].to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_table(batch: int, length: int, block: int, longest_first: bool, device: torch.device) -> Tensor:
+    """The dense batch's table, built once per shape: a training step must not wait for the GPU to make it."""
+    blocks = triton.cdiv(length, block)
+    index = torch.arange(blocks - 1, -1, -1) if longest_first else torch.arange(blocks)
+    starts = torch.arange(batch) * length
+    table = torch.stack([starts.repeat(blocks), torch.full((batch * blocks,), length), index.repeat_interleave(batch)])
+    return table.t().to(device=device, dtype=torch.int32).contiguous()
 
 
 def _kernel_args(q: Tensor, v: Tensor) -> tuple[int, int, int]:
@@ -203,7 +209,7 @@ class ParallelFunction(torch.autograd.Function):
         fwd = launch_configs()[0]
         o = torch.empty(v.shape, dtype=torch.float32, device=v.device)
         den = q.new_empty(q.shape[0] * q.shape[1], heads, dtype=torch.float32)  # [tokens, H]
-        table = sequences.table(fwd.block_m, longest_first=True)
+        table = sequences.table(fwd.block_m, longest_first=True, device=q.device)
         parallel_fwd_kernel[(len(table), heads)](
             q, k, v, o, den, table, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
             **_launch(fwd, head_dim, value_dim), NORMALIZE=normalize, CLAMP=poly.clamp, PREC=_precision(q.dtype),
@@ -221,11 +227,11 @@ class ParallelFunction(torch.autograd.Function):
         _, dkdv, dqc = launch_configs()
         args = dict(**_poly_args(ctx.poly), PREC=_precision(q.dtype))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        table = ctx.sequences.table(dkdv.block_n, longest_first=False)
+        table = ctx.sequences.table(dkdv.block_n, longest_first=False, device=q.device)
         parallel_dkdv_kernel[(len(table), heads)](
             q, k, v, do, r, dd, dk, dv, table, heads, head_dim, value_dim, **args, **_launch(dkdv, head_dim, value_dim)
         )
-        table = ctx.sequences.table(dqc.block_m, longest_first=True)
+        table = ctx.sequences.table(dqc.block_m, longest_first=True, device=q.device)
         parallel_dq_kernel[(len(table), heads)](
             q, k, v, do, r, dd, dq, table, heads, head_dim, value_dim, **args, **_launch(dqc, head_dim, value_dim)
         )
@@ -270,7 +276,7 @@ def parallel_linear_attention(
     (one matmul); an initial state is not covered (the chunk kernel takes one)."""
     del chunk_size
     _refuse(q, k, v, initial_state)
-    sequences = Sequences.dense(q.shape[0], q.shape[1], q.device)
+    sequences = Sequences(batch=q.shape[0], length=q.shape[1])
     poly = _Poly.of(kernel)
     o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps)
     if not output_final_state:
@@ -295,7 +301,7 @@ def packed_parallel_linear_attention(
     same kernels as the dense batch, which is B sequences of T). Final states, when asked for, per sequence
     in torch."""
     _refuse(q, k, v, initial_state)
-    sequences = Sequences.packed(cu_seqlens, q.device)
+    sequences = Sequences(cu_seqlens=cu_seqlens)
     poly = _Poly.of(kernel)
     o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps)
     if not output_final_state:
