@@ -91,7 +91,8 @@ def _suite(args: argparse.Namespace) -> int:
 
     import torch
 
-    from rebased.benchmark import OpBenchConfig, SuiteConfig, check_modes, time_decode, time_suite
+    from rebased.benchmark import OpBenchConfig, check_modes
+    from rebased.gpu_suite import SuiteConfig, time_decode, time_suite
 
     if not torch.cuda.is_available():
         raise ValueError("--suite needs a CUDA GPU")
