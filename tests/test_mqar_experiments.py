@@ -34,6 +34,7 @@ def test_ablation_grid_has_the_six_kernels():
         ({"seq_len": 63}, "must be even"),
         ({"num_kv_pairs": 20}, "4N must be <= seq_len"),
         ({"vocab_size": 8}, "too small for 4 distinct keys"),
+        ({"model": "rebasd"}, "unknown MQAR model 'rebasd'.*did you mean 'rebased'"),
     ],
 )
 def test_invalid_tasks_fail_before_training(changes, message):

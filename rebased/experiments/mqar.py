@@ -49,7 +49,10 @@ class MQARRun:
         return (self.model, self.d_model, self.seq_len)
 
     def validate(self) -> None:
-        """Fail before any training on a task that cannot be generated."""
+        """Fail before any training on an unknown model or a task that cannot be generated."""
+        from rebased.config import MIXER_CONFIGS
+
+        check_choice("MQAR model", self.model, sorted({*MIXER_CONFIGS, *ABLATION_KERNELS}))
         for length, pairs in self.train_mix or ((self.seq_len, self.num_kv_pairs),):
             _check_task(length, pairs, self.vocab_size)
         for length, pairs in self.test_mix:
