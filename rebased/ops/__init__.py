@@ -54,7 +54,8 @@ IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {
     ("chunk", "torch"): chunk_linear_attention,
     ("recurrent", "torch"): recurrent_linear_attention,
 }
-# Pairs that take cu_seqlens themselves (the rest run one call per sequence, rebased.ops.varlen).
+# Pairs that take cu_seqlens themselves (the rest run one call per sequence, rebased.ops.varlen); same
+# keywords as IMPLEMENTATIONS, with cu_seqlens after v.
 VARLEN_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
 _TRITON_MODULE = "rebased.ops.triton"  # registers its own pairs into IMPLEMENTATIONS when imported
 
@@ -151,14 +152,12 @@ def _packed(q, k, v, cu_seqlens, *, mode, backend, initial_state, **options) -> 
     wants_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     native = VARLEN_IMPLEMENTATIONS.get((mode, "triton")) if wants_triton and _load_triton() else None
     if native is not None:
-        chunk_size = options.pop("chunk_size")
         try:
             return native(q, k, v, cu_seqlens, initial_state=state, **options)
         except NotImplementedError as refusal:
             if backend == "triton":
                 raise
             log.debug("backend auto: %s; one call per sequence", refusal)
-        options["chunk_size"] = chunk_size
     return varlen_linear_attention(
         linear_attention, q, k, v, cu_seqlens, mode=mode, backend=backend, initial_state=state, **options
     )

@@ -296,10 +296,12 @@ def packed_parallel_linear_attention(
     output_final_state: bool,
     normalize: bool,
     eps: float,
+    chunk_size: int,
 ) -> tuple[Tensor, LinearAttentionState | None]:
     """Variable-length batches in one launch per kernel: the programs walk the sequences' offsets (the
     same kernels as the dense batch, which is B sequences of T). Final states, when asked for, per sequence
     in torch."""
+    del chunk_size
     _refuse(q, k, v, initial_state)
     sequences = Sequences(cu_seqlens=cu_seqlens)
     poly = _Poly.of(kernel)
