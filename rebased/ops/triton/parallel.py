@@ -80,6 +80,23 @@ def parallel_fwd_kernel(q, k, v, o, den, table, H, D, V, scale, c0, c1, c2, eps,
 
 
 @triton.jit
+def _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V):
+    """A block of query rows' backward inputs: q, do (the inputs' dtype) and the fp32 row terms r, dd."""
+    qt = _rows(q + qk_base, rows, cd, T, H * D, D)
+    dot = _rows(do + v_base, rows, cv, T, H * V, V)
+    rt = tl.load(r + row_base + rows * H, mask=rows < T, other=0.0)
+    ddt = tl.load(dd + row_base + rows * H, mask=rows < T, other=0.0)
+    return qt, dot, rt, ddt
+
+
+@triton.jit
+def _score_grads(dot, vt, rt, ddt, PREC: tl.constexpr):
+    """dA = (do v^T + dd) r for a tile: the do v^T dot takes do and v as they are (exact bf16 products summed
+    in fp32) and r scales only afterwards, so do.(v_j - o) cancels exactly where v_j = o (module docstring)."""
+    return (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
+
+
+@triton.jit
 def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, table, H, D, V, scale, c0, c1, c2,
                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                          HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
@@ -93,12 +110,9 @@ def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, table, H, D, V, scale, c0, 
     dvt = tl.zeros([BN, BV], tl.float32)
     for start in range((n * BN // BM) * BM, T, BM):
         rows = start + tl.arange(0, BM)
-        qt = _rows(q + qk_base, rows, cd, T, H * D, D)
-        dot = _rows(do + v_base, rows, cv, T, H * V, V)
-        rt = tl.load(r + row_base + rows * H, mask=rows < T, other=0.0)
-        ddt = tl.load(dd + row_base + rows * H, mask=rows < T, other=0.0)
+        qt, dot, rt, ddt = _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
         p, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
-        da = (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
+        da = _score_grads(dot, vt, rt, ddt, PREC)
         dvt += tl.dot(tl.trans((p * rt[:, None]).to(dot.dtype)), dot, input_precision=PREC)
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
     mask = cols[:, None] < T
@@ -114,17 +128,14 @@ def parallel_dq_kernel(q, k, v, do, r, dd, dq, table, H, D, V, scale, c0, c1, c2
     m, T, qk_base, v_base, row_base = _block(table, H, D, V)
     rows = m * BM + tl.arange(0, BM)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    qt = _rows(q + qk_base, rows, cd, T, H * D, D)
-    dot = _rows(do + v_base, rows, cv, T, H * V, V)
-    rt = tl.load(r + row_base + rows * H, mask=rows < T, other=0.0)
-    ddt = tl.load(dd + row_base + rows * H, mask=rows < T, other=0.0)
+    qt, dot, rt, ddt = _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
     dqt = tl.zeros([BM, BD], tl.float32)
     for start in range(0, tl.minimum((m + 1) * BM, T), BN):
         cols = start + tl.arange(0, BN)
         kt = _rows(k + qk_base, cols, cd, T, H * D, D)
         vt = _rows(v + v_base, cols, cv, T, H * V, V)
         _, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
-        da = (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
+        da = _score_grads(dot, vt, rt, ddt, PREC)
         dqt += tl.dot((da * dp).to(kt.dtype), kt, input_precision=PREC)
     mask = (rows[:, None] < T) & (cd[None, :] < D)
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
