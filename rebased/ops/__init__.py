@@ -158,9 +158,7 @@ def _packed(q, k, v, cu_seqlens, *, mode, backend, initial_state, **options) -> 
             if backend == "triton":
                 raise
             log.debug("backend auto: %s; one call per sequence", refusal)
-    return varlen_linear_attention(
-        linear_attention, q, k, v, cu_seqlens, mode=mode, backend=backend, initial_state=state, **options
-    )
+    return varlen_linear_attention(linear_attention, q, k, v, bounds, state, mode=mode, backend=backend, **options)
 
 
 def linear_attention_step(

@@ -46,15 +46,14 @@ def varlen_linear_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    cu_seqlens: Tensor,
+    bounds: list[int],  # the offsets and N-row state as validate_packed returns them
+    state: LinearAttentionState | None,
     *,
     kernel,
-    initial_state,
     output_final_state: bool,
     eps: float,
     **options,
 ) -> tuple[Tensor, LinearAttentionState | None]:
-    bounds, state = validate_packed(q, k, v, cu_seqlens, initial_state, kernel, eps)
     heads, feat, value_dim = q.shape[2], feature_dim(q.shape[-1], kernel), v.shape[-1]
     outputs, finals = [], []
     for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
