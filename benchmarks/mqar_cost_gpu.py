@@ -39,13 +39,13 @@ def with_op_path(model: LanguageModel, mode: str, backend: str) -> LanguageModel
     return LanguageModel(model.cfg.replace(mixers=mixers))
 
 
-def seconds_per_step(run: MQARRun, mode: str, backend: str) -> float:
+def seconds_per_step(run: MQARRun, mode: str, backend: str, compile: bool = False) -> float:
     data = make_data(run)
     timings = []
     for steps in (1, 2, 8):  # the first only warms up (Triton compiles, cuDNN picks algorithms)
         torch.manual_seed(0)
         model = with_op_path(build_model(run), mode, backend)
-        config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None)
+        config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, compile=compile)
         torch.cuda.synchronize()
         start = time.perf_counter()
         train(model, (data.train.inputs, data.train.labels), config, progress=False)

@@ -195,6 +195,20 @@ def test_parallel_without_normalisation():
         assert_close(g, r, rel_rms=1e-5, name=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parallel_inference_writes_the_same_output(dtype):
+    """Under no_grad the forward writes o alone (no fp32 copy for a backward): the same values as training's."""
+    generator = torch.Generator().manual_seed(11)
+    kernel = Polynomial.rebased(4)
+    q, k, v = make_inputs((2, 40, 2, 4), 6, kernel, generator, dtype)
+    options = dict(mode="parallel", backend="triton", kernel=kernel)
+    with torch.no_grad():
+        inferred, _ = linear_attention(q, k, v, **options)
+    trained, _ = linear_attention(*(x.clone().requires_grad_(True) for x in (q, k, v)), **options)
+    assert trained.requires_grad and not inferred.requires_grad
+    assert inferred.dtype == dtype and torch.equal(inferred, trained.detach())
+
+
 @pytest.mark.parametrize("mode", ["chunk", "parallel"])
 def test_packed_sequences_through_the_fused_kernels(mode, monkeypatch):
     """cu_seqlens: the parallel kernels walk the offsets in one launch, the chunk kernel runs per sequence;

@@ -54,10 +54,12 @@ def _block(table, H, D, V):
 
 
 @triton.jit
-def parallel_fwd_kernel(q, k, v, o, den, table, H, D, V, scale, c0, c1, c2, eps,
+def parallel_fwd_kernel(q, k, v, o, o32, den, table, H, D, V, scale, c0, c1, c2, eps,
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                         HAS0: tl.constexpr, HAS1: tl.constexpr, NORMALIZE: tl.constexpr, CLAMP: tl.constexpr,
-                        PREC: tl.constexpr):  # fmt: skip
+                        SAVE32: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """o in the inputs' dtype and, with SAVE32, an fp32 copy in o32 for the backward's dd (writing both
+    costs less than writing fp32 and casting it afterwards; inference writes o alone)."""
     m, T, qk_base, v_base, row_base = _block(table, H, D, V)
     rows = m * BM + tl.arange(0, BM)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
@@ -75,8 +77,11 @@ def parallel_fwd_kernel(q, k, v, o, den, table, H, D, V, scale, c0, c1, c2, eps,
     if NORMALIZE:
         acc = acc / ((tl.maximum(z, 0.0) if CLAMP else z) + eps)[:, None]
         tl.store(den + row_base + rows * H, z, mask=rows < T)
-    out = o + v_base + rows[:, None] * (H * V) + cv[None, :]  # fp32: the backward's dd needs o unrounded
-    tl.store(out, acc, mask=(rows[:, None] < T) & (cv[None, :] < V))
+    offsets = v_base + rows[:, None] * (H * V) + cv[None, :]
+    mask = (rows[:, None] < T) & (cv[None, :] < V)
+    tl.store(o + offsets, acc.to(o.dtype.element_ty), mask=mask)
+    if SAVE32:  # the backward's dd needs o unrounded
+        tl.store(o32 + offsets, acc, mask=mask)
 
 
 @triton.jit
@@ -215,19 +220,23 @@ def _kernel_args(q: Tensor, v: Tensor) -> tuple[int, int, int]:
 
 class ParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sequences: Sequences, poly: _Poly, normalize: bool, eps: float):
+    def forward(ctx, q, k, v, sequences: Sequences, poly: _Poly, normalize: bool, eps: float, for_backward: bool):
+        """for_backward: gradients will be asked for (needs_input_grad cannot tell: it is set under no_grad too)."""
         heads, head_dim, value_dim = _kernel_args(q, v)
         fwd = launch_configs()[0]
-        o = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+        o = torch.empty_like(v)
+        save32 = for_backward and v.dtype != torch.float32
+        o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
         den = q.new_empty(q.shape[0] * q.shape[1], heads, dtype=torch.float32)  # [tokens, H]
         table = sequences.table(fwd.block_m, longest_first=True, device=q.device)
         parallel_fwd_kernel[(len(table), heads)](
-            q, k, v, o, den, table, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
-            **_launch(fwd, head_dim, value_dim), NORMALIZE=normalize, CLAMP=poly.clamp, PREC=_precision(q.dtype),
+            q, k, v, o, o32, den, table, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
+            **_launch(fwd, head_dim, value_dim), NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32,
+            PREC=_precision(q.dtype),
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, o, den)
+        ctx.save_for_backward(q, k, v, o32, den)
         ctx.sequences, ctx.poly, ctx.normalize, ctx.eps = sequences, poly, normalize, eps
-        return o.to(v.dtype)
+        return o
 
     @staticmethod
     def backward(ctx, do):
@@ -246,7 +255,7 @@ class ParallelFunction(torch.autograd.Function):
         parallel_dq_kernel[(len(table), heads)](
             q, k, v, do, r, dd, dq, table, heads, head_dim, value_dim, **args, **_launch(dqc, head_dim, value_dim)
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
@@ -260,6 +269,10 @@ def _row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool,
     if clamp:
         dd = dd.masked_fill(den < 0, 0.0)
     return r.contiguous(), dd.contiguous()
+
+
+def _for_backward(*inputs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
 
 
 def _refuse(q: Tensor, k: Tensor, v: Tensor, initial_state) -> None:
@@ -289,7 +302,8 @@ def parallel_linear_attention(
     _refuse(q, k, v, initial_state)
     sequences = Sequences(batch=q.shape[0], length=q.shape[1])
     poly = _Poly.of(kernel)
-    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps)
+    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps,
+                               _for_backward(q, k, v))
     if not output_final_state:
         return o, None
     phi_k = features(k.float(), kernel)  # [B, T, H, F]
@@ -316,7 +330,8 @@ def packed_parallel_linear_attention(
     _refuse(q, k, v, initial_state)
     sequences = Sequences(cu_seqlens=cu_seqlens)
     poly = _Poly.of(kernel)
-    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps)
+    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps,
+                               _for_backward(q, k, v))
     if not output_final_state:
         return o, None
     bounds = cu_seqlens.tolist()
