@@ -17,8 +17,10 @@ import time
 import torch
 
 from rebased.experiments.mqar import MQARRun, paper_pairs
+from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
 from rebased.mqar import build_model, make_data, train_config
+from rebased.ops.norm import LayerNorm
 from rebased.train import train
 
 CELLS = [
@@ -39,12 +41,24 @@ def with_op_path(model: LanguageModel, mode: str, backend: str) -> LanguageModel
     return LanguageModel(model.cfg.replace(mixers=mixers))
 
 
-def seconds_per_step(run: MQARRun, mode: str, backend: str, compile: bool = False) -> float:
+def with_norm_backend(model: LanguageModel, backend: str) -> LanguageModel:
+    """Every LayerNorm of the model (blocks and feature maps) through this rebased.ops.norm backend."""
+    for module in model.modules():
+        if isinstance(module, (LayerNorm, FeatureMap)):
+            module.backend = backend
+    return model
+
+
+def seconds_per_step(
+    run: MQARRun, mode: str, backend: str, compile: bool = False, norm_backend: str | None = None
+) -> float:
     data = make_data(run)
     timings = []
     for steps in (1, 2, 8):  # the first only warms up (Triton compiles, cuDNN picks algorithms)
         torch.manual_seed(0)
         model = with_op_path(build_model(run), mode, backend)
+        if norm_backend is not None:
+            model = with_norm_backend(model, norm_backend)
         config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, compile=compile)
         torch.cuda.synchronize()
         start = time.perf_counter()

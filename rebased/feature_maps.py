@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from rebased.ops.common import DEFAULT_EPS, check_choice
 from rebased.ops.kernels import Polynomial
+from rebased.ops.norm import layer_norm
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as in the official ReBased code
 
@@ -42,6 +43,7 @@ class FeatureMap(nn.Module):
     kernel: Polynomial | None = None
     normalize: bool = True  # divide by the normaliser; False for maps whose similarity can be negative
     eps: float = DEFAULT_EPS
+    backend: str = "auto"  # for the maps' LayerNorms (rebased.ops.norm); the mixer sets its own backend here
 
     def __init__(self, head_dim: int, num_heads: int):
         super().__init__()
@@ -74,9 +76,9 @@ class _ScaleShift(nn.Module):
         self.weight = nn.Parameter(torch.ones(shape)) if gamma else None
         self.bias = nn.Parameter(torch.zeros(shape)) if beta else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, backend: str = "auto") -> Tensor:
         if self.normalise:
-            return F.layer_norm(x, self.shape, self.weight, self.bias, LAYER_NORM_EPS)
+            return layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS, backend=backend)
         if self.weight is not None:
             x = x * self.weight
         return x + self.bias if self.bias is not None else x
@@ -105,10 +107,9 @@ class QuadraticMap(FeatureMap):
 
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         if self.scope == "per_head":
-            return self.q_norm(q), self.k_norm(k)
-        return self.q_norm(q.flatten(-2)).unflatten(-1, q.shape[-2:]), self.k_norm(k.flatten(-2)).unflatten(
-            -1, k.shape[-2:]
-        )
+            return self.q_norm(q, self.backend), self.k_norm(k, self.backend)
+        q = self.q_norm(q.flatten(-2), self.backend).unflatten(-1, q.shape[-2:])
+        return q, self.k_norm(k.flatten(-2), self.backend).unflatten(-1, k.shape[-2:])
 
 
 class PolynomialMap(FeatureMap):

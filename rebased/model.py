@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from rebased.config import ModelConfig
 from rebased.mixers import make_mixer
+from rebased.ops.norm import LayerNorm
 
 
 class GeluMLP(nn.Module):
@@ -57,7 +58,7 @@ def _swiglu(d_model: int, hidden: int) -> nn.Module:
 
 MLP_BUILDERS = {"none": None, "identity": lambda d_model, hidden: nn.Identity(), "gelu": _gelu_mlp, "swiglu": _swiglu}
 NORM_BUILDERS = {
-    "layernorm": lambda d, eps, affine: nn.LayerNorm(d, eps=eps, elementwise_affine=affine),
+    "layernorm": lambda d, eps, affine: LayerNorm(d, eps=eps, elementwise_affine=affine),  # fused on CUDA
     "rmsnorm": lambda d, eps, affine: nn.RMSNorm(d, eps=eps, elementwise_affine=affine),
 }
 

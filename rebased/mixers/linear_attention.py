@@ -37,6 +37,7 @@ class LinearAttention(Mixer):
         self.proj_v = nn.Linear(d_model, heads * self.value_dim, bias=False)
         self.out_proj = nn.Linear(heads * self.value_dim, d_model, bias=False)
         self.feature_map = make_feature_map(cfg.feature_map, self.key_dim, heads, **cfg.feature_map_options)
+        self.feature_map.backend = cfg.backend
         self.eps = self.feature_map.eps if cfg.eps is None else cfg.eps
 
     def _project(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:

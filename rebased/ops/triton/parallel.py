@@ -305,8 +305,9 @@ def parallel_linear_attention(
     _refuse(q, k, v, initial_state)
     sequences = Sequences(batch=q.shape[0], length=q.shape[1])
     poly = _Poly.of(kernel)
-    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps,
-                               _for_backward(q, k, v))
+    o = ParallelFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps, _for_backward(q, k, v)
+    )
     if not output_final_state:
         return o, None
     phi_k = features(k.float(), kernel)  # [B, T, H, F]
@@ -333,8 +334,9 @@ def packed_parallel_linear_attention(
     _refuse(q, k, v, initial_state)
     sequences = Sequences(cu_seqlens=cu_seqlens)
     poly = _Poly.of(kernel)
-    o = ParallelFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps,
-                               _for_backward(q, k, v))
+    o = ParallelFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps, _for_backward(q, k, v)
+    )
     if not output_final_state:
         return o, None
     bounds = cu_seqlens.tolist()

@@ -1,0 +1,149 @@
+"""LayerNorm over the last dim with its affine and the output cast in one pass: forward and backward kernels.
+
+    mu = mean(x),  r = 1 / sqrt(var(x) + eps),  x^ = (x - mu) r,  y = x^ gamma + beta     (per row, fp32 math)
+    dx = r (g - x^ mean(g x^) - mean(g)),  g = dy gamma;   dgamma = sum_rows dy x^,   dbeta = sum_rows dy
+
+Why a kernel of our own: in a ReBased MQAR step the feature map's two LayerNorms (over H * D = 192 features of
+~10^5 rows) and the casts around them took a quarter of the GPU time (benchmarks/results/h200_mqar/
+mqar_profile.log): PyTorch's gamma/beta backward is slow for many short rows, and under autocast its LayerNorm
+returns fp32 that the mixer then casts to bf16. Here the output is written once, in the dtype the next op
+takes, and the gamma/beta gradients are per-program partial sums (fixed partition: deterministic) that torch
+adds up. The official ReBased norm spans all heads jointly, so it cannot be folded into a per-head attention
+program's loads; a separate pass is the fusion that fits it.
+
+Shape letters: M rows, N features (BN padded), BM rows per tile, P backward programs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from rebased.ops.triton.functions import interpreting
+
+MAX_FEATURES = 8192  # one row per tile register block; wider rows go to torch
+
+
+@triton.jit
+def _tile(x, rows, cols, M, N):
+    """Rows x cols of an [M, N] tensor as fp32, 0 outside; the offsets and mask."""
+    offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    return tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32), offsets, mask
+
+
+@triton.jit
+def _affine(w, b, cols, N, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """gamma and beta as fp32 [BN] (1 and 0 where absent)."""
+    gamma = cols.to(tl.float32) * 0.0 + 1.0
+    beta = cols.to(tl.float32) * 0.0
+    if HAS_W:
+        gamma = tl.load(w + cols, mask=cols < N, other=0.0).to(tl.float32)
+    if HAS_B:
+        beta = tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)
+    return gamma, beta
+
+
+@triton.jit
+def layer_norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, eps,
+                          BM: tl.constexpr, BN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    xt, offsets, mask = _tile(x, rows, cols, M, N)
+    mu = tl.sum(xt, axis=1) / N
+    centred = tl.where(mask, xt - mu[:, None], 0.0)
+    r = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+    gamma, beta = _affine(w, b, cols, N, HAS_W, HAS_B)
+    yt = centred * r[:, None] * gamma[None, :] + beta[None, :]
+    tl.store(y + offsets, yt.to(y.dtype.element_ty), mask=mask)
+    tl.store(mean + rows, mu, mask=rows < M)
+    tl.store(rstd + rows, r, mask=rows < M)
+
+
+@triton.jit
+def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N,
+                          BM: tl.constexpr, BN: tl.constexpr, HAS_W: tl.constexpr):  # fmt: skip
+    """Program p takes row blocks p, p + P, p + 2P, ...; its gamma/beta gradient sums go to row p of the
+    [P, N] partials."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    cols = tl.arange(0, BN)
+    gamma, _ = _affine(w, w, cols, N, HAS_W, False)
+    dw_acc = tl.zeros([BN], tl.float32)
+    db_acc = tl.zeros([BN], tl.float32)
+    for start in range(pid * BM, M, programs * BM):
+        rows = start + tl.arange(0, BM)
+        xt, offsets, mask = _tile(x, rows, cols, M, N)
+        dyt, _, _ = _tile(dy, rows, cols, M, N)
+        mu = tl.load(mean + rows, mask=rows < M, other=0.0)
+        r = tl.load(rstd + rows, mask=rows < M, other=0.0)
+        xhat = tl.where(mask, (xt - mu[:, None]) * r[:, None], 0.0)
+        g = dyt * gamma[None, :]
+        dxt = (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None] - (tl.sum(g, axis=1) / N)[:, None]) * r[:, None]
+        tl.store(dx + offsets, dxt.to(dx.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dyt * xhat, axis=0)
+        db_acc += tl.sum(dyt, axis=0)
+    tl.store(dw_part + pid * N + cols, dw_acc, mask=cols < N)
+    tl.store(db_part + pid * N + cols, db_acc, mask=cols < N)
+
+
+def _blocks(features: int) -> tuple[int, int]:
+    """(BM, BN): tiles of about 4096 elements on the GPU; 4 rows under the interpreter, so tiny tests cross
+    several row blocks."""
+    bn = max(16, triton.next_power_of_2(features))
+    return (4 if interpreting() else max(1, 4096 // bn)), bn
+
+
+def _backward_programs(row_blocks: int, device: torch.device) -> int:
+    if interpreting():
+        return min(row_blocks, 3)
+    return min(row_blocks, 8 * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype):
+        shape, features = x.shape, x.shape[-1]
+        x2 = x.reshape(-1, features).contiguous()
+        rows = x2.shape[0]
+        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        bm, bn = _blocks(features)
+        if rows:
+            layer_norm_fwd_kernel[(triton.cdiv(rows, bm),)](
+                x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
+                rows, features, eps, BM=bm, BN=bn, HAS_W=weight is not None, HAS_B=bias is not None, num_warps=4,
+            )  # fmt: skip
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.shape, ctx.bias_dtype = shape, None if bias is None else bias.dtype
+        return y.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        rows, features = x2.shape
+        dy2 = dy.reshape(rows, features).contiguous()
+        dx = torch.empty_like(x2)
+        bm, bn = _blocks(features)
+        programs = _backward_programs(triton.cdiv(rows, bm), x2.device)
+        dw_part = torch.zeros(max(1, programs), features, dtype=torch.float32, device=x2.device)
+        db_part = torch.zeros_like(dw_part)
+        if programs:
+            layer_norm_bwd_kernel[(programs,)](
+                x2, weight if weight is not None else x2, dy2, mean, rstd, dx, dw_part, db_part, rows, features,
+                BM=bm, BN=bn, HAS_W=weight is not None, num_warps=4,
+            )  # fmt: skip
+        dw = None if weight is None else dw_part.sum(0).to(weight.dtype)
+        db = None if ctx.bias_dtype is None else db_part.sum(0).to(ctx.bias_dtype)
+        return dx.reshape(ctx.shape), dw, db, None, None
+
+
+def fused_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype):
+    """The ("triton") layer_norm: x [..., N] in any float dtype, weight/bias [N] or None; y in out_dtype."""
+    if x.device.type != "cuda" and not interpreting():
+        raise NotImplementedError(f"layer_norm(backend='triton') needs CUDA tensors, got {x.device.type}")
+    if x.shape[-1] > MAX_FEATURES:
+        raise NotImplementedError(f"layer_norm(backend='triton') covers rows up to {MAX_FEATURES}, got {x.shape[-1]}")
+    return LayerNormFunction.apply(x, weight, bias, eps, out_dtype)

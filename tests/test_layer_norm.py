@@ -1,0 +1,107 @@
+"""The fused LayerNorm (rebased.ops.norm, backend "triton") against F.layer_norm in float64: outputs and the
+gradients of x, weight and bias. Without CUDA the kernels run under TRITON_INTERPRET=1 at tiny shapes (4-row
+tiles, 3 backward programs, so the partial sums and the strided row walk are exercised); gpu tests run the
+compiled kernels at the MQAR feature map's shape."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of rebased.ops.triton
+
+pytest.importorskip("triton")
+
+from rebased.ops.norm import LayerNorm, layer_norm  # noqa: E402
+from rebased.testing import assert_close  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def inputs(rows, features, dtype, affine, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, features, generator=g) * 3 + 1).to(DEVICE, dtype)
+    w = (torch.randn(features, generator=g) + 1).to(DEVICE) if affine[0] else None
+    b = torch.randn(features, generator=g).to(DEVICE) if affine[1] else None
+    dy = torch.randn(rows, features, generator=g).to(DEVICE)
+    return x, w, b, dy
+
+
+def both(x, w, b, dy, eps=1e-5):
+    """(y, dx, dw, db) from the fused op and from float64 F.layer_norm."""
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+        if not fused:
+            leaves = [t.double().detach().requires_grad_(True) if t is not None else None for t in leaves]
+        xl, wl, bl = leaves
+        y = layer_norm(xl, wl, bl, eps, backend="triton") if fused else F.layer_norm(xl, xl.shape[-1:], wl, bl, eps)
+        (y.double() * dy.double()).sum().backward()
+        results.append((y, xl.grad, None if wl is None else wl.grad, None if bl is None else bl.grad))
+    return results
+
+
+@pytest.mark.parametrize("features", [5, 16, 100, 192])
+@pytest.mark.parametrize("rows", [1, 7, 30])
+@pytest.mark.parametrize("affine", [(True, True), (False, False), (True, False), (False, True)])
+def test_fused_layer_norm_matches_float64(features, rows, affine):
+    x, w, b, dy = inputs(rows, features, torch.float32, affine, seed=features + rows)
+    (y, dx, dw, db), (ry, rdx, rdw, rdb) = both(x, w, b, dy)
+    assert y.dtype == torch.float32 and dx.dtype == torch.float32
+    assert_close(y, ry, rel_rms=1e-5, name="y")
+    assert_close(dx, rdx, rel_rms=1e-4, name="dx")
+    for got, want, name in ((dw, rdw, "dweight"), (db, rdb, "dbias")):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got.dtype == torch.float32
+            assert_close(got, want, rel_rms=1e-5, name=name)
+
+
+def test_bf16_input_keeps_its_dtype_and_autocast_picks_the_output_dtype():
+    x, w, b, dy = inputs(9, 48, torch.bfloat16, (True, True))
+    (y, dx, _, _), (ry, rdx, _, _) = both(x, w, b, dy)
+    assert y.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16
+    assert_close(y, ry, rel_rms=1e-2, name="y")
+    assert_close(dx, rdx, rel_rms=1e-2, name="dx")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert layer_norm(x.float(), w, b, 1e-5, backend="triton").dtype == torch.bfloat16
+
+
+def test_module_is_nn_layer_norm_with_a_backend():
+    torch.manual_seed(0)
+    fused, plain = LayerNorm(12, backend="triton").to(DEVICE), torch.nn.LayerNorm(12).to(DEVICE)
+    plain.load_state_dict(fused.state_dict())  # the same parameters and names
+    x = torch.randn(3, 5, 12, device=DEVICE)
+    assert_close(fused(x), plain(x), rel_rms=1e-5, name="y")
+    with pytest.raises(ValueError, match="unknown backend"):
+        LayerNorm(12, backend="trition")
+
+
+def test_auto_takes_torch_off_cuda_and_empty_inputs_pass():
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE, requires_grad=True)
+    y = layer_norm(x, w, None, 1e-5, backend="triton")
+    y.sum().backward()
+    assert y.shape == (0, 8) and torch.equal(w.grad, torch.zeros(8, device=DEVICE))
+    if not HAS_CUDA:  # the interpreter runs the kernels on the CPU, but "auto" must not pick them there
+        z = torch.randn(2, 8)
+        assert torch.equal(layer_norm(z, None, None, 1e-5), F.layer_norm(z, (8,), eps=1e-5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_mqar_feature_map_shape(dtype):
+    """The joint ReBased norm of an MQAR micro-batch: 32 x 2048 rows of 12 heads x 16 features."""
+    x, w, b, dy = inputs(32 * 2048, 192, dtype, (True, True))
+    (y, dx, dw, db), (ry, rdx, rdw, rdb) = both(x, w, b, dy)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(y, ry, rel_rms=tolerance, name="y")
+    assert_close(dx, rdx, rel_rms=10 * tolerance, name="dx")
+    assert_close(dw, rdw, rel_rms=1e-4, name="dweight")
+    assert_close(db, rdb, rel_rms=1e-4, name="dbias")
