@@ -69,13 +69,13 @@ def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N,
     [P, N] partials."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BN)
-    gamma, _ = _affine(w, w, cols, N, HAS_W, False)
+    gamma, no_beta = _affine(w, w, cols, N, HAS_W, False)  # (compiled Triton: '_' must not be reused in the loop)
     dw_acc = tl.zeros([BN], tl.float32)
     db_acc = tl.zeros([BN], tl.float32)
     for start in range(pid * BM, M, programs * BM):
         rows = start + tl.arange(0, BM)
         xt, offsets, mask = _tile(x, rows, cols, M, N)
-        dyt, _, _ = _tile(dy, rows, cols, M, N)
+        dyt, same_offsets, same_mask = _tile(dy, rows, cols, M, N)
         mu = tl.load(mean + rows, mask=rows < M, other=0.0)
         r = tl.load(rstd + rows, mask=rows < M, other=0.0)
         xhat = tl.where(mask, (xt - mu[:, None]) * r[:, None], 0.0)
