@@ -33,7 +33,9 @@ def inputs(rows, features, dtype, affine, seed=0):
 
 
 def both(x, w, b, dy, eps=1e-5):
-    """(y, dx, dw, db) from the fused op and from float64 F.layer_norm."""
+    """(y, dx, dw, db) from the fused op and from float64 F.layer_norm. Both get dy rounded to y's dtype, as
+    autograd hands it to the fused backward (bf16 y: bf16 dy), so the comparison measures the kernel alone."""
+    dy = dy.to(x.dtype)
     results = []
     for fused in (True, False):
         leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
