@@ -14,8 +14,9 @@ Covered: polynomial kernels (any c0, c1, c2, scale); chunk: q/k dim <= 16 when t
 Anything else raises NotImplementedError before doing work, and backend="auto" then runs torch.
 Variable-length batches (cu_seqlens): the parallel kernels walk the offsets themselves (one launch for all
 sequences; a dense batch is the same kernels on B sequences of T); the chunk kernel runs once per sequence
-(rebased.ops.varlen). Not here yet: the ReBased LayerNorm fused into the
-loads. Measurements and what bounds them: benchmarks/results/h200/README.md.
+(rebased.ops.varlen). The ReBased LayerNorm and affine run as one fused pass of their own
+(layer_norm.py, through rebased.ops.norm): the official norm spans all heads, so it cannot sit in a per-head
+program's loads. Measurements and what bounds them: benchmarks/results/h200/README.md.
 """
 
 from __future__ import annotations
