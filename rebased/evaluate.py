@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rebased.data.labels import IGNORE_INDEX
-from rebased.train import labelled_logits, takes_select
+from rebased.train import labelled_logits, labelled_positions, takes_select
 
 
 @torch.no_grad()
@@ -32,11 +31,10 @@ def accuracy_by_slice(
     for start in range(0, len(inputs), batch_size):
         x = inputs[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
-        mask = y != IGNORE_INDEX
-        logits = labelled_logits(model, x, mask, select).float()
-        target = y[mask]
+        positions, target = labelled_positions(y)
+        logits = labelled_logits(model, x, positions, select).float()
         loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        rows = mask.nonzero()[:, 0].cpu() + start
+        rows = (positions // y.shape[1]).cpu() + start
         correct.index_add_(0, rows, (logits.argmax(-1) == target).long().cpu())
         counted.index_add_(0, rows, torch.ones_like(rows))
     model.train(was_training)

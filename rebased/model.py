@@ -99,6 +99,11 @@ class StateSize(NamedTuple):
     bytes: int
 
 
+def select_positions(x: Tensor, select: Tensor) -> Tensor:
+    """Rows of x [B, T, ...] at a boolean mask [B, T] or at flat indices b * T + t, in row-major order."""
+    return x[select] if select.dtype == torch.bool else x.flatten(0, 1)[select]
+
+
 class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -145,12 +150,14 @@ class LanguageModel(nn.Module):
         return self.lm_head(self.norm_f(x))
 
     def forward(self, ids: Tensor, select: Tensor | None = None) -> Tensor:
-        """ids [B, T] -> logits [B, T, V]; with a boolean mask select [B, T], logits [n_selected, V] only
-        at those positions (MQAR labels a few positions: the head over the vocabulary dominates otherwise)."""
+        """ids [B, T] -> logits [B, T, V]; with select, logits [n_selected, V] only at the selected positions
+        (MQAR labels a few positions: the head over the vocabulary dominates otherwise). select is a boolean
+        mask [B, T] or the flat indices b * T + t of the positions (an index tensor: on the GPU a boolean
+        mask makes the host wait for the device to count its True entries, an index does not)."""
         x = self._embed(ids, 0)
         for layer in self.layers:
             x = layer(x)
-        return self._logits(x if select is None else x[select])
+        return self._logits(x if select is None else select_positions(x, select))
 
     def prefill(self, ids: Tensor) -> tuple[Tensor, ModelState]:
         x, states = self._embed(ids, 0), []

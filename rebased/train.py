@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rebased.data.labels import IGNORE_INDEX
+from rebased.model import select_positions
 from rebased.run_files import CHECKPOINT, CONFIG, METRICS, RunFiles, RunState
 
 __all__ = [  # the run-folder names are re-exported: callers find a run's files through this module
@@ -38,13 +39,21 @@ log = logging.getLogger(__name__)
 
 
 def takes_select(model: nn.Module) -> bool:
-    """Whether model.forward(ids, select=mask) computes logits only at the masked positions."""
+    """Whether model.forward(ids, select=positions) computes logits only at the given positions (flat indices
+    b * T + t, as labelled_positions returns them)."""
     return "select" in inspect.signature(model.forward).parameters
 
 
-def labelled_logits(forward: Callable, inputs: Tensor, mask: Tensor, select: bool) -> Tensor:
-    """Logits [M, V] at the M masked positions; a model without `select` computes all, then keeps those."""
-    return forward(inputs, select=mask) if select else forward(inputs)[mask]
+def labelled_logits(forward: Callable, inputs: Tensor, positions: Tensor, select: bool) -> Tensor:
+    """Logits [M, V] at M positions (a boolean mask [B, T] or flat indices b * T + t); a model without
+    `select` computes all, then keeps those."""
+    return forward(inputs, select=positions) if select else select_positions(forward(inputs), positions)
+
+
+def labelled_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The flat indices b * T + t of the labelled positions of labels [B, T], and their labels, row-major."""
+    positions = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+    return positions, labels.flatten()[positions]
 
 
 @dataclass(frozen=True)
@@ -202,12 +211,21 @@ class _Engine:
         if self.config.compile:
             self.forward = torch.compile(self.forward)
 
-    def labelled_loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """Cross-entropy summed over the positions with a label."""
-        mask = y != IGNORE_INDEX
+    def labelled_loss(self, x: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy summed over the labelled positions (flat indices) of x."""
         with self.autocast():
-            logits = labelled_logits(self.forward, x, mask, self.select)  # [M, V]
-        return F.cross_entropy(logits.float(), y[mask], reduction="sum")
+            logits = labelled_logits(self.forward, x, positions, self.select)  # [M, V]
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def micro_batch(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs, labelled positions and their labels for these example rows, on the device. The positions
+        are found on the host, where the labels live, and copied from pinned memory without blocking: the
+        host then never waits for the GPU inside a step and queues the next micro-batch while it computes."""
+        x = self.inputs[rows]
+        positions, targets = labelled_positions(self.labels[rows])
+        if self.env.device.type != "cuda":
+            return x, positions, targets
+        return tuple(t.pin_memory().to(self.env.device, non_blocking=True) for t in (x, positions, targets))
 
     def optimizer_step(self, indices: Tensor, lr: float) -> Tensor:
         """One step on a global batch of example indices; returns its mean loss over labelled positions."""
@@ -216,11 +234,10 @@ class _Engine:
         micro = indices.tensor_split(env.world)[env.rank].tensor_split(self.config.grad_accumulation)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, part in enumerate(micro):
-            x = self.inputs[part].to(device, non_blocking=True)
-            y = self.labels[part].to(device, non_blocking=True)
+            x, positions, targets = self.micro_batch(part)
             last = i == len(micro) - 1
             with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                loss = self.labelled_loss(x, y) / count
+                loss = self.labelled_loss(x, positions, targets) / count
                 (loss * env.world).backward()  # DDP averages gradients over ranks; the batch gradient is their sum
             total += loss.detach()
         if env.world > 1:
@@ -307,7 +324,7 @@ class _Engine:
             state.step += 1
             state.batch += 1
             bar.update(1)
-            if state.step % 10 == 0 or state.step == total:  # .item() waits for the GPU: not every step
+            if self.progress and (state.step % 10 == 0 or state.step == total):  # .item() waits for the GPU
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", refresh=False)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.batch < steps:
                 state.seconds = time.perf_counter() - start

@@ -110,8 +110,9 @@ def test_loss_counts_only_labelled_positions():
     model, result = run(TrainConfig(epochs=1, max_steps=1, grad_accumulation=2, **QUICK), model=copy.deepcopy(initial))
     batch = batch_order(len(inputs), 16, 0, 0)[0]
     mask = labels[batch] != -100
-    assert [m.sum().item() for m in model.selections] == [mask[:8].sum().item(), mask[8:].sum().item()]
-    assert torch.equal(torch.cat(model.selections), mask)  # the model was asked for logits at labels only
+    halves = (mask[:8].flatten().nonzero().squeeze(1), mask[8:].flatten().nonzero().squeeze(1))
+    assert len(model.selections) == 2  # the model was asked for logits at the labelled positions only
+    assert all(torch.equal(got, want) for got, want in zip(model.selections, halves))
     expected = F.cross_entropy(initial(inputs[batch])[mask], labels[batch][mask]).item()
     assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
 
@@ -248,3 +249,48 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert ddp["result"]["steps"] == result.steps == 16
     ddp_losses = [entry["train_loss"] for entry in ddp["result"]["history"]]
     assert ddp_losses == pytest.approx([entry["train_loss"] for entry in result.history], rel=1e-5)
+
+
+def test_positions_select_what_the_mask_selects():
+    """LanguageModel's select takes a boolean mask or the flat indices train() passes: the same logits."""
+    from rebased.model import LanguageModel
+    from rebased.presets import tiny
+    from rebased.train import labelled_positions
+
+    torch.manual_seed(0)
+    model = LanguageModel(tiny("rebased"))
+    ids = torch.randint(0, 256, (3, 10))
+    labels = torch.where(torch.rand(3, 10) < 0.3, ids, torch.full_like(ids, -100))
+    positions, targets = labelled_positions(labels)
+    mask = labels != -100
+    assert torch.equal(model(ids, select=positions), model(ids, select=mask))
+    assert torch.equal(targets, labels[mask])
+    assert_close(model(ids)[mask], model(ids, select=positions), rel_rms=1e-6, name="logits")  # (matmul blocking)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_steps_never_wait_for_the_device(monkeypatch):
+    """After the first step (kernel compiles, cached tables), an optimizer step queues its work without any
+    host-device synchronisation, so the host runs ahead of the GPU (an MQAR ReBased model, bf16 autocast)."""
+    import dataclasses
+
+    from rebased.experiments.mqar import MQARRun
+    from rebased.mqar import build_model, make_data, train_config
+
+    original, steps = train_module._Engine.optimizer_step, []
+
+    def checked(self, indices, lr):
+        torch.cuda.set_sync_debug_mode("error" if steps else "default")
+        try:
+            return original(self, indices, lr)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            steps.append(lr)
+
+    monkeypatch.setattr(train_module._Engine, "optimizer_step", checked)
+    run = MQARRun("rebased", 64, 128, 8, 1e-3, train_examples=256, test_examples=64, batch_size=64)
+    data = make_data(run)
+    config = dataclasses.replace(train_config(run), max_steps=3, early_stop_metric=None)
+    train(build_model(run), (data.train.inputs, data.train.labels), config, progress=False)
+    assert len(steps) == 3

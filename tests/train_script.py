@@ -21,8 +21,8 @@ VOCAB, DIM = 16, 32
 
 
 class TinyLM(nn.Module):
-    """Embedding, a causal running mean (so positions interact), an MLP with dropout, a head; `select` like
-    LanguageModel's: logits only where the boolean mask [B, T] is True."""
+    """Embedding, a causal running mean (so positions interact), an MLP with dropout, a head; `select` as
+    train() passes it: logits only at the flat positions b * T + t it lists."""
 
     def __init__(self, generator: torch.Generator, dropout: float = 0.0):
         super().__init__()
@@ -42,7 +42,7 @@ class TinyLM(nn.Module):
         h = self.drop(torch.nn.functional.gelu(self.mix(torch.cat([x, context], -1))))
         if select is not None:
             self.selections.append(select)
-            h = h[select]  # [M, D]
+            h = h.flatten(0, 1)[select]  # [M, D]
         return self.head(h)
 
 
