@@ -411,3 +411,21 @@ def test_gpu_step_matches_chunk_final_state():
     assert_close(o, ref_o[:, 32], rel_rms=1e-2, name="o")
     # bf16 inputs: the chunk kernel's state dots run in tf32 (2^-11 relative per term), measured 3.5e-4
     assert_close(state.kv, ref_final.kv, rel_rms=1e-3, name="kv")
+
+
+@pytest.mark.parametrize("clamp", [False, True])
+@pytest.mark.parametrize("value_dim", [1, 5, 40])
+def test_parallel_row_terms_kernel_matches_its_torch_twin(clamp, value_dim):
+    """r = 1 / (den + eps) and dd = -(do . o) per query row, over rows that do not fill the last block, with
+    negative normalisers (a clamped kernel's den can round below zero: r uses 0 there, dd is 0)."""
+    parallel = triton_ops.parallel
+    generator = torch.Generator().manual_seed(value_dim)
+    tokens, heads = 13, 3
+    do = torch.randn(tokens, heads, value_dim, generator=generator).to(DEVICE, torch.bfloat16)
+    o = torch.randn(tokens, heads, value_dim, generator=generator).to(DEVICE)
+    den = torch.randn(tokens, heads, generator=generator).to(DEVICE)
+    want = parallel._row_terms(do, o, den, clamp, True, 1e-6)
+    got = parallel._row_terms_fused(do, o, den, clamp, 1e-6)
+    for name, g, w in zip(("r", "dd"), got, want):
+        assert_close(g, w, rel_rms=1e-6, name=name)
+    assert clamp == bool((got[1][den < 0] == 0).all())

@@ -5,8 +5,8 @@ nothing to overflow, so no rescaling). The T x T scores live only in registers, 
 
     s = scale q.k,  P = mask(p(s)),  den = P 1,  o = P V / (den + eps)                  (forward)
 
-Backward, with r = 1 / (den + eps) and dd = -(do . o) per query row (computed in torch from the saved
-den and o: cheap, elementwise):
+Backward, with r = 1 / (den + eps) and dd = -(do . o) per query row (one pass over do and the saved o and den,
+parallel_row_terms_kernel; its torch twin is _row_terms):
 
     dA = (do V^T + dd 1^T) * r;   dS = dA * p'(s) * scale  (masked);   dq = dS K;   dk = dS^T Q;   dv = (P r)^T do
 
@@ -146,6 +146,25 @@ def parallel_dq_kernel(q, k, v, do, r, dd, dq, table, H, D, V, scale, c0, c1, c2
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def parallel_row_terms_kernel(do, o, den, r, dd, R, V, eps,
+                              BR: tl.constexpr, BV: tl.constexpr, CLAMP: tl.constexpr):  # fmt: skip
+    """r = 1 / (den + eps) and dd = -(do . o) for BR of the R = tokens x H query rows, in one pass over do and
+    the fp32 o (torch would upcast do to an fp32 copy first); dd = 0 where a clamped den was negative."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cv = tl.arange(0, BV)
+    offsets = rows[:, None].to(tl.int64) * V + cv[None, :]
+    mask = (rows[:, None] < R) & (cv[None, :] < V)
+    dot_t = tl.load(do + offsets, mask=mask, other=0.0).to(tl.float32)
+    dot = tl.sum(dot_t * tl.load(o + offsets, mask=mask, other=0.0), axis=1)
+    dn = tl.load(den + rows, mask=rows < R, other=1.0)
+    if CLAMP:
+        dot = tl.where(dn < 0, 0.0, dot)
+        dn = tl.maximum(dn, 0.0)
+    tl.store(r + rows, 1.0 / (dn + eps), mask=rows < R)
+    tl.store(dd + rows, -dot, mask=rows < R)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """One kernel's launch: block_m query rows x block_n key rows per tile, warps, software-pipeline stages."""
@@ -246,7 +265,10 @@ class ParallelFunction(torch.autograd.Function):
         q, k, v, o, den = ctx.saved_tensors
         heads, head_dim, value_dim = _kernel_args(q, v)
         do = do.to(v.dtype).contiguous()
-        r, dd = _row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
+        if ctx.normalize:
+            r, dd = _row_terms_fused(do, o, den, ctx.poly.clamp, ctx.eps)
+        else:
+            r, dd = _row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
         _, dkdv, dqc = launch_configs()
         args = dict(**_poly_args(ctx.poly), PREC=_precision(q.dtype))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -272,6 +294,17 @@ def _row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool,
     if clamp:
         dd = dd.masked_fill(den < 0, 0.0)
     return r.contiguous(), dd.contiguous()
+
+
+def _row_terms_fused(do: Tensor, o: Tensor, den: Tensor, clamp: bool, eps: float):
+    """_row_terms (its reference twin) of a normalised output, in one kernel."""
+    rows, value_dim = den.numel(), o.shape[-1]
+    r, dd = torch.empty_like(den), torch.empty_like(den)
+    bv = max(16, triton.next_power_of_2(value_dim))
+    br = max(1, 4096 // bv) if not interpreting() else 8
+    parallel_row_terms_kernel[(triton.cdiv(rows, br),)](do, o, den, r, dd, rows, value_dim, eps, BR=br, BV=bv,
+                                                        CLAMP=clamp)  # fmt: skip
+    return r, dd
 
 
 def _for_backward(*inputs: Tensor) -> bool:
