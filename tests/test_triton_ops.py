@@ -138,6 +138,40 @@ def test_chunk_sequence_segments(segment_chunks, kernel_name, with_state, monkey
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+@pytest.fixture
+def chunk_states(monkeypatch):
+    """("chunk", "triton") through the chunk-states kernels (not the registered pair until they are GPU-tested)."""
+    from rebased.ops import IMPLEMENTATIONS
+    from rebased.ops.triton.chunk_states import chunk_states_linear_attention
+
+    monkeypatch.setitem(IMPLEMENTATIONS, ("chunk", "triton"), chunk_states_linear_attention)
+
+
+# Chunks of 32 and 16 x 16 tiles under the interpreter: lengths below, at and across both.
+@pytest.mark.parametrize("kernel_name", KERNELS)
+@pytest.mark.parametrize("length", [1, 17, 32, 33, 70])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+def test_chunk_states_match_reference(kernel_name, length, with_state, chunk_states):
+    generator = torch.Generator().manual_seed(length * 13 + with_state)
+    kernel = KERNELS[kernel_name](4)
+    q, k, v = make_inputs((2, length, 2, 4), 3, kernel, generator, torch.float32)
+    state = prefix_state(2, 2, 4, 3, kernel, generator) if with_state else None
+    if state is not None:
+        state = LinearAttentionState(*(x.to(DEVICE) for x in state))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+
+
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (32, 20), (12, 1)])
+@pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
+def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states):
+    """q/k dim 32 with a square term too: no program holds more than one [D, V] feature block."""
+    generator = torch.Generator().manual_seed(head_dim * 3 + value_dim)
+    kernel = KERNELS[kernel_name](head_dim)
+    q, k, v = make_inputs((1, 40, 2, head_dim), value_dim, kernel, generator, torch.float32)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(1, 2, head_dim, value_dim, kernel, generator)))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+
+
 # The parallel kernels tile 16 x 16 under the interpreter: lengths below, at and across the blocks.
 @pytest.mark.parametrize("kernel_name", KERNELS)
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 50])
