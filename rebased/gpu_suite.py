@@ -17,7 +17,7 @@ import torch
 
 from rebased.benchmark import DTYPES
 from rebased.feature_maps import make_feature_map
-from rebased.ops import linear_attention
+from rebased.ops import DEFAULT_EPS, linear_attention
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,13 @@ def _suite_entries(config: SuiteConfig, kernel, normalize: bool) -> dict[str, tu
     """name -> (fn(q, k, v) -> o, is_quadratic). q, k are [B, T, H, D]; SDPA gets D = V, as in a softmax layer."""
     entries: dict[str, tuple[Callable, bool]] = {}
     for entry in config.entries:
+        if entry == "chunk_states/triton":  # the chunk-states kernels, not yet the registered chunk pair
+            from rebased.ops.triton.chunk_states import chunk_states_linear_attention
+
+            options = dict(initial_state=None, output_final_state=False, eps=DEFAULT_EPS, chunk_size=64)
+            run = functools.partial(chunk_states_linear_attention, kernel=kernel, normalize=normalize, **options)
+            entries[entry] = (functools.partial(_output_only, run), False)
+            continue
         mode, backend = entry.split("/")
         run = functools.partial(linear_attention, mode=mode, backend=backend, kernel=kernel, normalize=normalize)
         entries[entry] = (functools.partial(_output_only, run), entry == "parallel/torch")  # T x T in memory

@@ -373,10 +373,16 @@ def test_import_rebased_does_not_import_triton():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
 @pytest.mark.parametrize("length", [1000, 4097])
-@pytest.mark.parametrize("mode", ["chunk", "parallel"])
-def test_gpu_against_float64(dtype, kernel_name, length, mode):
+@pytest.mark.parametrize("mode", ["chunk", "parallel", "chunk_states"])
+def test_gpu_against_float64(dtype, kernel_name, length, mode, monkeypatch):
     """bf16: every gradient within 1% relative RMS of float64 at every position; fp32: 1e-4 overall.
-    The chunk kernel starts from a state; the parallel kernel takes none."""
+    The chunk kernels start from a state; the parallel kernel takes none."""
+    if mode == "chunk_states":
+        from rebased.ops import IMPLEMENTATIONS
+        from rebased.ops.triton.chunk_states import chunk_states_linear_attention
+
+        monkeypatch.setitem(IMPLEMENTATIONS, ("chunk", "triton"), chunk_states_linear_attention)
+        mode = "chunk"
     generator = torch.Generator().manual_seed(length)
     kernel = KERNELS[kernel_name](16)
     q, k, v = make_inputs((2, length, 4, 16), 64, kernel, generator, dtype)

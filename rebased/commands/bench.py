@@ -30,7 +30,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokens", type=int, default=65536, help="suite: tokens per call (batch = tokens // T)")
     parser.add_argument(
-        "--entries", default="chunk/triton,parallel/triton,chunk/torch,parallel/torch", help="suite: mode/backend"
+        "--entries",
+        default="chunk/triton,parallel/triton,chunk/torch,parallel/torch",
+        help="suite: mode/backend pairs, or chunk_states/triton (the chunk-states kernels)",
     )
     parser.add_argument("--decode-contexts", default="1024,4096,16384,65536", help="suite: SDPA KV-cache lengths")
     parser.add_argument("--out", default=None, help="suite: write DIR/bench.md and DIR/bench.json")

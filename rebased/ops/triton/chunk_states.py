@@ -11,13 +11,13 @@ scalar times a D-vector, so a block costs one small dot:
     block j < NQ (= D with a square term):  a2 x_j x      block NQ (with a linear term):  a1 x
     the last block (with a constant term):   a0 e_0       (NB = NQ + [c1 > 0] + [c0 > 0])
 
-Four kernels, each O(T) work and all parallel over chunks except the two scans:
+Four kernels, O(T) work, every program independent (the prefix sums over chunks run in torch, cumsum):
 
-    states_fwd  program (block j, b h): walks the chunks, writes S_c[j], z_c[j] before each and the final one
+    chunk_sums  program (block j, b h, chunk c): chunk c's own phi_j(K_c)^T V_c (forward) or phi_j(Q_c)^T g_c
+                (backward, g = do r, r = 1 / (den + eps)); prefix sums make S_c, suffix sums the gradients
+                dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
     output      program (query block, b h): intra-chunk quadratic part (the parallel kernel's tiles) plus
                 sum_j phi_j(q) S_c[j], then o = num / (den + eps)
-    states_bwd  program (block j, b h): walks the chunks backwards: dS_c[j] = dS_final + sum_{c' > c} phi_j(Q_c')^T g_c'
-                (g = do r, r = 1 / (den + eps)), and the initial state's gradient
     dq / dkdv   programs (row block, b h): the parallel kernel's intra-chunk tiles plus the state terms
                 dq += d phi(q)^T (S_c g + z_c dd r),  dv += phi(k) dS_c,  dk += d phi(k)^T (dS_c v + dz_c)
 
@@ -85,33 +85,30 @@ def _state_offsets(bh, c, j, NC, NB, cd, cv, BD: tl.constexpr, BV: tl.constexpr)
 
 
 @triton.jit
-def states_fwd_kernel(k, v, s, z, s0, z0, T, H, D, V, NC, NQ, a0, a1, a2,
+def chunk_sums_kernel(x, y, r, dd, s, z, T, H, D, V, NC, NQ, a0, a1, a2, SHIFT,
                       C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS1: tl.constexpr,
-                      USE_INIT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Slots 0..NC-1 get the state before each chunk, slot NC the final state; s0, z0 the initial one
-    ([B H, NB, BD, BV] and [B H, NB, BD])."""
-    j, bh, NB = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+                      GRAD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Chunk c's own sums for feature block j, into slot c + SHIFT of [B H, NC + 1, NB, BD, BV] / [.., BD]:
+    forward  (GRAD=False): phi_j(K_c)^T V_c and phi_j(K_c)^T 1                       (x = k, y = v)
+    backward (GRAD=True):  phi_j(Q_c)^T (do r)_c and phi_j(Q_c)^T (dd r)_c           (x = q, y = do)
+    Every (block, b h, chunk) is its own program; the caller's cumulative sum over chunks makes the states."""
+    j, bh, c, NB = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
     b, h = bh // H, bh % H
-    k_base, v_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
+    x_base, y_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    state = tl.zeros([BD, BV], tl.float32)
-    norm = tl.zeros([BD], tl.float32)
-    if USE_INIT:
-        init = (bh.to(tl.int64) * NB + j) * BD
-        state = tl.load(s0 + init * BV + cd[:, None] * BV + cv[None, :])
-        norm = tl.load(z0 + init + cd)
-    for c in range(NC + 1):
-        s_off, z_off = _state_offsets(bh, c, j, NC, NB, cd, cv, BD, BV)
-        tl.store(s + s_off, state)
-        tl.store(z + z_off, norm)
-        if c < NC:
-            t = c * C + tl.arange(0, C)
-            kt = _rows(k + k_base, t, cd, T, H * D, D).to(tl.float32)
-            vt = _rows(v + v_base, t, cv, T, H * V, V).to(tl.float32)
-            k_j = _column(k, k_base, t, j, T, H * D, NQ)
-            phi = _block_features(kt, k_j, j, NQ, a0, a1, a2, (t < T).to(tl.float32), cd, HAS1)  # [C, BD]
-            state += tl.dot(tl.trans(phi), vt, input_precision=PREC)
-            norm += tl.sum(phi, 0)
+    t = c * C + tl.arange(0, C)
+    xt = _rows(x + x_base, t, cd, T, H * D, D).to(tl.float32)
+    yt = _rows(y + y_base, t, cv, T, H * V, V).to(tl.float32)
+    w = (t < T).to(tl.float32)
+    if GRAD:
+        rt = tl.load(r + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0)
+        yt = yt * rt[:, None]
+        w = tl.load(dd + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0) * rt
+    phi = _block_features(xt, _column(x, x_base, t, j, T, H * D, NQ), j, NQ, a0, a1, a2, (t < T).to(tl.float32),
+                          cd, HAS1)  # fmt: skip
+    s_off, z_off = _state_offsets(bh, c + SHIFT, j, NC, NB, cd, cv, BD, BV)
+    tl.store(s + s_off, tl.dot(tl.trans(phi), yt, input_precision=PREC))
+    tl.store(z + z_off, tl.sum(phi * w[:, None], 0))
 
 
 @triton.jit
@@ -154,41 +151,6 @@ def output_kernel(q, k, v, s, z, o, o32, den, T, H, D, V, NC, NQ, scale, c0, c1,
 
 
 @triton.jit
-def states_bwd_kernel(q, do, r, dd, ds, dz, ds_final, dz_final, ds0, dz0, T, H, D, V, NC, NQ, a0, a1, a2,
-                      C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS1: tl.constexpr,
-                      USE_FINAL: tl.constexpr, STORE_INIT: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Slot c gets what chunk c's keys send to later outputs and to the final state: dS_final plus the
-    later chunks' phi_j(Q)^T g; ds0 / dz0 get the initial state's gradient (all of it)."""
-    j, bh, NB = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
-    b, h = bh // H, bh % H
-    q_base, v_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
-    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    grad = tl.zeros([BD, BV], tl.float32)
-    grad_z = tl.zeros([BD], tl.float32)
-    edge = (bh.to(tl.int64) * NB + j) * BD
-    if USE_FINAL:
-        grad = tl.load(ds_final + edge * BV + cd[:, None] * BV + cv[None, :])
-        grad_z = tl.load(dz_final + edge + cd)
-    for i in range(NC):
-        c = NC - 1 - i
-        s_off, z_off = _state_offsets(bh, c, j, NC, NB, cd, cv, BD, BV)
-        tl.store(ds + s_off, grad)
-        tl.store(dz + z_off, grad_z)
-        t = c * C + tl.arange(0, C)
-        qf = _rows(q + q_base, t, cd, T, H * D, D).to(tl.float32)
-        phi = _block_features(qf, _column(q, q_base, t, j, T, H * D, NQ), j, NQ, a0, a1, a2,
-                              (t < T).to(tl.float32), cd, HAS1)  # fmt: skip
-        rt = tl.load(r + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0)
-        ddt = tl.load(dd + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0)
-        g = _rows(do + v_base, t, cv, T, H * V, V).to(tl.float32) * rt[:, None]
-        grad += tl.dot(tl.trans(phi), g, input_precision=PREC)
-        grad_z += tl.sum(phi * (ddt * rt)[:, None], 0)
-    if STORE_INIT:
-        tl.store(ds0 + edge * BV + cd[:, None] * BV + cv[None, :], grad)
-        tl.store(dz0 + edge + cd, grad_z)
-
-
-@triton.jit
 def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, T, H, D, V, NC, NQ, scale, c0, c1, c2, a0, a1, a2,
                 C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                 NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
@@ -211,8 +173,8 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, T, H, D, V, NC, NQ, scale, c
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
     kf, vf = kt.to(tl.float32), vt.to(tl.float32)
     valid = (cols < T).to(tl.float32)
-    for j in range(NB):  # what later chunks (and the final state) send back through S
-        s_off, z_off = _state_offsets(bh, c, j, NC, NB, cd, cv, BD, BV)
+    for j in range(NB):  # what later chunks (and the final state) send back through S: slot c + 1
+        s_off, z_off = _state_offsets(bh, c + 1, j, NC, NB, cd, cv, BD, BV)
         k_j = _column(k, qk_base, cols, j, T, H * D, NQ)
         phi = _block_features(kf, k_j, j, NQ, a0, a1, a2, valid, cd, HAS1)
         grad = tl.load(ds + s_off)
@@ -319,6 +281,11 @@ def _from_blocks(s: Tensor, z: Tensor, batch: int, head_dim: int, value_dim: int
     return torch.cat(kv, 2).contiguous(), torch.cat(ksum, 2).contiguous()
 
 
+def _suffix_sums(x: Tensor) -> Tensor:
+    """Along dim 1: slot c becomes the sum of slots c..end."""
+    return x.flip(1).cumsum(1).flip(1)
+
+
 def _scalars(poly: _Poly, layout: Layout) -> dict:
     scale, c0, c1, c2, a0, a1, a2 = poly.args()
     return dict(NQ=layout.num_square, a0=a0, a1=a1, a2=a2)
@@ -335,17 +302,23 @@ class ChunkStatesFunction(torch.autograd.Function):
         bh, nb = batch * heads, layout.num_blocks
         s = q.new_empty(bh, chunks + 1, nb, layout.bd, layout.bv, dtype=torch.float32)
         z = q.new_empty(bh, chunks + 1, nb, layout.bd, dtype=torch.float32)
-        s0, z0 = _to_blocks(kv0, ksum0, poly, layout) if kv0 is not None else (s, z)
+        if kv0 is None:  # slot 0: the initial state; slots 1..NC: each chunk's own sums; their prefix sums
+            s[:, 0], z[:, 0] = 0.0, 0.0  # are then the state before each chunk, and slot NC the final state
+        else:
+            s[:, 0], z[:, 0] = _to_blocks(kv0, ksum0, poly, layout)
         prec = _precision(q.dtype)
-        states_fwd_kernel[(nb, bh)](
-            k, v, s, z, s0, z0, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),
-            **layout.constexprs(), HAS1=poly.c1 > 0, USE_INIT=kv0 is not None, PREC=prec, num_warps=4,
-        )  # fmt: skip
+        if chunks:
+            chunk_sums_kernel[(nb, bh, chunks)](
+                k, v, v, v, s, z, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),  # (no r, dd)
+                SHIFT=1, **layout.constexprs(), HAS1=poly.c1 > 0, GRAD=False, PREC=prec, num_warps=4,
+            )  # fmt: skip
+        s.cumsum_(1)
+        z.cumsum_(1)
         o = torch.empty_like(v)
         save32 = for_backward and v.dtype != torch.float32
         o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
         den = q.new_empty(batch * length, heads, dtype=torch.float32)
-        output_kernel[(triton.cdiv(length, layout.block), bh)](
+        output_kernel[(max(1, triton.cdiv(length, layout.block)), bh)](  # (an empty sequence: all rows masked)
             q, k, v, s, z, o, o32, den, length, heads, head_dim, value_dim, chunks, layout.num_square,
             poly.scale, poly.c0, poly.c1, poly.c2, *poly.args()[4:], eps, **layout.constexprs(), BM=layout.block,
             BN=layout.block, NB=nb, HAS0=poly.c0 > 0, HAS1=poly.c1 > 0, NORMALIZE=normalize, CLAMP=poly.clamp,
@@ -376,28 +349,33 @@ class ChunkStatesFunction(torch.autograd.Function):
             feat = feature_dim(head_dim, poly.kernel())
             d_kv = torch.zeros(batch, heads, feat, value_dim, device=q.device) if d_kv is None else d_kv.float()
             d_ksum = torch.zeros(batch, heads, feat, device=q.device) if d_ksum is None else d_ksum.float()
-            ds_final, dz_final = _to_blocks(d_kv, d_ksum, poly, layout)
+        # slot c: chunk c's own phi(Q)^T g; slot NC: the final state's gradient. Suffix sums then give, at slot
+        # c + 1, what chunk c's keys send back (later chunks and the final state), and at slot 0 the initial
+        # state's gradient.
         ds, dz = torch.empty_like(s), torch.empty_like(z)
-        ds0 = s.new_empty(bh, nb, layout.bd, layout.bv) if ctx.has_init else ds
-        dz0 = z.new_empty(bh, nb, layout.bd) if ctx.has_init else dz
+        if use_final:
+            ds[:, chunks], dz[:, chunks] = _to_blocks(d_kv, d_ksum, poly, layout)
+        else:
+            ds[:, chunks], dz[:, chunks] = 0.0, 0.0
         prec = _precision(q.dtype)
-        states_bwd_kernel[(nb, bh)](
-            q, do, r, dd, ds, dz, ds_final if use_final else ds, dz_final if use_final else dz, ds0, dz0,
-            length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout), **layout.constexprs(),
-            HAS1=poly.c1 > 0, USE_FINAL=use_final, STORE_INIT=ctx.has_init, PREC=prec, num_warps=4,
-        )  # fmt: skip
+        if chunks:
+            chunk_sums_kernel[(nb, bh, chunks)](
+                q, do, r, dd, ds, dz, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),
+                SHIFT=0, **layout.constexprs(), HAS1=poly.c1 > 0, GRAD=True, PREC=prec, num_warps=4,
+            )  # fmt: skip
+        ds, dz = _suffix_sums(ds), _suffix_sums(dz)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = dict(
             T=length, H=heads, D=head_dim, V=value_dim, NC=chunks, scale=poly.scale, c0=poly.c0, c1=poly.c1,
             c2=poly.c2, **_scalars(poly, layout), **layout.constexprs(), BM=layout.block, BN=layout.block, NB=nb,
             HAS0=poly.c0 > 0, HAS1=poly.c1 > 0, PREC=prec, num_warps=4,
         )  # fmt: skip
-        grid = (triton.cdiv(length, layout.block), bh)
+        grid = (max(1, triton.cdiv(length, layout.block)), bh)
         dkdv_kernel[grid](q, k, v, do, r, dd, ds, dz, dk, dv, **args)
         dq_kernel[grid](q, k, v, do, r, dd, s, z, dq, **args)
         d_init = (None, None)
         if ctx.has_init:
-            d_init = _from_blocks(ds0, dz0, batch, head_dim, value_dim, poly)
+            d_init = _from_blocks(ds[:, 0], dz[:, 0], batch, head_dim, value_dim, poly)
         return dq, dk, dv, d_init[0], d_init[1], None, None, None, None, None
 
 
