@@ -13,7 +13,7 @@ scalar times a D-vector, so a block costs one small dot:
 
 Four kernels, O(T) work, every program independent (the prefix sums over chunks run in torch, cumsum):
 
-    chunk_sums  program (block j, b h, chunk c): chunk c's own phi_j(K_c)^T V_c (forward) or phi_j(Q_c)^T g_c
+    chunk_sums  program (chunk c, b h): chunk c's own phi(K_c)^T V_c (forward) or phi(Q_c)^T g_c
                 (backward, g = do r, r = 1 / (den + eps)); prefix sums make S_c, suffix sums the gradients
                 dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
     output      program (query block, b h): intra-chunk quadratic part (the parallel kernel's tiles) plus
@@ -86,29 +86,31 @@ def _state_offsets(bh, c, j, NC, NB, cd, cv, BD: tl.constexpr, BV: tl.constexpr)
 
 @triton.jit
 def chunk_sums_kernel(x, y, r, dd, s, z, T, H, D, V, NC, NQ, a0, a1, a2, SHIFT,
-                      C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS1: tl.constexpr,
+                      C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr, HAS1: tl.constexpr,
                       GRAD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Chunk c's own sums for feature block j, into slot c + SHIFT of [B H, NC + 1, NB, BD, BV] / [.., BD]:
-    forward  (GRAD=False): phi_j(K_c)^T V_c and phi_j(K_c)^T 1                       (x = k, y = v)
-    backward (GRAD=True):  phi_j(Q_c)^T (do r)_c and phi_j(Q_c)^T (dd r)_c           (x = q, y = do)
-    Every (block, b h, chunk) is its own program; the caller's cumulative sum over chunks makes the states."""
-    j, bh, c, NB = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+    """Chunk c's own sums, every feature block, into slot c + SHIFT of [B H, NC + 1, NB, BD, BV] / [.., BD]:
+    forward  (GRAD=False): phi(K_c)^T V_c and phi(K_c)^T 1                       (x = k, y = v)
+    backward (GRAD=True):  phi(Q_c)^T (do r)_c and phi(Q_c)^T (dd r)_c           (x = q, y = do)
+    Every (chunk, b h) is its own program (the chunk's x and y are read once); the caller's cumulative sums
+    over chunks make the states."""
+    c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     x_base, y_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     t = c * C + tl.arange(0, C)
+    valid = (t < T).to(tl.float32)
     xt = _rows(x + x_base, t, cd, T, H * D, D).to(tl.float32)
     yt = _rows(y + y_base, t, cv, T, H * V, V).to(tl.float32)
-    w = (t < T).to(tl.float32)
+    w = valid
     if GRAD:
         rt = tl.load(r + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0)
         yt = yt * rt[:, None]
         w = tl.load(dd + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0) * rt
-    phi = _block_features(xt, _column(x, x_base, t, j, T, H * D, NQ), j, NQ, a0, a1, a2, (t < T).to(tl.float32),
-                          cd, HAS1)  # fmt: skip
-    s_off, z_off = _state_offsets(bh, c + SHIFT, j, NC, NB, cd, cv, BD, BV)
-    tl.store(s + s_off, tl.dot(tl.trans(phi), yt, input_precision=PREC))
-    tl.store(z + z_off, tl.sum(phi * w[:, None], 0))
+    for j in range(NB):
+        phi = _block_features(xt, _column(x, x_base, t, j, T, H * D, NQ), j, NQ, a0, a1, a2, valid, cd, HAS1)
+        s_off, z_off = _state_offsets(bh, c + SHIFT, j, NC, NB, cd, cv, BD, BV)
+        tl.store(s + s_off, tl.dot(tl.trans(phi), yt, input_precision=PREC))
+        tl.store(z + z_off, tl.sum(phi * w[:, None], 0))
 
 
 @triton.jit
@@ -308,9 +310,9 @@ class ChunkStatesFunction(torch.autograd.Function):
             s[:, 0], z[:, 0] = _to_blocks(kv0, ksum0, poly, layout)
         prec = _precision(q.dtype)
         if chunks:
-            chunk_sums_kernel[(nb, bh, chunks)](
+            chunk_sums_kernel[(chunks, bh)](
                 k, v, v, v, s, z, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),  # (no r, dd)
-                SHIFT=1, **layout.constexprs(), HAS1=poly.c1 > 0, GRAD=False, PREC=prec, num_warps=4,
+                SHIFT=1, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=False, PREC=prec, num_warps=4,
             )  # fmt: skip
         s.cumsum_(1)
         z.cumsum_(1)
@@ -359,9 +361,9 @@ class ChunkStatesFunction(torch.autograd.Function):
             ds[:, chunks], dz[:, chunks] = 0.0, 0.0
         prec = _precision(q.dtype)
         if chunks:
-            chunk_sums_kernel[(nb, bh, chunks)](
+            chunk_sums_kernel[(chunks, bh)](
                 q, do, r, dd, ds, dz, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),
-                SHIFT=0, **layout.constexprs(), HAS1=poly.c1 > 0, GRAD=True, PREC=prec, num_warps=4,
+                SHIFT=0, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=True, PREC=prec, num_warps=4,
             )  # fmt: skip
         ds, dz = _suffix_sums(ds), _suffix_sums(dz)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
