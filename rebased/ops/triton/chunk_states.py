@@ -11,18 +11,20 @@ scalar times a D-vector, so a block costs one small dot:
     block j < NQ (= D with a square term):  a2 x_j x      block NQ (with a linear term):  a1 x
     the last block (with a constant term):   a0 e_0       (NB = NQ + [c1 > 0] + [c0 > 0])
 
-Four kernels, O(T) work, every program independent (the prefix sums over chunks run in torch, cumsum):
+Five kernels, O(T) work; all but the scan over chunk slots are independent programs:
 
     chunk_sums  program (chunk c, b h): chunk c's own phi(K_c)^T V_c (forward) or phi(Q_c)^T g_c
-                (backward, g = do r, r = 1 / (den + eps)); prefix sums make S_c, suffix sums the gradients
-                dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
+                (backward, g = do r, r = 1 / (den + eps))
+    scan        program (block j, b h): in place, prefix sums over the slots make S_c, suffix sums the
+                gradients dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
     output      program (query block, b h): intra-chunk quadratic part (the parallel kernel's tiles) plus
                 sum_j phi_j(q) S_c[j], then o = num / (den + eps)
     dq / dkdv   programs (row block, b h): the parallel kernel's intra-chunk tiles plus the state terms
                 dq += d phi(q)^T (S_c g + z_c dd r),  dv += phi(k) dS_c,  dk += d phi(k)^T (dS_c v + dz_c)
 
-The chunk states cost memory: NC x NB x BD x BV fp32 per (b, h), with C = 128 about as many bytes as q, k, v
-and o together at v dim 64; a longer chunk halves them and doubles the intra-chunk tiles. States are laid
+The chunk states cost memory and bandwidth: NB x BD x BV fp32 per chunk and head, at C = 128 (ReBased, D 16,
+V 64) 512 bytes a token and head, 1.6x what q, k, v and o take in bf16; a longer chunk halves that and
+doubles the intra-chunk tiles (benchmarks/sweep_chunk_states.py times the trade). States are laid
 out [B H, NC + 1, NB, BD, BV] (padded, so no masks); the caller converts initial and final states from and to
 LinearAttentionState's feature rows. Dense batches only: cu_seqlens runs one call per sequence (ops.varlen).
 
@@ -111,6 +113,20 @@ def chunk_sums_kernel(x, y, r, dd, s, z, T, H, D, V, NC, NQ, a0, a1, a2, SHIFT,
         s_off, z_off = _state_offsets(bh, c + SHIFT, j, NC, NB, cd, cv, BD, BV)
         tl.store(s + s_off, tl.dot(tl.trans(phi), yt, input_precision=PREC))
         tl.store(z + z_off, tl.sum(phi * w[:, None], 0))
+
+
+@triton.jit
+def scan_kernel(s, NC, BD: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr):
+    """In place along the NC + 1 slots of block (program_id 0) of (b h = program_id 1): prefix sums, or suffix
+    sums with REVERSE. One read and one write of the states (torch's flip-cumsum-flip moves them three times)."""
+    j, bh, NB = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
+    acc = tl.zeros([BD, BV], tl.float32)
+    for i in range(NC + 1):
+        c = NC - i if REVERSE else i
+        s_off, _z_off = _state_offsets(bh, c, j, NC, NB, cd, cv, BD, BV)
+        acc += tl.load(s + s_off)
+        tl.store(s + s_off, acc)
 
 
 @triton.jit
@@ -314,8 +330,8 @@ class ChunkStatesFunction(torch.autograd.Function):
                 k, v, v, v, s, z, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),  # (no r, dd)
                 SHIFT=1, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=False, PREC=prec, num_warps=4,
             )  # fmt: skip
-        s.cumsum_(1)
-        z.cumsum_(1)
+        scan_kernel[(nb, bh)](s, chunks, BD=layout.bd, BV=layout.bv, REVERSE=False, num_warps=4)
+        z.cumsum_(1)  # (z is a BV-th of s: torch is fine)
         o = torch.empty_like(v)
         save32 = for_backward and v.dtype != torch.float32
         o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
@@ -365,7 +381,8 @@ class ChunkStatesFunction(torch.autograd.Function):
                 q, do, r, dd, ds, dz, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),
                 SHIFT=0, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=True, PREC=prec, num_warps=4,
             )  # fmt: skip
-        ds, dz = _suffix_sums(ds), _suffix_sums(dz)
+        scan_kernel[(nb, bh)](ds, chunks, BD=layout.bd, BV=layout.bv, REVERSE=True, num_warps=4)
+        dz = _suffix_sums(dz)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = dict(
             T=length, H=heads, D=head_dim, V=value_dim, NC=chunks, scale=poly.scale, c0=poly.c0, c1=poly.c1,

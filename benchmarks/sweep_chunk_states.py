@@ -1,0 +1,74 @@
+"""Chunk length and warps of the chunk-states kernels on a GPU, beside the fused chunk and parallel kernels.
+
+    PYTHONPATH=. python benchmarks/sweep_chunk_states.py
+
+The op suite's workload (65,536 tokens x 16 heads, q/k 16, v 64, bf16, ReBased) at T 1k to 64k: forward and
+forward+backward median ms (triton.testing.do_bench) and peak memory above the inputs, one row per
+(implementation, chunk length, T). CHUNK in rebased/ops/triton/chunk_states.py should take the fastest.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.testing
+
+import rebased.ops.triton.chunk_states as CS
+from rebased.ops import Polynomial, linear_attention
+from rebased.tables import markdown_table
+
+LENGTHS = (1024, 4096, 16384, 65536)
+CHUNKS = (64, 128, 256)
+
+
+def measure(fn, q, k, v) -> tuple[float, float, float]:
+    def forward():
+        return fn(q, k, v)
+
+    def both():
+        forward().float().sum().backward()
+
+    try:
+        fwd = triton.testing.do_bench(forward, return_mode="median")
+        bwd = triton.testing.do_bench(both, return_mode="median")
+    except Exception as error:  # noqa: BLE001  (a config that cannot launch is a row, not a crash)
+        print(f"  failed: {str(error)[:200]}", flush=True)
+        return float("nan"), float("nan"), float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    both()
+    torch.cuda.synchronize()
+    return fwd, bwd, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def implementation(name: str, chunk: int | None, kernel: Polynomial):
+    """fn(q, k, v) -> o for one row of the sweep."""
+    if chunk is not None:
+        CS.CHUNK = chunk
+        options = dict(initial_state=None, output_final_state=False, normalize=True, eps=1e-12, chunk_size=64)
+        return lambda q, k, v: CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
+    mode = "chunk" if name.startswith("chunk") else "parallel"
+    return lambda q, k, v: linear_attention(q, k, v, mode=mode, backend="triton", kernel=kernel)[0]
+
+
+def main() -> None:
+    kernel = Polynomial.rebased(16)
+    candidates = [(f"chunk_states C{c}", c) for c in CHUNKS] + [("chunk (fused)", None), ("parallel", None)]
+    rows = []
+    for length in LENGTHS:
+        batch = 65536 // length
+        q, k = (torch.randn(batch, length, 16, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        v = torch.randn(batch, length, 16, 64, device="cuda", dtype=torch.bfloat16)
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        for name, chunk in candidates:
+            if name == "parallel" and length > 16384:
+                continue
+            fwd, bwd, mib = measure(implementation(name, chunk, kernel), q, k, v)
+            rows.append([name, length, f"{fwd:.3f}", f"{bwd:.3f}", f"{mib:.0f}"])
+            print(" | ".join(map(str, rows[-1])), flush=True)
+    print(markdown_table(["implementation", "T", "fwd ms", "fwd+bwd ms", "fwd+bwd MiB"], rows))
+
+
+if __name__ == "__main__":
+    main()
