@@ -1,0 +1,111 @@
+"""Compile Triton kernels for the H200 (sm_90a) on a machine without a GPU; report registers and spills.
+
+    python benchmarks/compile_check.py            # the chunk-states kernels and, for reference, the others
+
+Catches what only the compiler sees (the interpreter runs kernels as Python: loop-carried type changes,
+unsupported ops) before device time is spent, and reads the cubin's registers and stack (where spills go)
+for the suite's shapes (bf16, q/k dim 16, v dim 64, ReBased). The local triton may differ from the device's
+(3.6.0 there): a clean compile here is evidence, not proof.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import rebased.ops.triton.chunk_states as CS
+import rebased.ops.triton.parallel as P
+from rebased.tables import markdown_table
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+BF16_IN = {"q", "k", "v", "x", "y", "do", "o", "dq", "dk", "dv"}
+
+
+def signature(kernel, consts: dict, fp32_pointers: set[str], ints: set[str]) -> dict:
+    """Types for every argument: constexprs, i32 for sizes, fp32 scalars, bf16 or fp32 pointers."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ints:
+            sig[name] = "i32"
+        elif name in fp32_pointers:
+            sig[name] = "*fp32"
+        elif name in BF16_IN:
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+def resource_usage(cubin: bytes) -> str:
+    """Registers and stack (spills land there) a thread, from cuobjdump -res-usage on the compiled cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        text = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return f"{found.group(1)} registers, stack {found.group(2)} B" if found else "usage not found"
+
+
+CASES = [  # name, kernel, constexprs, fp32 pointers, i32 args, num_warps
+    ("chunk_sums (fwd)", CS.chunk_sums_kernel,
+     dict(C=128, BD=16, BV=64, NB=16, HAS1=False, GRAD=False, PREC="tf32"), {"r", "dd", "s", "z"},
+     {"T", "H", "D", "V", "NC", "NQ", "SHIFT"}, 4),
+    ("chunk_sums (bwd)", CS.chunk_sums_kernel,
+     dict(C=128, BD=16, BV=64, NB=16, HAS1=False, GRAD=True, PREC="tf32"), {"r", "dd", "s", "z"},
+     {"T", "H", "D", "V", "NC", "NQ", "SHIFT"}, 4),
+    ("scan", CS.scan_kernel, dict(BD=16, BV=64, REVERSE=False), {"s"}, {"NC"}, 4),
+    ("output", CS.output_kernel,
+     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, NORMALIZE=True, CLAMP=True, SAVE32=True,
+          PREC="tf32"), {"s", "z", "o32", "den"}, {"T", "H", "D", "V", "NC", "NQ"}, 4),
+    ("dkdv", CS.dkdv_kernel,
+     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "ds", "dz"},
+     {"T", "H", "D", "V", "NC", "NQ"}, 4),
+    ("dq", CS.dq_kernel,
+     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "s", "z"},
+     {"T", "H", "D", "V", "NC", "NQ"}, 4),
+    ("dkdv", CS.dkdv_kernel,
+     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "ds", "dz"},
+     {"T", "H", "D", "V", "NC", "NQ"}, 8),
+    ("dq", CS.dq_kernel,
+     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "s", "z"},
+     {"T", "H", "D", "V", "NC", "NQ"}, 8),
+    ("parallel dkdv (reference)", P.parallel_dkdv_kernel,
+     dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
+    ("parallel dq (reference)", P.parallel_dq_kernel,
+     dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
+    ("parallel fwd (reference)", P.parallel_fwd_kernel,
+     dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, NORMALIZE=True, CLAMP=True, SAVE32=True, PREC="tf32"),
+     {"o32", "den"}, {"H", "D", "V"}, 4),
+    ("parallel row terms", P.parallel_row_terms_kernel, dict(BR=64, BV=64, CLAMP=True), {"o", "den", "r", "dd"},
+     {"R", "V"}, 4),
+]  # fmt: skip
+
+
+def main() -> None:
+    rows = []
+    for name, kernel, consts, fp32_pointers, ints, warps in CASES:
+        sig = signature(kernel, consts, fp32_pointers, ints)
+        if "table" in sig:
+            sig["table"] = "*i32"
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
+            report = f"ok: {resource_usage(compiled.asm['cubin'])}, shared {compiled.metadata.shared} B"
+        except Exception as error:  # noqa: BLE001  (the point is to see every failure)
+            report = f"FAILED: {type(error).__name__}: {str(error)[:300]}"
+        rows.append([name, warps, report])
+        print(" | ".join(map(str, rows[-1])), flush=True)
+    print(markdown_table(["kernel", "warps", f"sm_90a, triton {triton.__version__}"], rows))
+
+
+if __name__ == "__main__":
+    main()
