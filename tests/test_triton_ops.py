@@ -172,6 +172,19 @@ def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states)
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+def test_chunk_states_refuse_what_they_do_not_cover():
+    from rebased.ops.triton.chunk_states import chunk_states_linear_attention
+
+    options = dict(kernel=Polynomial.rebased(4), initial_state=None, output_final_state=False, normalize=True,
+                   eps=1e-12, chunk_size=64)  # fmt: skip
+    wide = torch.zeros(1, 3, 1, 129, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="dims up to 128"):
+        chunk_states_linear_attention(wide, wide, wide, **options)
+    many = torch.zeros(65536, 1, 1, 4, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="batch x heads"):
+        chunk_states_linear_attention(many, many, many, **options)
+
+
 # The parallel kernels tile 16 x 16 under the interpreter: lengths below, at and across the blocks.
 @pytest.mark.parametrize("kernel_name", KERNELS)
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 50])

@@ -174,7 +174,8 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, T, H, D, V, NC, NQ, scale, c
                 NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    qk_base, v_base, row_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V, b * T * H + h
+    qk_base, v_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
+    row_base = b.to(tl.int64) * T * H + h  # the slot of (b, t = 0, h) in the per-row [B T, H] terms
     cols = n * BN + tl.arange(0, BN)
     c = (n * BN) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
@@ -210,7 +211,8 @@ def dq_kernel(q, k, v, do, r, dd, s, z, dq, T, H, D, V, NC, NQ, scale, c0, c1, c
               NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    qk_base, v_base, row_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V, b * T * H + h
+    qk_base, v_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
+    row_base = b.to(tl.int64) * T * H + h  # the slot of (b, t = 0, h) in the per-row [B T, H] terms
     rows = m * BM + tl.arange(0, BM)
     c = (m * BM) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
@@ -417,6 +419,8 @@ def chunk_states_linear_attention(
     check_dtype_and_device(what, q, k, v)
     if q.shape[-1] > 128 or v.shape[-1] > 128:
         raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
+    if q.shape[0] * q.shape[2] > 65535:  # batch x heads is the launch grid's second axis
+        raise NotImplementedError(f"{what} covers batch x heads up to 65535, got {q.shape[0] * q.shape[2]}")
     kv0 = ksum0 = None
     if initial_state is not None:
         kv0, ksum0 = (x.float().contiguous() for x in initial_state)
