@@ -4,7 +4,8 @@
 
 The op suite's workload (65,536 tokens x 16 heads, q/k 16, v 64, bf16, ReBased) at T 1k to 64k: forward and
 forward+backward median ms (triton.testing.do_bench) and peak memory above the inputs, one row per
-(implementation, chunk length, T). CHUNK in rebased/ops/triton/chunk_states.py should take the fastest.
+(implementation, chunk length, state storage, T). CHUNK and STATE_DTYPE in rebased/ops/triton/chunk_states.py
+should take the fastest that passes the GPU tests (bf16 storage: run them with it too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from rebased.ops import Polynomial, linear_attention
 from rebased.tables import markdown_table
 
 LENGTHS = (1024, 4096, 16384, 65536)
-CHUNKS = (64, 128, 256)
+VARIANTS = (
+    (64, torch.float32),
+    (128, torch.float32),
+    (256, torch.float32),
+    (128, torch.bfloat16),
+    (256, torch.bfloat16),
+)  # (chunk length, state storage)
 
 
 def measure(fn, q, k, v) -> tuple[float, float, float]:
@@ -41,10 +48,10 @@ def measure(fn, q, k, v) -> tuple[float, float, float]:
     return fwd, bwd, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def implementation(name: str, chunk: int | None, kernel: Polynomial):
+def implementation(name: str, variant: tuple | None, kernel: Polynomial):
     """fn(q, k, v) -> o for one row of the sweep."""
-    if chunk is not None:
-        CS.CHUNK = chunk
+    if variant is not None:
+        CS.CHUNK, CS.STATE_DTYPE = variant
         options = dict(initial_state=None, output_final_state=False, normalize=True, eps=1e-12, chunk_size=64)
         return lambda q, k, v: CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
     mode = "chunk" if name.startswith("chunk") else "parallel"
@@ -53,7 +60,8 @@ def implementation(name: str, chunk: int | None, kernel: Polynomial):
 
 def main() -> None:
     kernel = Polynomial.rebased(16)
-    candidates = [(f"chunk_states C{c}", c) for c in CHUNKS] + [("chunk (fused)", None), ("parallel", None)]
+    candidates = [(f"chunk_states C{c} {str(d)[6:]}", (c, d)) for c, d in VARIANTS]
+    candidates += [("chunk (fused)", None), ("parallel", None)]
     rows = []
     for length in LENGTHS:
         batch = 65536 // length
@@ -61,10 +69,10 @@ def main() -> None:
         v = torch.randn(batch, length, 16, 64, device="cuda", dtype=torch.bfloat16)
         for x in (q, k, v):
             x.requires_grad_(True)
-        for name, chunk in candidates:
+        for name, variant in candidates:
             if name == "parallel" and length > 16384:
                 continue
-            fwd, bwd, mib = measure(implementation(name, chunk, kernel), q, k, v)
+            fwd, bwd, mib = measure(implementation(name, variant, kernel), q, k, v)
             rows.append([name, length, f"{fwd:.3f}", f"{bwd:.3f}", f"{mib:.0f}"])
             print(" | ".join(map(str, rows[-1])), flush=True)
     print(markdown_table(["implementation", "T", "fwd ms", "fwd+bwd ms", "fwd+bwd MiB"], rows))

@@ -172,6 +172,17 @@ def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states)
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+@pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
+def test_chunk_states_with_bf16_state_storage(kernel_name, chunk_states, monkeypatch):
+    """STATE_DTYPE = bfloat16 rounds each chunk's sums once: within 1% of float64, with a state, across chunks."""
+    monkeypatch.setattr(triton_ops.chunk_states, "STATE_DTYPE", torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    kernel = KERNELS[kernel_name](4)
+    q, k, v = make_inputs((2, 70, 2, 4), 3, kernel, generator, torch.float32)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(2, 2, 4, 3, kernel, generator)))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-2)
+
+
 def test_chunk_states_refuse_what_they_do_not_cover():
     from rebased.ops.triton.chunk_states import chunk_states_linear_attention
 
