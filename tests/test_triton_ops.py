@@ -183,6 +183,43 @@ def test_chunk_states_with_bf16_state_storage(kernel_name, chunk_states, monkeyp
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-2)
 
 
+def test_chunk_states_packed_with_initial_states():
+    """cu_seqlens with an initial state per sequence (an empty one included): each sequence's output, final
+    state and every gradient (its initial state's too) as the reference gives them for it alone."""
+    from rebased.ops.triton.chunk_states import packed_chunk_states_linear_attention
+
+    generator = torch.Generator().manual_seed(31)
+    kernel = Polynomial.taylor(4)
+    lengths = [33, 0, 5]
+    cu = torch.tensor([0, 33, 33, 38])
+    q, k, v = make_inputs((1, sum(lengths), 2, 4), 3, kernel, generator, torch.float32)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(3, 2, 4, 3, kernel, generator)))
+    leaves = [q, k, v, *state]
+    for x in leaves:
+        x.requires_grad_(True)
+    options = dict(kernel=kernel, output_final_state=True, normalize=True, eps=1e-12, chunk_size=64)
+    o, final = packed_chunk_states_linear_attention(q, k, v, cu, initial_state=state, **options)
+    w = torch.randn(o.shape, generator=generator).to(DEVICE)
+    grads = torch.autograd.grad((o.double() * w).sum() + final.kv.double().sum(), leaves)
+    outs, kvs = [], []
+    for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        initial = LinearAttentionState(state.kv[n : n + 1], state.k_sum[n : n + 1])
+        if a == b:  # nothing out; the final state is the initial one
+            outs.append(v[:, a:b].double())
+            kvs.append(initial.kv.double())
+            continue
+        ref_o, ref_final = linear_attention_reference(q[:, a:b], k[:, a:b], v[:, a:b], kernel=kernel,
+                                                      initial_state=initial, output_final_state=True)  # fmt: skip
+        outs.append(ref_o)
+        kvs.append(ref_final.kv)
+    ref_o, ref_kv = torch.cat(outs, 1), torch.cat(kvs)
+    ref_grads = torch.autograd.grad((ref_o * w).sum() + ref_kv.sum(), leaves)
+    assert_close(o, ref_o, rel_rms=1e-5, name="o")
+    assert_close(final.kv, ref_kv, rel_rms=1e-5, name="kv")
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert_close(g, r, rel_rms=1e-5, name=name)
+
+
 def test_chunk_states_refuse_what_they_do_not_cover():
     from rebased.ops.triton.chunk_states import chunk_states_linear_attention
 
@@ -191,8 +228,8 @@ def test_chunk_states_refuse_what_they_do_not_cover():
     wide = torch.zeros(1, 3, 1, 129, device=DEVICE)
     with pytest.raises(NotImplementedError, match="dims up to 128"):
         chunk_states_linear_attention(wide, wide, wide, **options)
-    many = torch.zeros(65536, 1, 1, 4, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="batch x heads"):
+    many = torch.zeros(1, 1, 65536, 4, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="65535 heads"):
         chunk_states_linear_attention(many, many, many, **options)
 
 
@@ -267,12 +304,18 @@ def test_parallel_inference_writes_the_same_output(dtype):
     assert inferred.dtype == dtype and torch.equal(inferred, trained.detach())
 
 
-@pytest.mark.parametrize("mode", ["chunk", "parallel"])
+@pytest.mark.parametrize("mode", ["chunk", "parallel", "chunk_states"])
 def test_packed_sequences_through_the_fused_kernels(mode, monkeypatch):
-    """cu_seqlens: the parallel kernels walk the offsets in one launch, the chunk kernel runs per sequence;
-    both equal the reference on each sequence alone (outputs, final states, gradients)."""
-    from rebased.ops import VARLEN_IMPLEMENTATIONS
+    """cu_seqlens: the parallel and chunk-states kernels walk the offsets in one launch, the fused chunk kernel
+    runs per sequence; all equal the reference on each sequence alone (outputs, final states, gradients)."""
+    from rebased.ops import IMPLEMENTATIONS, VARLEN_IMPLEMENTATIONS
 
+    if mode == "chunk_states":
+        from rebased.ops.triton import chunk_states
+
+        mode = "chunk"
+        monkeypatch.setitem(IMPLEMENTATIONS, (mode, "triton"), chunk_states.chunk_states_linear_attention)
+        monkeypatch.setitem(VARLEN_IMPLEMENTATIONS, (mode, "triton"), chunk_states.packed_chunk_states_linear_attention)
     native = VARLEN_IMPLEMENTATIONS.get((mode, "triton"))
     calls = []
     if native is not None:  # count the packed launches, to know the offsets were walked in one call
@@ -288,7 +331,7 @@ def test_packed_sequences_through_the_fused_kernels(mode, monkeypatch):
     cu = torch.tensor([0, 17, 17, 57, 60], dtype=torch.int32)
     o, final = linear_attention(q, k, v, mode=mode, backend="triton", kernel=kernel, output_final_state=True,
                                 cu_seqlens=cu)  # fmt: skip
-    assert calls == ([1] if mode == "parallel" else [])
+    assert calls == ([1] if native is not None else [])
     w = torch.randn(o.shape, generator=generator)
     grads = torch.autograd.grad((o * w).sum() + final.kv.sum(), (q, k, v))
     ref_outputs, ref_kv = [], []

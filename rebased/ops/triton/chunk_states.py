@@ -35,6 +35,7 @@ row blocks (C a multiple of both), NB feature blocks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -80,24 +81,33 @@ def _column(x, base, t, j, T, stride, NQ):
 
 
 @triton.jit
-def _state_offsets(bh, c, j, NC, NB, cd, cv, BD: tl.constexpr, BV: tl.constexpr):
-    """Offsets of block j of chunk slot c ([BD, BV] in s, [BD] in z) in a [B H, NC + 1, NB, BD, BV] layout."""
-    slot = (bh.to(tl.int64) * (NC + 1) + c) * NB + j
-    return slot * BD * BV + cd[:, None] * BV + cv[None, :], slot * BD + cd
+def _state_offsets(slot, h, j, H, NB, cd, cv, BD: tl.constexpr, BV: tl.constexpr):
+    """Offsets of feature block j of head h in state slot `slot` ([BD, BV] in s, [BD] in z) of the
+    [slots, H, NB, BD, BV] layout."""
+    base = (slot * H + h) * NB + j
+    return base * BD * BV + cd[:, None] * BV + cv[None, :], base * BD + cd
 
 
 @triton.jit
-def chunk_sums_kernel(x, y, r, dd, s, z, T, H, D, V, NC, NQ, a0, a1, a2, SHIFT,
+def _entry(table):
+    """This program's table row: (sequence start, sequence length, chunk or row-block index, the sequence's
+    first state slot), and its head (program axis 1)."""
+    row = table + tl.program_id(0) * 4
+    start, length, index = tl.load(row).to(tl.int64), tl.load(row + 1), tl.load(row + 2)
+    return start, length, index, tl.load(row + 3).to(tl.int64), tl.program_id(1)
+
+
+@triton.jit
+def chunk_sums_kernel(x, y, r, dd, s, z, table, H, D, V, NQ, a0, a1, a2, SHIFT,
                       C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr, HAS1: tl.constexpr,
                       GRAD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Chunk c's own sums, every feature block, into slot c + SHIFT of [B H, NC + 1, NB, BD, BV] / [.., BD]:
+    """Chunk c's own sums, every feature block, into the sequence's slot c + SHIFT:
     forward  (GRAD=False): phi(K_c)^T V_c and phi(K_c)^T 1                       (x = k, y = v)
     backward (GRAD=True):  phi(Q_c)^T (do r)_c and phi(Q_c)^T (dd r)_c           (x = q, y = do)
-    Every (chunk, b h) is its own program (the chunk's x and y are read once); the caller's cumulative sums
-    over chunks make the states."""
-    c, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    x_base, y_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
+    One program per (chunk table row, head): the chunk's x and y are read once; scan_kernel then turns the
+    slots into states."""
+    start, T, c, first, h = _entry(table)
+    x_base, y_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     t = c * C + tl.arange(0, C)
     valid = (t < T).to(tl.float32)
@@ -105,38 +115,42 @@ def chunk_sums_kernel(x, y, r, dd, s, z, T, H, D, V, NC, NQ, a0, a1, a2, SHIFT,
     yt = _rows(y + y_base, t, cv, T, H * V, V).to(tl.float32)
     w = valid
     if GRAD:
-        rt = tl.load(r + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0)
+        rt = tl.load(r + row_base + t * H, mask=t < T, other=0.0)
         yt = yt * rt[:, None]
-        w = tl.load(dd + (b.to(tl.int64) * T + t) * H + h, mask=t < T, other=0.0) * rt
+        w = tl.load(dd + row_base + t * H, mask=t < T, other=0.0) * rt
     for j in range(NB):
         phi = _block_features(xt, _column(x, x_base, t, j, T, H * D, NQ), j, NQ, a0, a1, a2, valid, cd, HAS1)
-        s_off, z_off = _state_offsets(bh, c + SHIFT, j, NC, NB, cd, cv, BD, BV)
+        s_off, z_off = _state_offsets(first + c + SHIFT, h, j, H, NB, cd, cv, BD, BV)
         tl.store(s + s_off, tl.dot(tl.trans(phi), yt, input_precision=PREC).to(s.dtype.element_ty))
         tl.store(z + z_off, tl.sum(phi * w[:, None], 0))
 
 
 @triton.jit
-def scan_kernel(s, NC, BD: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr):
-    """In place along the NC + 1 slots of block (program_id 0) of (b h = program_id 1): prefix sums, or suffix
-    sums with REVERSE. One read and one write of the states (torch's flip-cumsum-flip moves them three times)."""
-    j, bh, NB = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+def scan_kernel(s, z, seqs, H, BD: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr):
+    """In place along one sequence's slots (seqs row program_id 1: first slot, chunk count), for feature block
+    program_id 0 and head program_id 2: prefix sums, or suffix sums with REVERSE, in fp32 whatever the slots
+    hold. One read and one write of the states."""
+    j, n, h, NB = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+    first, count = tl.load(seqs + n * 2).to(tl.int64), tl.load(seqs + n * 2 + 1)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     acc = tl.zeros([BD, BV], tl.float32)
-    for i in range(NC + 1):
-        c = NC - i if REVERSE else i
-        s_off, _z_off = _state_offsets(bh, c, j, NC, NB, cd, cv, BD, BV)
-        acc += tl.load(s + s_off).to(tl.float32)  # (sums in fp32 whatever the slots hold)
+    acc_z = tl.zeros([BD], tl.float32)
+    for i in range(count + 1):
+        c = count - i if REVERSE else i
+        s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
+        acc += tl.load(s + s_off).to(tl.float32)
+        acc_z += tl.load(z + z_off)
         tl.store(s + s_off, acc.to(s.dtype.element_ty))
+        tl.store(z + z_off, acc_z)
 
 
 @triton.jit
-def output_kernel(q, k, v, s, z, o, o32, den, T, H, D, V, NC, NQ, scale, c0, c1, c2, a0, a1, a2, eps,
+def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, NQ, scale, c0, c1, c2, a0, a1, a2, eps,
                   C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                   NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, NORMALIZE: tl.constexpr,
                   CLAMP: tl.constexpr, SAVE32: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    qk_base, v_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
+    start, T, m, first, h = _entry(table)
+    qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     rows = m * BM + tl.arange(0, BM)
     c = (m * BM) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
@@ -154,7 +168,7 @@ def output_kernel(q, k, v, s, z, o, o32, den, T, H, D, V, NC, NQ, scale, c0, c1,
     qf = qt.to(tl.float32)
     valid = (rows < T).to(tl.float32)
     for j in range(NB):  # the state before this chunk, one feature block at a time
-        s_off, z_off = _state_offsets(bh, c, j, NC, NB, cd, cv, BD, BV)
+        s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
         phi = _block_features(qf, _column(q, qk_base, rows, j, T, H * D, NQ), j, NQ, a0, a1, a2, valid, cd, HAS1)
         acc += tl.dot(phi, tl.load(s + s_off).to(tl.float32), input_precision=PREC)
         dn += tl.sum(phi * tl.load(z + z_off)[None, :], 1)
@@ -162,20 +176,18 @@ def output_kernel(q, k, v, s, z, o, o32, den, T, H, D, V, NC, NQ, scale, c0, c1,
     mask = (rows[:, None] < T) & (cv[None, :] < V)
     if NORMALIZE:
         acc = acc / ((tl.maximum(dn, 0.0) if CLAMP else dn) + eps)[:, None]
-        tl.store(den + (b.to(tl.int64) * T + rows) * H + h, dn, mask=rows < T)
+        tl.store(den + row_base + rows * H, dn, mask=rows < T)
     tl.store(o + offsets, acc.to(o.dtype.element_ty), mask=mask)
     if SAVE32:
         tl.store(o32 + offsets, acc, mask=mask)
 
 
 @triton.jit
-def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, T, H, D, V, NC, NQ, scale, c0, c1, c2, a0, a1, a2,
+def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, NQ, scale, c0, c1, c2, a0, a1, a2,
                 C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                 NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    n, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    qk_base, v_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
-    row_base = b.to(tl.int64) * T * H + h  # the slot of (b, t = 0, h) in the per-row [B T, H] terms
+    start, T, n, first, h = _entry(table)
+    qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     cols = n * BN + tl.arange(0, BN)
     c = (n * BN) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
@@ -193,7 +205,7 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, T, H, D, V, NC, NQ, scale, c
     kf, vf = kt.to(tl.float32), vt.to(tl.float32)
     valid = (cols < T).to(tl.float32)
     for j in range(NB):  # what later chunks (and the final state) send back through S: slot c + 1
-        s_off, z_off = _state_offsets(bh, c + 1, j, NC, NB, cd, cv, BD, BV)
+        s_off, z_off = _state_offsets(first + c + 1, h, j, H, NB, cd, cv, BD, BV)
         k_j = _column(k, qk_base, cols, j, T, H * D, NQ)
         phi = _block_features(kf, k_j, j, NQ, a0, a1, a2, valid, cd, HAS1)
         grad = tl.load(ds + s_off).to(tl.float32)
@@ -206,13 +218,11 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, T, H, D, V, NC, NQ, scale, c
 
 
 @triton.jit
-def dq_kernel(q, k, v, do, r, dd, s, z, dq, T, H, D, V, NC, NQ, scale, c0, c1, c2, a0, a1, a2,
+def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, NQ, scale, c0, c1, c2, a0, a1, a2,
               C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
               NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    qk_base, v_base = (b.to(tl.int64) * T * H + h) * D, (b.to(tl.int64) * T * H + h) * V
-    row_base = b.to(tl.int64) * T * H + h  # the slot of (b, t = 0, h) in the per-row [B T, H] terms
+    start, T, m, first, h = _entry(table)
+    qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     rows = m * BM + tl.arange(0, BM)
     c = (m * BM) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
@@ -229,7 +239,7 @@ def dq_kernel(q, k, v, do, r, dd, s, z, dq, T, H, D, V, NC, NQ, scale, c0, c1, c
     g = dot.to(tl.float32) * rt[:, None]
     valid = (rows < T).to(tl.float32)
     for j in range(NB):  # through the state before this chunk
-        s_off, z_off = _state_offsets(bh, c, j, NC, NB, cd, cv, BD, BV)
+        s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
         q_j = _column(q, qk_base, rows, j, T, H * D, NQ)
         g_phi = tl.dot(g, tl.trans(tl.load(s + s_off).to(tl.float32)), input_precision=PREC)
         g_phi += (ddt * rt)[:, None] * tl.load(z + z_off)[None, :]
@@ -268,8 +278,46 @@ CHUNK = 128  # tokens per chunk state on the GPU (see the module docstring for t
 STATE_DTYPE = torch.float32
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where every program works, for N sequences packed along the token axis (a dense batch is B sequences
+    of T): int32 tables of (sequence start, length, chunk or row-block index, the sequence's first slot).
+    Sequence n owns count_n + 1 state slots from first_n: the initial state, then the state after each of its
+    count_n = ceil(length_n / C) chunks (the last is the final state)."""
+
+    chunks: Tensor  # [sum count_n, 4], one row per chunk (chunk_sums)
+    blocks: Tensor  # [sum ceil(length_n / BM), 4], one row per row block (output, dq, dkdv)
+    seqs: Tensor  # [N, 2]: first slot, chunk count (scan)
+    first: Tensor  # int64 [N]: each sequence's initial-state slot
+    last: Tensor  # int64 [N]: each sequence's final-state slot
+    slots: int
+
+    @classmethod
+    def of(cls, starts: Tensor, lengths: Tensor, chunk: int, block: int, device: torch.device) -> Plan:
+        """From CPU int64 starts and lengths [N]."""
+        counts = (lengths + chunk - 1) // chunk
+        first = (counts + 1).cumsum(0) - (counts + 1)
+        slots = int((counts + 1).sum())
+
+        def table(size: int) -> Tensor:
+            per = (lengths + size - 1) // size
+            seq = torch.repeat_interleave(torch.arange(len(per)), per)
+            index = torch.arange(len(seq)) - (per.cumsum(0) - per)[seq]
+            rows = torch.stack([starts[seq], lengths[seq], index, first[seq]], 1)
+            return rows.to(device=device, dtype=torch.int32).contiguous()
+
+        seqs = torch.stack([first, counts], 1).to(device=device, dtype=torch.int32).contiguous()
+        return cls(table(chunk), table(block), seqs, first.to(device), (first + counts).to(device), slots)
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_plan(batch: int, length: int, chunk: int, block: int, device: torch.device) -> Plan:
+    """A dense batch's plan, built once per shape (a training step must not wait to rebuild it)."""
+    return Plan.of(torch.arange(batch) * length, torch.full((batch,), length), chunk, block, device)
+
+
 def _to_blocks(kv: Tensor, ksum: Tensor, poly: _Poly, layout: Layout) -> tuple[Tensor, Tensor]:
-    """LinearAttentionState's rows [const | linear D | square D*D] -> blocks [B H, NB, BD, BV], [B H, NB, BD]."""
+    """LinearAttentionState's rows [const | linear D | square D*D] -> blocks [N, H, NB, BD, BV], [N, H, NB, BD]."""
     batch, heads, _, value_dim = kv.shape
     d = layout.num_square or (kv.shape[2] - (poly.c0 > 0))  # the linear block's width without a square term
     s = kv.new_zeros(batch, heads, layout.num_blocks, layout.bd, layout.bv)
@@ -285,12 +333,11 @@ def _to_blocks(kv: Tensor, ksum: Tensor, poly: _Poly, layout: Layout) -> tuple[T
         n = layout.num_square
         s[:, :, :n, :n, :value_dim] = kv[:, :, row:].unflatten(2, (n, n))
         z[:, :, :n, :n] = ksum[:, :, row:].unflatten(2, (n, n))
-    return s.flatten(0, 1), z.flatten(0, 1)
+    return s, z
 
 
-def _from_blocks(s: Tensor, z: Tensor, batch: int, head_dim: int, value_dim: int, poly: _Poly) -> tuple[Tensor, Tensor]:
-    """The inverse of _to_blocks: [B H, NB, BD, BV], [B H, NB, BD] -> kv [B, H, F, V], k_sum [B, H, F]."""
-    s, z = s.unflatten(0, (batch, -1)), z.unflatten(0, (batch, -1))
+def _from_blocks(s: Tensor, z: Tensor, head_dim: int, value_dim: int, poly: _Poly) -> tuple[Tensor, Tensor]:
+    """The inverse of _to_blocks: [N, H, NB, BD, BV], [N, H, NB, BD] -> kv [N, H, F, V], k_sum [N, H, F] (fp32)."""
     kv, ksum, block = [], [], s.shape[2] - 1
     if poly.c0 > 0:
         kv.append(s[:, :, block, :1, :value_dim])
@@ -305,54 +352,71 @@ def _from_blocks(s: Tensor, z: Tensor, batch: int, head_dim: int, value_dim: int
     return torch.cat(kv, 2).float().contiguous(), torch.cat(ksum, 2).float().contiguous()
 
 
-def _suffix_sums(x: Tensor) -> Tensor:
-    """Along dim 1: slot c becomes the sum of slots c..end."""
-    return x.flip(1).cumsum(1).flip(1)
-
-
-def _scalars(poly: _Poly, layout: Layout) -> dict:
+def _kernel_scalars(poly: _Poly, layout: Layout) -> dict:
     scale, c0, c1, c2, a0, a1, a2 = poly.args()
     return dict(NQ=layout.num_square, a0=a0, a1=a1, a2=a2)
 
 
+def _tile_args(poly: _Poly, layout: Layout, prec: str) -> dict:
+    """The row-block kernels' (output, dq, dkdv) polynomial and block arguments."""
+    return dict(scale=poly.scale, c0=poly.c0, c1=poly.c1, c2=poly.c2, **_kernel_scalars(poly, layout),
+                **layout.constexprs(), BM=layout.block, BN=layout.block, NB=layout.num_blocks, HAS0=poly.c0 > 0,
+                HAS1=poly.c1 > 0, PREC=prec)  # fmt: skip
+
+
 class ChunkStatesFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kv0, ksum0, poly: _Poly, output_final_state: bool, normalize: bool, eps: float,
-                for_backward: bool):  # fmt: skip
-        batch, length, heads, head_dim = q.shape
-        value_dim = v.shape[-1]
+    def forward(ctx, q, k, v, kv0, ksum0, plan: Plan, poly: _Poly, output_final_state: bool, normalize: bool,
+                eps: float, for_backward: bool):  # fmt: skip
+        """q, k [tokens, H, D], v [tokens, H, V] (the sequences packed); states [N, H, F, V], [N, H, F]."""
+        heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
         layout = Layout.of(head_dim, value_dim, poly)
-        chunks = triton.cdiv(length, layout.chunk)
-        bh, nb = batch * heads, layout.num_blocks
-        s = q.new_empty(bh, chunks + 1, nb, layout.bd, layout.bv, dtype=STATE_DTYPE)
-        z = q.new_empty(bh, chunks + 1, nb, layout.bd, dtype=torch.float32)
-        if kv0 is None:  # slot 0: the initial state; slots 1..NC: each chunk's own sums; their prefix sums
-            s[:, 0], z[:, 0] = 0.0, 0.0  # are then the state before each chunk, and slot NC the final state
+        nb, prec, sequences = layout.num_blocks, _precision(q.dtype), len(plan.first)
+        s = q.new_empty(plan.slots, heads, nb, layout.bd, layout.bv, dtype=STATE_DTYPE)
+        z = q.new_empty(plan.slots, heads, nb, layout.bd, dtype=torch.float32)
+        if kv0 is None:  # each sequence's first slot: its initial state; the others: each chunk's own sums,
+            s[plan.first], z[plan.first] = 0.0, 0.0  # which the scan turns into the state after each chunk
         else:
-            s[:, 0], z[:, 0] = _to_blocks(kv0, ksum0, poly, layout)
-        prec = _precision(q.dtype)
-        if chunks:
-            chunk_sums_kernel[(chunks, bh)](
-                k, v, v, v, s, z, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),  # (no r, dd)
-                SHIFT=1, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=False, PREC=prec, num_warps=4,
-            )  # fmt: skip
-        scan_kernel[(nb, bh)](s, chunks, BD=layout.bd, BV=layout.bv, REVERSE=False, num_warps=4)
-        z.cumsum_(1)  # (z is a BV-th of s: torch is fine)
+            s0, z0 = _to_blocks(kv0, ksum0, poly, layout)
+            s[plan.first], z[plan.first] = s0.to(s.dtype), z0
+        if len(plan.chunks):
+            chunk_sums_kernel[(len(plan.chunks), heads)](
+                k,
+                v,
+                v,
+                v,
+                s,
+                z,
+                plan.chunks,
+                heads,
+                head_dim,
+                value_dim,
+                **_kernel_scalars(poly, layout),
+                SHIFT=1,
+                **layout.constexprs(),
+                NB=nb,
+                HAS1=poly.c1 > 0,
+                GRAD=False,
+                PREC=prec,
+                num_warps=4,
+            )  # fmt: skip  (no r, dd in the forward)
+        if sequences:
+            scan_kernel[(nb, sequences, heads)](s, z, plan.seqs, heads, BD=layout.bd, BV=layout.bv, REVERSE=False)
         o = torch.empty_like(v)
         save32 = for_backward and v.dtype != torch.float32
         o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
-        den = q.new_empty(batch * length, heads, dtype=torch.float32)
-        output_kernel[(max(1, triton.cdiv(length, layout.block)), bh)](  # (an empty sequence: all rows masked)
-            q, k, v, s, z, o, o32, den, length, heads, head_dim, value_dim, chunks, layout.num_square,
-            poly.scale, poly.c0, poly.c1, poly.c2, *poly.args()[4:], eps, **layout.constexprs(), BM=layout.block,
-            BN=layout.block, NB=nb, HAS0=poly.c0 > 0, HAS1=poly.c1 > 0, NORMALIZE=normalize, CLAMP=poly.clamp,
-            SAVE32=save32, PREC=prec, num_warps=4,
-        )  # fmt: skip
+        den = q.new_empty(q.shape[0], heads, dtype=torch.float32)
+        if len(plan.blocks):
+            output_kernel[(len(plan.blocks), heads)](
+                q, k, v, s, z, o, o32, den, plan.blocks, heads, head_dim, value_dim, eps=eps,
+                **_tile_args(poly, layout, prec), NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32, num_warps=4,
+            )  # fmt: skip
         final = (None, None)
         if output_final_state:
-            final = _from_blocks(s[:, chunks], z[:, chunks], batch, head_dim, value_dim, poly)
+            final = _from_blocks(s[plan.last], z[plan.last], head_dim, value_dim, poly)
         ctx.save_for_backward(q, k, v, o32, den, s, z)
-        ctx.poly, ctx.normalize, ctx.eps, ctx.layout, ctx.has_init = poly, normalize, eps, layout, kv0 is not None
+        ctx.poly, ctx.normalize, ctx.eps, ctx.layout, ctx.plan = poly, normalize, eps, layout, plan
+        ctx.has_init = kv0 is not None
         return o, final[0], final[1]
 
     @staticmethod
@@ -360,48 +424,68 @@ class ChunkStatesFunction(torch.autograd.Function):
         from rebased.ops.triton.parallel import _row_terms, _row_terms_fused
 
         q, k, v, o, den, s, z = ctx.saved_tensors
-        poly, layout = ctx.poly, ctx.layout
-        batch, length, heads, head_dim = q.shape
-        value_dim, chunks, bh, nb = v.shape[-1], s.shape[1] - 1, batch * heads, layout.num_blocks
+        poly, layout, plan = ctx.poly, ctx.layout, ctx.plan
+        heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
+        nb, prec, sequences = layout.num_blocks, _precision(q.dtype), len(plan.first)
         do = do.to(v.dtype).contiguous()
         if ctx.normalize:
             r, dd = _row_terms_fused(do, o, den, poly.clamp, ctx.eps)
         else:
             r, dd = _row_terms(do, o, den, poly.clamp, False, ctx.eps)
-        use_final = d_kv is not None or d_ksum is not None
-        if use_final:
-            feat = feature_dim(head_dim, poly.kernel())
-            d_kv = torch.zeros(batch, heads, feat, value_dim, device=q.device) if d_kv is None else d_kv.float()
-            d_ksum = torch.zeros(batch, heads, feat, device=q.device) if d_ksum is None else d_ksum.float()
-        # slot c: chunk c's own phi(Q)^T g; slot NC: the final state's gradient. Suffix sums then give, at slot
-        # c + 1, what chunk c's keys send back (later chunks and the final state), and at slot 0 the initial
-        # state's gradient.
+        # each sequence's last slot: the final state's gradient; slot first + c: chunk c's own phi(Q)^T g.
+        # Suffix sums then leave at first + c + 1 what chunk c's keys send back (later chunks and the final
+        # state), and at the first slot the initial state's gradient.
         ds, dz = torch.empty_like(s), torch.empty_like(z)
-        if use_final:
-            ds[:, chunks], dz[:, chunks] = _to_blocks(d_kv, d_ksum, poly, layout)
+        if d_kv is None and d_ksum is None:
+            ds[plan.last], dz[plan.last] = 0.0, 0.0
         else:
-            ds[:, chunks], dz[:, chunks] = 0.0, 0.0
-        prec = _precision(q.dtype)
-        if chunks:
-            chunk_sums_kernel[(chunks, bh)](
-                q, do, r, dd, ds, dz, length, heads, head_dim, value_dim, chunks, **_scalars(poly, layout),
+            feat = feature_dim(head_dim, poly.kernel())
+            d_kv = torch.zeros(sequences, heads, feat, value_dim, device=q.device) if d_kv is None else d_kv.float()
+            d_ksum = torch.zeros(sequences, heads, feat, device=q.device) if d_ksum is None else d_ksum.float()
+            ds_final, dz_final = _to_blocks(d_kv, d_ksum, poly, layout)
+            ds[plan.last], dz[plan.last] = ds_final.to(ds.dtype), dz_final
+        if len(plan.chunks):
+            chunk_sums_kernel[(len(plan.chunks), heads)](
+                q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **_kernel_scalars(poly, layout),
                 SHIFT=0, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=True, PREC=prec, num_warps=4,
             )  # fmt: skip
-        scan_kernel[(nb, bh)](ds, chunks, BD=layout.bd, BV=layout.bv, REVERSE=True, num_warps=4)
-        dz = _suffix_sums(dz)
+        if sequences:
+            scan_kernel[(nb, sequences, heads)](ds, dz, plan.seqs, heads, BD=layout.bd, BV=layout.bv, REVERSE=True)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        args = dict(
-            T=length, H=heads, D=head_dim, V=value_dim, NC=chunks, scale=poly.scale, c0=poly.c0, c1=poly.c1,
-            c2=poly.c2, **_scalars(poly, layout), **layout.constexprs(), BM=layout.block, BN=layout.block, NB=nb,
-            HAS0=poly.c0 > 0, HAS1=poly.c1 > 0, PREC=prec, num_warps=8,  # 4 warps spill (compile_check.py)
-        )  # fmt: skip
-        grid = (max(1, triton.cdiv(length, layout.block)), bh)
-        dkdv_kernel[grid](q, k, v, do, r, dd, ds, dz, dk, dv, **args)
-        dq_kernel[grid](q, k, v, do, r, dd, s, z, dq, **args)
+        if len(plan.blocks):
+            args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec), num_warps=8)  # 4 spill
+            dkdv_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, ds, dz, dk, dv, plan.blocks, **args)
+            dq_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, s, z, dq, plan.blocks, **args)
+        else:  # no tokens at all
+            for grad in (dq, dk, dv):
+                grad.zero_()
         d_init = (None, None)
         if ctx.has_init:
-            d_init = _from_blocks(ds[:, 0], dz[:, 0], batch, head_dim, value_dim, poly)
-        return dq, dk, dv, d_init[0], d_init[1], None, None, None, None, None
+            d_init = _from_blocks(ds[plan.first], dz[plan.first], head_dim, value_dim, poly)
+        return dq, dk, dv, d_init[0], d_init[1], None, None, None, None, None, None
+
+
+def _refuse(q: Tensor, k: Tensor, v: Tensor) -> None:
+    what = "chunk-states (backend='triton')"
+    check_dtype_and_device(what, q, k, v)
+    if q.shape[-1] > 128 or v.shape[-1] > 128:
+        raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
+    if q.shape[2] > 65535:
+        raise NotImplementedError(f"{what} covers up to 65535 heads, got {q.shape[2]}")
+
+
+def _run(q, k, v, plan: Plan, kernel, initial_state, output_final_state, normalize, eps):
+    """q, k, v [tokens, H, *] packed -> (o [tokens, H, V], final state or None)."""
+    kv0 = ksum0 = None
+    if initial_state is not None:
+        kv0, ksum0 = (x.float().contiguous() for x in initial_state)
+    inputs = [x for x in (q, k, v, kv0, ksum0) if x is not None]
+    for_backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    o, kv, ksum = ChunkStatesFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), kv0, ksum0, plan, _Poly.of(kernel), output_final_state,
+        normalize, eps, for_backward,
+    )  # fmt: skip
+    return o, (LinearAttentionState(kv, ksum) if output_final_state else None)
 
 
 def chunk_states_linear_attention(
@@ -419,18 +503,34 @@ def chunk_states_linear_attention(
     """The op contract's chunk mode through these kernels (not registered as ("chunk", "triton") yet: see the
     module docstring). q/k and value dims up to 128, any polynomial; chunk_size is the torch mode's knob."""
     del chunk_size
-    what = "chunk-states (backend='triton')"
-    check_dtype_and_device(what, q, k, v)
-    if q.shape[-1] > 128 or v.shape[-1] > 128:
-        raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
-    if q.shape[0] * q.shape[2] > 65535:  # batch x heads is the launch grid's second axis
-        raise NotImplementedError(f"{what} covers batch x heads up to 65535, got {q.shape[0] * q.shape[2]}")
-    kv0 = ksum0 = None
-    if initial_state is not None:
-        kv0, ksum0 = (x.float().contiguous() for x in initial_state)
-    for_backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, kv0, ksum0) if x is not None)
-    o, kv, ksum = ChunkStatesFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), kv0, ksum0, _Poly.of(kernel), output_final_state,
-        normalize, eps, for_backward,
-    )  # fmt: skip
-    return o, (LinearAttentionState(kv, ksum) if output_final_state else None)
+    _refuse(q, k, v)
+    batch, length = q.shape[:2]
+    layout = Layout.of(q.shape[-1], v.shape[-1], _Poly.of(kernel))
+    plan = _dense_plan(batch, length, layout.chunk, layout.block, q.device)
+    o, final = _run(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), plan, kernel, initial_state,
+                    output_final_state, normalize, eps)  # fmt: skip
+    return o.unflatten(0, (batch, length)), final
+
+
+def packed_chunk_states_linear_attention(
+    q: Tensor,  # [1, T_total, H, D]
+    k: Tensor,
+    v: Tensor,  # [1, T_total, H, V]
+    cu_seqlens: Tensor,  # [N + 1]
+    *,
+    kernel: Polynomial | None,
+    initial_state: LinearAttentionState | None,
+    output_final_state: bool,
+    normalize: bool,
+    eps: float,
+    chunk_size: int,
+) -> tuple[Tensor, LinearAttentionState | None]:
+    """cu_seqlens in one launch per kernel: the same kernels walk each sequence's chunks and state slots (a
+    dense batch is B sequences of T). States have N rows."""
+    del chunk_size
+    _refuse(q, k, v)
+    layout = Layout.of(q.shape[-1], v.shape[-1], _Poly.of(kernel))
+    cu = cu_seqlens.to(device="cpu", dtype=torch.int64)  # (the tables are built on the host)
+    plan = Plan.of(cu[:-1], cu[1:] - cu[:-1], layout.chunk, layout.block, q.device)
+    o, final = _run(q[0], k[0], v[0], plan, kernel, initial_state, output_final_state, normalize, eps)
+    return o.unsqueeze(0), final
