@@ -58,26 +58,26 @@ def resource_usage(cubin: bytes) -> str:
 CASES = [  # name, kernel, constexprs, fp32 pointers, i32 args, num_warps
     ("chunk_sums (fwd)", CS.chunk_sums_kernel,
      dict(C=128, BD=16, BV=64, NB=16, HAS1=False, GRAD=False, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"T", "H", "D", "V", "NC", "NQ", "SHIFT"}, 4),
+     {"H", "D", "V", "NQ", "SHIFT"}, 4),
     ("chunk_sums (bwd)", CS.chunk_sums_kernel,
      dict(C=128, BD=16, BV=64, NB=16, HAS1=False, GRAD=True, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"T", "H", "D", "V", "NC", "NQ", "SHIFT"}, 4),
-    ("scan", CS.scan_kernel, dict(BD=16, BV=64, REVERSE=False), {"s"}, {"NC"}, 4),
+     {"H", "D", "V", "NQ", "SHIFT"}, 4),
+    ("scan", CS.scan_kernel, dict(BD=16, BV=64, REVERSE=False), {"s", "z"}, {"H"}, 4),
     ("output", CS.output_kernel,
      dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, NORMALIZE=True, CLAMP=True, SAVE32=True,
-          PREC="tf32"), {"s", "z", "o32", "den"}, {"T", "H", "D", "V", "NC", "NQ"}, 4),
+          PREC="tf32"), {"s", "z", "o32", "den"}, {"H", "D", "V", "NQ"}, 4),
     ("dkdv", CS.dkdv_kernel,
      dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "ds", "dz"},
-     {"T", "H", "D", "V", "NC", "NQ"}, 4),
+     {"H", "D", "V", "NQ"}, 4),
     ("dq", CS.dq_kernel,
      dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"T", "H", "D", "V", "NC", "NQ"}, 4),
+     {"H", "D", "V", "NQ"}, 4),
     ("dkdv", CS.dkdv_kernel,
      dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "ds", "dz"},
-     {"T", "H", "D", "V", "NC", "NQ"}, 8),
+     {"H", "D", "V", "NQ"}, 8),
     ("dq", CS.dq_kernel,
      dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"T", "H", "D", "V", "NC", "NQ"}, 8),
+     {"H", "D", "V", "NQ"}, 8),
     ("parallel dkdv (reference)", P.parallel_dkdv_kernel,
      dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
     ("parallel dq (reference)", P.parallel_dq_kernel,
@@ -94,8 +94,9 @@ def main() -> None:
     rows = []
     for name, kernel, consts, fp32_pointers, ints, warps in CASES:
         sig = signature(kernel, consts, fp32_pointers, ints)
-        if "table" in sig:
-            sig["table"] = "*i32"
+        for table in ("table", "seqs"):  # int32 row tables
+            if table in sig:
+                sig[table] = "*i32"
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
                                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
