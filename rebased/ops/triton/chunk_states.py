@@ -13,23 +13,26 @@ scalar times a D-vector, so a block costs one small dot:
 
 Five kernels, O(T) work; all but the scan over chunk slots are independent programs:
 
-    chunk_sums  program (chunk c, b h): chunk c's own phi(K_c)^T V_c (forward) or phi(Q_c)^T g_c
+    chunk_sums  program (chunk c, head): chunk c's own phi(K_c)^T V_c (forward) or phi(Q_c)^T g_c
                 (backward, g = do r, r = 1 / (den + eps))
-    scan        program (block j, b h): in place, prefix sums over the slots make S_c, suffix sums the
-                gradients dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
-    output      program (query block, b h): intra-chunk quadratic part (the parallel kernel's tiles) plus
+    scan        program (block j, sequence, head): in place, prefix sums over the slots make S_c, suffix
+                sums the gradients dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
+    output      program (query block, head): intra-chunk quadratic part (the parallel kernel's tiles) plus
                 sum_j phi_j(q) S_c[j], then o = num / (den + eps)
-    dq / dkdv   programs (row block, b h): the parallel kernel's intra-chunk tiles plus the state terms
+    dq / dkdv   programs (row block, head): the parallel kernel's intra-chunk tiles plus the state terms
                 dq += d phi(q)^T (S_c g + z_c dd r),  dv += phi(k) dS_c,  dk += d phi(k)^T (dS_c v + dz_c)
 
 The chunk states cost memory and bandwidth: NB x BD x BV fp32 per chunk and head, at C = 128 (ReBased, D 16,
 V 64) 512 bytes a token and head, 1.6x what q, k, v and o take in bf16; a longer chunk halves that and
-doubles the intra-chunk tiles (benchmarks/sweep_chunk_states.py times the trade). States are laid
-out [B H, NC + 1, NB, BD, BV] (padded, so no masks); the caller converts initial and final states from and to
-LinearAttentionState's feature rows. Dense batches only: cu_seqlens runs one call per sequence (ops.varlen).
+doubles the intra-chunk tiles (benchmarks/sweep_chunk_states.py times the trade). States are laid out
+[slots, H, NB, BD, BV] (padded, so no masks): sequence n owns count_n + 1 slots (its initial state, then the
+state after each chunk). Programs find their chunk or row block, and their sequence's slots, in a Plan's
+tables, so a dense batch (B sequences of T) and a packed cu_seqlens one run the same kernels, one launch
+each. The caller converts initial and final states from and to LinearAttentionState's feature rows.
 
-Status: interpreter-tested against the float64 reference (tests/test_triton_ops.py); not yet compiled or
-timed on a GPU, so ("chunk", "triton") still runs chunk.py's kernel. Shape letters as in chunk.py; BM, BN
+Status: interpreter-tested against the float64 reference (tests/test_triton_ops.py) and compiled for sm_90a
+without a GPU (benchmarks/compile_check.py); not yet run on a GPU, so ("chunk", "triton") still runs
+chunk.py's kernel. Shape letters as in chunk.py; BM, BN
 row blocks (C a multiple of both), NB feature blocks.
 """
 
