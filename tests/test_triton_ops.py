@@ -482,8 +482,16 @@ def test_gpu_small_value_dims(value_dim, mode):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_packed_parallel_against_float64(dtype):
-    """cu_seqlens through the parallel kernels' offset walk: each sequence as if alone (float64 oracle)."""
+@pytest.mark.parametrize("mode", ["parallel", "chunk_states"])
+def test_gpu_packed_parallel_against_float64(dtype, mode, monkeypatch):
+    """cu_seqlens through the parallel (or chunk-states) kernels' offset walk: each sequence as if alone
+    (float64 oracle)."""
+    if mode == "chunk_states":
+        from rebased.ops import VARLEN_IMPLEMENTATIONS
+        from rebased.ops.triton.chunk_states import packed_chunk_states_linear_attention
+
+        mode = "chunk"
+        monkeypatch.setitem(VARLEN_IMPLEMENTATIONS, (mode, "triton"), packed_chunk_states_linear_attention)
     generator = torch.Generator().manual_seed(7)
     kernel = Polynomial.rebased(16)
     lengths = [1000, 1, 0, 3000, 513]
@@ -491,7 +499,7 @@ def test_gpu_packed_parallel_against_float64(dtype):
     for x in (q, k, v):
         x.requires_grad_(True)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    o, _ = linear_attention(q, k, v, mode="parallel", backend="triton", kernel=kernel, cu_seqlens=cu)
+    o, _ = linear_attention(q, k, v, mode=mode, backend="triton", kernel=kernel, cu_seqlens=cu)
     w = torch.randn(o.shape, generator=generator).to(DEVICE)
     grads = torch.autograd.grad((o.double() * w).sum(), (q, k, v))
     ref = torch.cat([
