@@ -33,6 +33,7 @@ from rebased.ops.common import (
     validate_state,
 )
 from rebased.ops.kernels import Polynomial
+from rebased.ops.norm import LayerNorm, layer_norm
 from rebased.ops.parallel import parallel_linear_attention
 from rebased.ops.recurrent import recurrent_linear_attention, step_unchecked, zero_state
 from rebased.ops.reference import linear_attention_reference
@@ -211,8 +212,10 @@ __all__ = [
     "MODES",
     "PARALLEL_MAX_LENGTH",
     "VARLEN_IMPLEMENTATIONS",
+    "LayerNorm",
     "LinearAttentionState",
     "Polynomial",
+    "layer_norm",
     "linear_attention",
     "linear_attention_reference",
     "linear_attention_step",
