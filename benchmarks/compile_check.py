@@ -62,7 +62,7 @@ CASES = [  # name, kernel, constexprs, fp32 pointers, i32 args, num_warps
     ("chunk_sums (bwd)", CS.chunk_sums_kernel,
      dict(C=128, BD=16, BV=64, NB=16, HAS1=False, GRAD=True, PREC="tf32"), {"r", "dd", "s", "z"},
      {"H", "D", "V", "NQ", "SHIFT"}, 4),
-    ("scan", CS.scan_kernel, dict(BD=16, BV=64, REVERSE=False), {"s", "z"}, {"H"}, 4),
+    ("scan", CS.scan_kernel, dict(BD=16, BV=64, SV=16, REVERSE=False), {"s", "z"}, {"H"}, 4),
     ("output", CS.output_kernel,
      dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, NORMALIZE=True, CLAMP=True, SAVE32=True,
           PREC="tf32"), {"s", "z", "o32", "den"}, {"H", "D", "V", "NQ"}, 4),

@@ -15,7 +15,7 @@ Five kernels, O(T) work; all but the scan over chunk slots are independent progr
 
     chunk_sums  program (chunk c, head): chunk c's own phi(K_c)^T V_c (forward) or phi(Q_c)^T g_c
                 (backward, g = do r, r = 1 / (den + eps))
-    scan        program (block j, sequence, head): in place, prefix sums over the slots make S_c, suffix
+    scan        program (block j x value slice, sequence, head): in place, prefix sums over the slots make S_c, suffix
                 sums the gradients dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
     output      program (query block, head): intra-chunk quadratic part (the parallel kernel's tiles) plus
                 sum_j phi_j(q) S_c[j], then o = num / (den + eps)
@@ -129,22 +129,26 @@ def chunk_sums_kernel(x, y, r, dd, s, z, table, H, D, V, NQ, a0, a1, a2, SHIFT,
 
 
 @triton.jit
-def scan_kernel(s, z, seqs, H, BD: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr):
-    """In place along one sequence's slots (seqs row program_id 1: first slot, chunk count), for feature block
-    program_id 0 and head program_id 2: prefix sums, or suffix sums with REVERSE, in fp32 whatever the slots
-    hold. One read and one write of the states."""
-    j, n, h, NB = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0)
+def scan_kernel(s, z, seqs, H, BD: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, REVERSE: tl.constexpr):
+    """In place along one sequence's slots (seqs row program_id 1: first slot, chunk count), for head
+    program_id 2 and, on axis 0, feature block j times a column slice of SV values: prefix sums, or suffix sums
+    with REVERSE, in fp32 whatever the slots hold. One read and one write of the states. The walk is
+    sequential, so the value slices give long single sequences more programs; slice 0 also scans z."""
+    NVS: tl.constexpr = BV // SV
+    j, part, n, h = tl.program_id(0) // NVS, tl.program_id(0) % NVS, tl.program_id(1), tl.program_id(2)
+    NB = tl.num_programs(0) // NVS
     first, count = tl.load(seqs + n * 2).to(tl.int64), tl.load(seqs + n * 2 + 1)
-    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    acc = tl.zeros([BD, BV], tl.float32)
+    cd, cv = tl.arange(0, BD), part * SV + tl.arange(0, SV)
+    acc = tl.zeros([BD, SV], tl.float32)
     acc_z = tl.zeros([BD], tl.float32)
     for i in range(count + 1):
         c = count - i if REVERSE else i
         s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
         acc += tl.load(s + s_off).to(tl.float32)
-        acc_z += tl.load(z + z_off)
         tl.store(s + s_off, acc.to(s.dtype.element_ty))
-        tl.store(z + z_off, acc_z)
+        if part == 0:
+            acc_z += tl.load(z + z_off)
+            tl.store(z + z_off, acc_z)
 
 
 @triton.jit
@@ -279,6 +283,7 @@ CHUNK = 128  # tokens per chunk state on the GPU (see the module docstring for t
 # and rounds each chunk's sums once (2^-9); whether that keeps the 1% gradient bound is a GPU test's to say,
 # so fp32 until then (benchmarks/sweep_chunk_states.py times both).
 STATE_DTYPE = torch.float32
+SCAN_SLICE = 16  # value columns per scan program (BV is a power of two >= 16)
 
 
 @dataclass(frozen=True)
@@ -404,7 +409,9 @@ class ChunkStatesFunction(torch.autograd.Function):
                 num_warps=4,
             )  # fmt: skip  (no r, dd in the forward)
         if sequences:
-            scan_kernel[(nb, sequences, heads)](s, z, plan.seqs, heads, BD=layout.bd, BV=layout.bv, REVERSE=False)
+            scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
+                s, z, plan.seqs, heads, BD=layout.bd, BV=layout.bv, SV=SCAN_SLICE, REVERSE=False
+            )
         o = torch.empty_like(v)
         save32 = for_backward and v.dtype != torch.float32
         o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
@@ -453,7 +460,9 @@ class ChunkStatesFunction(torch.autograd.Function):
                 SHIFT=0, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=True, PREC=prec, num_warps=4,
             )  # fmt: skip
         if sequences:
-            scan_kernel[(nb, sequences, heads)](ds, dz, plan.seqs, heads, BD=layout.bd, BV=layout.bv, REVERSE=True)
+            scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
+                ds, dz, plan.seqs, heads, BD=layout.bd, BV=layout.bv, SV=SCAN_SLICE, REVERSE=True
+            )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if len(plan.blocks):
             args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec), num_warps=8)  # 4 spill
