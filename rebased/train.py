@@ -219,8 +219,9 @@ class _Engine:
 
     def micro_batch(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Inputs, labelled positions and their labels for these example rows, on the device. The positions
-        are found on the host, where the labels live, and copied from pinned memory without blocking: the
-        host then never waits for the GPU inside a step and queues the next micro-batch while it computes."""
+        are found on the host, where the labels live, and copied from pinned memory without blocking, so the
+        data path adds no host-device synchronisation (a boolean mask on the device made the host wait for
+        the GPU to count it; a pageable copy waits for the stream): the host can queue work ahead."""
         x = self.inputs[rows]
         positions, targets = labelled_positions(self.labels[rows])
         if self.env.device.type != "cuda":
