@@ -49,8 +49,8 @@ from torch import Tensor
 from rebased.ops.common import LinearAttentionState, feature_dim
 from rebased.ops.kernels import Polynomial
 from rebased.ops.triton.chunk import _rows, _scores
-from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, interpreting
-from rebased.ops.triton.parallel import _query_terms, _score_grads
+from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, check_head_dims, interpreting
+from rebased.ops.triton.parallel import _query_terms, _row_terms, _row_terms_fused, _score_grads
 
 
 @triton.jit
@@ -431,8 +431,6 @@ class ChunkStatesFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, d_kv, d_ksum):
-        from rebased.ops.triton.parallel import _row_terms, _row_terms_fused
-
         q, k, v, o, den, s, z = ctx.saved_tensors
         poly, layout, plan = ctx.poly, ctx.layout, ctx.plan
         heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
@@ -480,8 +478,7 @@ class ChunkStatesFunction(torch.autograd.Function):
 def _refuse(q: Tensor, k: Tensor, v: Tensor) -> None:
     what = "chunk-states (backend='triton')"
     check_dtype_and_device(what, q, k, v)
-    if q.shape[-1] > 128 or v.shape[-1] > 128:
-        raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
+    check_head_dims(what, q, v)
     if q.shape[2] > 65535:
         raise NotImplementedError(f"{what} covers up to 65535 heads, got {q.shape[2]}")
 

@@ -252,6 +252,12 @@ def check_dtype_and_device(what: str, *tensors: Tensor) -> None:
         raise NotImplementedError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
 
 
+def check_head_dims(what: str, q: Tensor, v: Tensor, limit: int = 128) -> None:
+    """The tiled kernels' (parallel, chunk-states) q/k and value dim limit: one tile holds a whole head."""
+    if q.shape[-1] > limit or v.shape[-1] > limit:
+        raise NotImplementedError(f"{what} covers q/k and value dims up to {limit}, got {q.shape[-1]}, {v.shape[-1]}")
+
+
 def _check_dims(q: Tensor, kernel: Polynomial | None, what: str) -> None:
     """The chunk kernel's and the decode step's q/k dim limits."""
     if (kernel is None or kernel.c2 == 0) and q.shape[-1] > 128:

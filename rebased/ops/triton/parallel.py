@@ -39,7 +39,7 @@ from torch import Tensor
 from rebased.ops.common import LinearAttentionState, features
 from rebased.ops.kernels import Polynomial
 from rebased.ops.triton.chunk import _rows, _scores
-from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, interpreting
+from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, check_head_dims, interpreting
 
 
 @triton.jit
@@ -316,8 +316,7 @@ def _refuse(q: Tensor, k: Tensor, v: Tensor, initial_state) -> None:
     check_dtype_and_device(what, q, k, v)
     if initial_state is not None:
         raise NotImplementedError(f"{what} does not take an initial state: use mode='chunk'")
-    if q.shape[-1] > 128 or v.shape[-1] > 128:
-        raise NotImplementedError(f"{what} covers q/k and value dims up to 128, got {q.shape[-1]}, {v.shape[-1]}")
+    check_head_dims(what, q, v)
 
 
 def parallel_linear_attention(
