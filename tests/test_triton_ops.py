@@ -161,6 +161,15 @@ def test_chunk_states_match_reference(kernel_name, length, with_state, chunk_sta
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+def test_chunk_states_long_walks(chunk_states):
+    """20 chunks: the scans walk 21 slots, several unrolled groups with a carry between them, both ways."""
+    generator = torch.Generator().manual_seed(20)
+    kernel = Polynomial.rebased(4)
+    q, k, v = make_inputs((1, 20 * 32, 1, 4), 3, kernel, generator, torch.float32)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(1, 1, 4, 3, kernel, generator)))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+
+
 @pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (32, 20), (12, 1)])
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
 def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states):

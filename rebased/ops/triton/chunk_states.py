@@ -84,10 +84,15 @@ def _column(x, base, t, j, T, stride, NQ):
 
 
 @triton.jit
+def _block_index(slot, h, j, H, NB):
+    """Which [BD, BV] block of the [slots, H, NB, BD, BV] states holds feature block j of head h in `slot`."""
+    return (slot * H + h) * NB + j
+
+
+@triton.jit
 def _state_offsets(slot, h, j, H, NB, cd, cv, BD: tl.constexpr, BV: tl.constexpr):
-    """Offsets of feature block j of head h in state slot `slot` ([BD, BV] in s, [BD] in z) of the
-    [slots, H, NB, BD, BV] layout."""
-    base = (slot * H + h) * NB + j
+    """Offsets of feature block j of head h in state slot `slot`: [BD, BV] in s, [BD] in z."""
+    base = _block_index(slot, h, j, H, NB)
     return base * BD * BV + cd[:, None] * BV + cv[None, :], base * BD + cd
 
 
@@ -129,26 +134,33 @@ def chunk_sums_kernel(x, y, r, dd, s, z, table, H, D, V, NQ, a0, a1, a2, SHIFT,
 
 
 @triton.jit
-def scan_kernel(s, z, seqs, H, BD: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, REVERSE: tl.constexpr):
+def scan_kernel(s, z, seqs, H, BD: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr, U: tl.constexpr,
+                REVERSE: tl.constexpr):  # fmt: skip
     """In place along one sequence's slots (seqs row program_id 1: first slot, chunk count), for head
     program_id 2 and, on axis 0, feature block j times a column slice of SV values: prefix sums, or suffix sums
     with REVERSE, in fp32 whatever the slots hold. One read and one write of the states. The walk is
-    sequential, so the value slices give long single sequences more programs; slice 0 also scans z."""
+    sequential, so it takes U slots at a time (a cumulative sum across them, plus the carry: U times fewer
+    dependent steps), and the value slices give long single sequences more programs; slice 0 also scans z."""
     NVS: tl.constexpr = BV // SV
     j, part, n, h = tl.program_id(0) // NVS, tl.program_id(0) % NVS, tl.program_id(1), tl.program_id(2)
     NB = tl.num_programs(0) // NVS
     first, count = tl.load(seqs + n * 2).to(tl.int64), tl.load(seqs + n * 2 + 1)
-    cd, cv = tl.arange(0, BD), part * SV + tl.arange(0, SV)
-    acc = tl.zeros([BD, SV], tl.float32)
-    acc_z = tl.zeros([BD], tl.float32)
-    for i in range(count + 1):
-        c = count - i if REVERSE else i
-        s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
-        acc += tl.load(s + s_off).to(tl.float32)
-        tl.store(s + s_off, acc.to(s.dtype.element_ty))
+    cd, cv, u = tl.arange(0, BD), part * SV + tl.arange(0, SV), tl.arange(0, U)
+    carry = tl.zeros([BD, SV], tl.float32)
+    carry_z = tl.zeros([BD], tl.float32)
+    for walked in range(0, count + 1, U):
+        step = walked + u  # position along the walk; the slot is first + step, or first + count - step
+        valid = step <= count
+        block = _block_index(first + (count - step if REVERSE else step), h, j, H, NB)  # [U]
+        s_off = block[:, None, None] * (BD * BV) + cd[None, :, None] * BV + cv[None, None, :]
+        tile = tl.load(s + s_off, mask=valid[:, None, None], other=0.0).to(tl.float32)  # [U, BD, SV]
+        tl.store(s + s_off, (tl.cumsum(tile, 0) + carry[None]).to(s.dtype.element_ty), mask=valid[:, None, None])
+        carry += tl.sum(tile, 0)
         if part == 0:
-            acc_z += tl.load(z + z_off)
-            tl.store(z + z_off, acc_z)
+            z_off = block[:, None] * BD + cd[None, :]
+            tile_z = tl.load(z + z_off, mask=valid[:, None], other=0.0)  # [U, BD]
+            tl.store(z + z_off, tl.cumsum(tile_z, 0) + carry_z[None], mask=valid[:, None])
+            carry_z += tl.sum(tile_z, 0)
 
 
 @triton.jit
@@ -284,6 +296,7 @@ CHUNK = 128  # tokens per chunk state on the GPU (see the module docstring for t
 # so fp32 until then (benchmarks/sweep_chunk_states.py times both).
 STATE_DTYPE = torch.float32
 SCAN_SLICE = 16  # value columns per scan program (BV is a power of two >= 16)
+SCAN_UNROLL = 8  # state slots per step of the scan's sequential walk
 
 
 @dataclass(frozen=True)
@@ -410,7 +423,7 @@ class ChunkStatesFunction(torch.autograd.Function):
             )  # fmt: skip  (no r, dd in the forward)
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
-                s, z, plan.seqs, heads, BD=layout.bd, BV=layout.bv, SV=SCAN_SLICE, REVERSE=False
+                s, z, plan.seqs, heads, BD=layout.bd, BV=layout.bv, SV=SCAN_SLICE, U=SCAN_UNROLL, REVERSE=False
             )
         o = torch.empty_like(v)
         save32 = for_backward and v.dtype != torch.float32
@@ -459,7 +472,7 @@ class ChunkStatesFunction(torch.autograd.Function):
             )  # fmt: skip
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
-                ds, dz, plan.seqs, heads, BD=layout.bd, BV=layout.bv, SV=SCAN_SLICE, REVERSE=True
+                ds, dz, plan.seqs, heads, BD=layout.bd, BV=layout.bv, SV=SCAN_SLICE, U=SCAN_UNROLL, REVERSE=True
             )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if len(plan.blocks):
