@@ -50,7 +50,13 @@ from rebased.ops.common import LinearAttentionState, feature_dim
 from rebased.ops.kernels import Polynomial
 from rebased.ops.triton.chunk import _rows, _scores
 from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, check_head_dims, interpreting
-from rebased.ops.triton.parallel import _query_terms, _row_terms, _row_terms_fused, _score_grads
+from rebased.ops.triton.parallel import (
+    _for_backward,
+    _poly_args,
+    _query_terms,
+    _score_grads,
+    backward_row_terms,
+)
 
 
 @triton.jit
@@ -380,9 +386,8 @@ def _kernel_scalars(poly: _Poly, layout: Layout) -> dict:
 
 def _tile_args(poly: _Poly, layout: Layout, prec: str) -> dict:
     """The row-block kernels' (output, dq, dkdv) polynomial and block arguments."""
-    return dict(scale=poly.scale, c0=poly.c0, c1=poly.c1, c2=poly.c2, **_kernel_scalars(poly, layout),
-                **layout.constexprs(), BM=layout.block, BN=layout.block, NB=layout.num_blocks, HAS0=poly.c0 > 0,
-                HAS1=poly.c1 > 0, PREC=prec)  # fmt: skip
+    return dict(**_poly_args(poly), **_kernel_scalars(poly, layout), **layout.constexprs(), BM=layout.block,
+                BN=layout.block, NB=layout.num_blocks, PREC=prec)  # fmt: skip
 
 
 class ChunkStatesFunction(torch.autograd.Function):
@@ -449,10 +454,7 @@ class ChunkStatesFunction(torch.autograd.Function):
         heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
         nb, prec, sequences = layout.num_blocks, _precision(q.dtype), len(plan.first)
         do = do.to(v.dtype).contiguous()
-        if ctx.normalize:
-            r, dd = _row_terms_fused(do, o, den, poly.clamp, ctx.eps)
-        else:
-            r, dd = _row_terms(do, o, den, poly.clamp, False, ctx.eps)
+        r, dd = backward_row_terms(do, o, den, poly.clamp, ctx.normalize, ctx.eps)
         # each sequence's last slot: the final state's gradient; slot first + c: chunk c's own phi(Q)^T g.
         # Suffix sums then leave at first + c + 1 what chunk c's keys send back (later chunks and the final
         # state), and at the first slot the initial state's gradient.
@@ -501,8 +503,7 @@ def _run(q, k, v, plan: Plan, kernel, initial_state, output_final_state, normali
     kv0 = ksum0 = None
     if initial_state is not None:
         kv0, ksum0 = (x.float().contiguous() for x in initial_state)
-    inputs = [x for x in (q, k, v, kv0, ksum0) if x is not None]
-    for_backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    for_backward = _for_backward(*(x for x in (q, k, v, kv0, ksum0) if x is not None))
     o, kv, ksum = ChunkStatesFunction.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), kv0, ksum0, plan, _Poly.of(kernel), output_final_state,
         normalize, eps, for_backward,

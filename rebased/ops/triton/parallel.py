@@ -265,10 +265,7 @@ class ParallelFunction(torch.autograd.Function):
         q, k, v, o, den = ctx.saved_tensors
         heads, head_dim, value_dim = _kernel_args(q, v)
         do = do.to(v.dtype).contiguous()
-        if ctx.normalize:
-            r, dd = _row_terms_fused(do, o, den, ctx.poly.clamp, ctx.eps)
-        else:
-            r, dd = _row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
+        r, dd = backward_row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
         _, dkdv, dqc = launch_configs()
         args = dict(**_poly_args(ctx.poly), PREC=_precision(q.dtype))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -294,6 +291,14 @@ def _row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool,
     if clamp:
         dd = dd.masked_fill(den < 0, 0.0)
     return r.contiguous(), dd.contiguous()
+
+
+def backward_row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
+    """r and dd for the backward kernels (this module's and chunk_states'): one kernel for a normalised
+    output, constants otherwise."""
+    if normalize:
+        return _row_terms_fused(do, o, den, clamp, eps)
+    return _row_terms(do, o, den, clamp, normalize, eps)
 
 
 def _row_terms_fused(do: Tensor, o: Tensor, den: Tensor, clamp: bool, eps: float):
