@@ -1,6 +1,7 @@
 """Chunk length and warps of the chunk-states kernels on a GPU, beside the fused chunk and parallel kernels.
 
-    PYTHONPATH=. python benchmarks/sweep_chunk_states.py
+    PYTHONPATH=. python benchmarks/sweep_chunk_states.py [--variants 256:float32,512:float32] [--lengths 4096]
+                                                         [--no-others]
 
 The op suite's workload (65,536 tokens x 16 heads, q/k 16, v 64, bf16, ReBased) at T 1k to 64k: forward and
 forward+backward median ms (triton.testing.do_bench) and peak memory above the inputs, one row per
@@ -9,6 +10,8 @@ should take the fastest that passes the GPU tests (bf16 storage: run them with i
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import triton.testing
@@ -58,12 +61,23 @@ def implementation(name: str, variant: tuple | None, kernel: Polynomial):
     return lambda q, k, v: linear_attention(q, k, v, mode=mode, backend="triton", kernel=kernel)[0]
 
 
+def parse_variant(text: str) -> tuple[int, torch.dtype]:
+    chunk, dtype = text.split(":")
+    return int(chunk), getattr(torch, dtype)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", type=lambda s: [parse_variant(v) for v in s.split(",")], default=VARIANTS)
+    parser.add_argument("--lengths", type=lambda s: [int(t) for t in s.split(",")], default=LENGTHS)
+    parser.add_argument("--no-others", action="store_true", help="only chunk-states, not the fused chunk/parallel")
+    args = parser.parse_args()
     kernel = Polynomial.rebased(16)
-    candidates = [(f"chunk_states C{c} {str(d)[6:]}", (c, d)) for c, d in VARIANTS]
-    candidates += [("chunk (fused)", None), ("parallel", None)]
+    candidates = [(f"chunk_states C{c} {str(d)[6:]}", (c, d)) for c, d in args.variants]
+    if not args.no_others:
+        candidates += [("chunk (fused)", None), ("parallel", None)]
     rows = []
-    for length in LENGTHS:
+    for length in args.lengths:
         batch = 65536 // length
         q, k = (torch.randn(batch, length, 16, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         v = torch.randn(batch, length, 16, 64, device="cuda", dtype=torch.bfloat16)

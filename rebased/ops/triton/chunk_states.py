@@ -296,7 +296,11 @@ class Layout:
         return dict(C=self.chunk, BD=self.bd, BV=self.bv)
 
 
-CHUNK = 128  # tokens per chunk state on the GPU (see the module docstring for the trade)
+# The dq / dkdv kernels' warps per input dtype. 16-bit inputs spill at 4. fp32 inputs must stay at 4: with 8,
+# Triton 3.6's tf32x3 dots give a wrong dq on the H200 (rel. error ~1 at T 100, a single chunk, while 4 warps
+# or "ieee" dots give 4e-7: benchmarks/results/h200/chunk_states_fp32.log).
+BACKWARD_WARPS = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
+CHUNK = 256  # tokens per chunk state on the GPU (see the module docstring for the trade)
 # The chunk states' storage (kv rows; the normaliser rows stay fp32). bf16 halves the states' memory traffic
 # and rounds each chunk's sums once (2^-9); whether that keeps the 1% gradient bound is a GPU test's to say,
 # so fp32 until then (benchmarks/sweep_chunk_states.py times both).
@@ -478,7 +482,8 @@ class ChunkStatesFunction(torch.autograd.Function):
             )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if len(plan.blocks):
-            args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec), num_warps=8)  # 4 spill
+            args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec),
+                        num_warps=BACKWARD_WARPS[q.dtype])  # fmt: skip
             dkdv_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, ds, dz, dk, dv, plan.blocks, **args)
             dq_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, s, z, dq, plan.blocks, **args)
         else:  # no tokens at all
