@@ -55,30 +55,20 @@ def resource_usage(cubin: bytes) -> str:
     return f"{found.group(1)} registers, stack {found.group(2)} B" if found else "usage not found"
 
 
+LAYOUT = dict(C=256, BD=16, BV=64, NQ=16, G=16, NB=16)  # ReBased, q/k 16, v 64: one group of 16 square blocks
+TILES = dict(**LAYOUT, BM=64, BN=64, HAS0=False, HAS1=False, PREC="tf32")
 CASES = [  # name, kernel, constexprs, fp32 pointers, i32 args, num_warps
-    ("chunk_sums (fwd)", CS.chunk_sums_kernel,
-     dict(C=128, BD=16, BV=64, NB=16, HAS1=False, GRAD=False, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"H", "D", "V", "NQ", "SHIFT"}, 4),
-    ("chunk_sums (bwd)", CS.chunk_sums_kernel,
-     dict(C=128, BD=16, BV=64, NB=16, HAS1=False, GRAD=True, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"H", "D", "V", "NQ", "SHIFT"}, 4),
+    *[(f"chunk_sums ({'bwd' if grad else 'fwd'})", CS.chunk_sums_kernel,
+       dict(**LAYOUT, BC=64, HAS1=False, GRAD=grad, PREC="tf32"), {"r", "dd", "s", "z"}, {"H", "D", "V", "SHIFT"}, w)
+      for grad in (False, True) for w in (4, 8)],
     ("scan", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=False), {"s", "z"}, {"H"}, 4),
     ("scan (reverse)", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=True), {"s", "z"}, {"H"}, 4),
-    ("output", CS.output_kernel,
-     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, NORMALIZE=True, CLAMP=True, SAVE32=True,
-          PREC="tf32"), {"s", "z", "o32", "den"}, {"H", "D", "V", "NQ"}, 4),
-    ("dkdv", CS.dkdv_kernel,
-     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "ds", "dz"},
-     {"H", "D", "V", "NQ"}, 4),
-    ("dq", CS.dq_kernel,
-     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"H", "D", "V", "NQ"}, 4),
-    ("dkdv", CS.dkdv_kernel,
-     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "ds", "dz"},
-     {"H", "D", "V", "NQ"}, 8),
-    ("dq", CS.dq_kernel,
-     dict(C=128, BM=64, BN=64, BD=16, BV=64, NB=16, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd", "s", "z"},
-     {"H", "D", "V", "NQ"}, 8),
+    *[("output", CS.output_kernel, dict(**TILES, NORMALIZE=True, CLAMP=True, SAVE32=True), {"s", "z", "o32", "den"},
+       {"H", "D", "V"}, w) for w in (4, 8)],
+    *[(name, kernel, TILES, pointers, {"H", "D", "V"}, w)
+      for name, kernel, pointers in (("dkdv", CS.dkdv_kernel, {"r", "dd", "ds", "dz"}),
+                                     ("dq", CS.dq_kernel, {"r", "dd", "s", "z"}))
+      for w in (4, 8)],
     ("parallel dkdv (reference)", P.parallel_dkdv_kernel,
      dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
     ("parallel dq (reference)", P.parallel_dq_kernel,

@@ -173,7 +173,8 @@ def test_chunk_states_long_walks(chunk_states):
 @pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (32, 20), (12, 1)])
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
 def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states):
-    """q/k dim 32 with a square term too: no program holds more than one [D, V] feature block."""
+    """q/k dim 32 with a square term too (its 32 square blocks in four dots of G = 8), 12 (four zero padding
+    blocks), value dims that are not powers of two."""
     generator = torch.Generator().manual_seed(head_dim * 3 + value_dim)
     kernel = KERNELS[kernel_name](head_dim)
     q, k, v = make_inputs((1, 40, 2, head_dim), value_dim, kernel, generator, torch.float32)

@@ -60,33 +60,47 @@ from rebased.ops.triton.parallel import (
 
 
 @triton.jit
-def _is_linear(j, NQ, HAS1: tl.constexpr):
-    """Whether feature block j is the linear one (it follows the NQ square blocks, when there is one)."""
+def _is_linear(j, NQ: tl.constexpr, HAS1: tl.constexpr):
+    """Whether feature block j (>= NQ) is the linear one (it follows the square blocks, when there is one)."""
     return j == NQ if HAS1 else j < 0
 
 
 @triton.jit
-def _block_features(x, x_j, j, NQ, a0, a1, a2, valid, cd, HAS1: tl.constexpr):
-    """phi's block j of each row of x [R, BD] (fp32): a2 x_j x, a1 x or a0 e_0 (x_j = x[:, j], read only for
-    square blocks; rows that are not valid give 0)."""
-    square, linear = j < NQ, _is_linear(j, NQ, HAS1)
-    w = tl.where(square, a2 * x_j, tl.where(linear, a1, a0)) * valid
-    base = tl.where(square | linear, x, (cd == 0).to(tl.float32)[None, :])
-    return w[:, None] * base
+def _block_features(x, j, NQ: tl.constexpr, a0, a1, valid, cd, HAS1: tl.constexpr):
+    """phi's block j >= NQ of each row of x [R, BD] (fp32): a1 x (linear) or a0 e_0 (constant); rows that are
+    not valid give 0."""
+    linear = _is_linear(j, NQ, HAS1)
+    base = tl.where(linear, x, (cd == 0).to(tl.float32)[None, :])
+    return (tl.where(linear, a1, a0) * valid)[:, None] * base
 
 
 @triton.jit
-def _block_feature_grad(g, x, x_j, j, NQ, a1, a2, cd, HAS1: tl.constexpr):
-    """d(g . phi_j(x)) / dx per row, g [R, BD] the gradient of the block: a2 (x_j g + (g . x) e_j), a1 g or 0."""
-    square = a2 * (x_j[:, None] * g + tl.where(cd[None, :] == j, tl.sum(g * x, 1)[:, None], 0.0))
-    return tl.where(j < NQ, square, tl.where(_is_linear(j, NQ, HAS1), a1 * g, 0.0))
+def _block_feature_grad(g, j, NQ: tl.constexpr, a1, HAS1: tl.constexpr):
+    """d(g . phi_j(x)) / dx per row for a block j >= NQ, g [R, BD] the gradient of the block: a1 g or 0."""
+    return tl.where(_is_linear(j, NQ, HAS1), a1 * g, 0.0)
 
 
 @triton.jit
-def _column(x, base, t, j, T, stride, NQ):
-    """x[t, j] as fp32 [len(t)] for a square block (0 otherwise): the scalar of phi's block j."""
-    square = t * 0 + j < NQ  # a vector mask: the interpreter refuses a scalar and a vector combined
-    return tl.load(x + base + t * stride + j, mask=(t < T) & square, other=0.0).to(tl.float32)
+def _group_features(xg, x, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr):
+    """Square blocks first .. first + G - 1 of phi for each row, as one [R, G BD] tile: block i is
+    a2 x_{first + i} x (xg [R, G]: those columns of x [R, BD]; fp32; rows read as 0 give 0)."""
+    return tl.reshape(a2 * xg[:, :, None] * x[:, None, :], (R, G * BD))
+
+
+@triton.jit
+def _group_feature_grad(g, xg, x, first, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr):
+    """d(g . _group_features(xg, x)) / dx per row, g [R, G BD]. With g3 = g as [R, G, BD]: block i's scalar
+    x_{first + i} gets a2 g3[:, i, :] . x, and every x_l gets a2 sum_i g3[:, i, l] x_{first + i}."""
+    g3 = tl.reshape(g, (R, G, BD))
+    scalars = tl.sum(g3 * x[:, None, :], 2)  # [R, G]
+    place = (tl.arange(0, BD)[None, :] == first + tl.arange(0, G)[:, None]).to(tl.float32)  # [G, BD] one-hot
+    return a2 * (tl.sum(scalars[:, :, None] * place[None, :, :], 1) + tl.sum(g3 * xg[:, :, None], 1))
+
+
+@triton.jit
+def _group_columns(x, base, t, first, T, stride, D, G: tl.constexpr):
+    """x[t, first .. first + G - 1] as fp32 [len(t), G] (columns past D read 0)."""
+    return _rows(x + base, t, first + tl.arange(0, G), T, stride, D).to(tl.float32)
 
 
 @triton.jit
@@ -103,6 +117,15 @@ def _state_offsets(slot, h, j, H, NB, cd, cv, BD: tl.constexpr, BV: tl.constexpr
 
 
 @triton.jit
+def _group_offsets(slot, h, first, H, NB, cv, G: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """Offsets of the G consecutive feature blocks from `first` of head h in `slot`: [G BD, BV] in s, [G BD]
+    in z (blocks are contiguous, so a group is one tile)."""
+    base = _block_index(slot, h, first, H, NB)
+    f = tl.arange(0, G * BD)
+    return base * BD * BV + f[:, None] * BV + cv[None, :], base * BD + f
+
+
+@triton.jit
 def _entry(table):
     """This program's table row: (sequence start, sequence length, chunk or row-block index, the sequence's
     first state slot), and its head (program axis 1)."""
@@ -112,31 +135,55 @@ def _entry(table):
 
 
 @triton.jit
-def chunk_sums_kernel(x, y, r, dd, s, z, table, H, D, V, NQ, a0, a1, a2, SHIFT,
-                      C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr, HAS1: tl.constexpr,
-                      GRAD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    """Chunk c's own sums, every feature block, into the sequence's slot c + SHIFT:
-    forward  (GRAD=False): phi(K_c)^T V_c and phi(K_c)^T 1                       (x = k, y = v)
-    backward (GRAD=True):  phi(Q_c)^T (do r)_c and phi(Q_c)^T (dd r)_c           (x = q, y = do)
-    One program per (chunk table row, head): the chunk's x and y are read once; scan_kernel then turns the
-    slots into states."""
-    start, T, c, first, h = _entry(table)
-    x_base, y_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
-    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    t = c * C + tl.arange(0, C)
-    valid = (t < T).to(tl.float32)
+def _sum_terms(x, y, r, dd, x_base, y_base, row_base, t, cd, cv, T, H, D, V, GRAD: tl.constexpr):
+    """Rows t of a chunk for chunk_sums, fp32: x [R, BD]; y [R, BV] (v, or do r); w [R] (1, or dd r; 0 past
+    T), what phi(x) is summed against."""
     xt = _rows(x + x_base, t, cd, T, H * D, D).to(tl.float32)
     yt = _rows(y + y_base, t, cv, T, H * V, V).to(tl.float32)
-    w = valid
+    w = (t < T).to(tl.float32)
     if GRAD:
         rt = tl.load(r + row_base + t * H, mask=t < T, other=0.0)
         yt = yt * rt[:, None]
         w = tl.load(dd + row_base + t * H, mask=t < T, other=0.0) * rt
-    for j in range(NB):
-        phi = _block_features(xt, _column(x, x_base, t, j, T, H * D, NQ), j, NQ, a0, a1, a2, valid, cd, HAS1)
-        s_off, z_off = _state_offsets(first + c + SHIFT, h, j, H, NB, cd, cv, BD, BV)
-        tl.store(s + s_off, tl.dot(tl.trans(phi), yt, input_precision=PREC).to(s.dtype.element_ty))
-        tl.store(z + z_off, tl.sum(phi * w[:, None], 0))
+    return xt, yt, w
+
+
+@triton.jit
+def chunk_sums_kernel(x, y, r, dd, s, z, table, H, D, V, a0, a1, a2, SHIFT,
+                      C: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NQ: tl.constexpr,
+                      G: tl.constexpr, NB: tl.constexpr, HAS1: tl.constexpr, GRAD: tl.constexpr,
+                      PREC: tl.constexpr):  # fmt: skip
+    """Chunk c's own sums, every feature block, into the sequence's slot c + SHIFT:
+    forward  (GRAD=False): phi(K_c)^T V_c and phi(K_c)^T 1                       (x = k, y = v)
+    backward (GRAD=True):  phi(Q_c)^T (do r)_c and phi(Q_c)^T (dd r)_c           (x = q, y = do)
+    One program per (chunk table row, head). The square blocks go G at a time, one [G BD, BV] dot per BC
+    rows; the linear and constant blocks take the whole chunk at once. scan_kernel then turns the slots into
+    states."""
+    start, T, c, first, h = _entry(table)
+    x_base, y_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
+    cd, cv = tl.arange(0, BD), tl.arange(0, BV)
+    slot = first + c + SHIFT
+    for group in range(NQ // G):
+        acc = tl.zeros([G * BD, BV], tl.float32)
+        acc_z = tl.zeros([G * BD], tl.float32)
+        for sub in range(0, C, BC):
+            t = c * C + sub + tl.arange(0, BC)
+            xt, yt, w = _sum_terms(x, y, r, dd, x_base, y_base, row_base, t, cd, cv, T, H, D, V, GRAD)
+            phi = _group_features(_group_columns(x, x_base, t, group * G, T, H * D, D, G), xt, a2, BC, G, BD)
+            acc += tl.dot(tl.trans(phi), yt, input_precision=PREC)
+            acc_z += tl.sum(phi * w[:, None], 0)
+        s_off, z_off = _group_offsets(slot, h, group * G, H, NB, cv, G, BD, BV)
+        tl.store(s + s_off, acc.to(s.dtype.element_ty))
+        tl.store(z + z_off, acc_z)
+    if NB > NQ:
+        t = c * C + tl.arange(0, C)
+        xt, yt, w = _sum_terms(x, y, r, dd, x_base, y_base, row_base, t, cd, cv, T, H, D, V, GRAD)
+        valid = (t < T).to(tl.float32)
+        for j in range(NQ, NB):
+            phi = _block_features(xt, j, NQ, a0, a1, valid, cd, HAS1)
+            s_off, z_off = _state_offsets(slot, h, j, H, NB, cd, cv, BD, BV)
+            tl.store(s + s_off, tl.dot(tl.trans(phi), yt, input_precision=PREC).to(s.dtype.element_ty))
+            tl.store(z + z_off, tl.sum(phi * w[:, None], 0))
 
 
 @triton.jit
@@ -170,10 +217,10 @@ def scan_kernel(s, z, seqs, H, BD: tl.constexpr, BV: tl.constexpr, SV: tl.conste
 
 
 @triton.jit
-def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, NQ, scale, c0, c1, c2, a0, a1, a2, eps,
+def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, scale, c0, c1, c2, a0, a1, a2, eps,
                   C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                  NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, NORMALIZE: tl.constexpr,
-                  CLAMP: tl.constexpr, SAVE32: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                  NQ: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr,
+                  NORMALIZE: tl.constexpr, CLAMP: tl.constexpr, SAVE32: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     start, T, m, first, h = _entry(table)
     qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     rows = m * BM + tl.arange(0, BM)
@@ -191,10 +238,15 @@ def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, NQ, scale, c0, c1,
         dn += tl.sum(p.to(tl.float32), 1)
         acc += tl.dot(p, vt, input_precision=PREC)
     qf = qt.to(tl.float32)
+    for group in range(NQ // G):  # the state before this chunk: the square blocks, G at a time
+        phi = _group_features(_group_columns(q, qk_base, rows, group * G, T, H * D, D, G), qf, a2, BM, G, BD)
+        s_off, z_off = _group_offsets(first + c, h, group * G, H, NB, cv, G, BD, BV)
+        acc += tl.dot(phi, tl.load(s + s_off).to(tl.float32), input_precision=PREC)
+        dn += tl.sum(phi * tl.load(z + z_off)[None, :], 1)
     valid = (rows < T).to(tl.float32)
-    for j in range(NB):  # the state before this chunk, one feature block at a time
+    for j in range(NQ, NB):  # then the linear and constant blocks
         s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
-        phi = _block_features(qf, _column(q, qk_base, rows, j, T, H * D, NQ), j, NQ, a0, a1, a2, valid, cd, HAS1)
+        phi = _block_features(qf, j, NQ, a0, a1, valid, cd, HAS1)
         acc += tl.dot(phi, tl.load(s + s_off).to(tl.float32), input_precision=PREC)
         dn += tl.sum(phi * tl.load(z + z_off)[None, :], 1)
     offsets = v_base + rows[:, None] * (H * V) + cv[None, :]
@@ -208,9 +260,10 @@ def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, NQ, scale, c0, c1,
 
 
 @triton.jit
-def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, NQ, scale, c0, c1, c2, a0, a1, a2,
+def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, scale, c0, c1, c2, a0, a1, a2,
                 C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                NQ: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr,
+                PREC: tl.constexpr):  # fmt: skip
     start, T, n, first, h = _entry(table)
     qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     cols = n * BN + tl.arange(0, BN)
@@ -228,24 +281,31 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, NQ, scale, c
         dvt += tl.dot(tl.trans((p * rt[:, None]).to(dot.dtype)), dot, input_precision=PREC)
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
     kf, vf = kt.to(tl.float32), vt.to(tl.float32)
-    valid = (cols < T).to(tl.float32)
-    for j in range(NB):  # what later chunks (and the final state) send back through S: slot c + 1
-        s_off, z_off = _state_offsets(first + c + 1, h, j, H, NB, cd, cv, BD, BV)
-        k_j = _column(k, qk_base, cols, j, T, H * D, NQ)
-        phi = _block_features(kf, k_j, j, NQ, a0, a1, a2, valid, cd, HAS1)
+    # what later chunks (and the final state) send back through S: slot c + 1; square blocks G at a time
+    for group in range(NQ // G):
+        kg = _group_columns(k, qk_base, cols, group * G, T, H * D, D, G)
+        s_off, z_off = _group_offsets(first + c + 1, h, group * G, H, NB, cv, G, BD, BV)
         grad = tl.load(ds + s_off).to(tl.float32)
-        dvt += tl.dot(phi, grad, input_precision=PREC)
+        dvt += tl.dot(_group_features(kg, kf, a2, BN, G, BD), grad, input_precision=PREC)
         g_phi = tl.dot(vf, tl.trans(grad), input_precision=PREC) + tl.load(dz + z_off)[None, :]
-        dkt += _block_feature_grad(g_phi, kf, k_j, j, NQ, a1, a2, cd, HAS1)
+        dkt += _group_feature_grad(g_phi, kg, kf, group * G, a2, BN, G, BD)
+    valid = (cols < T).to(tl.float32)
+    for j in range(NQ, NB):
+        s_off, z_off = _state_offsets(first + c + 1, h, j, H, NB, cd, cv, BD, BV)
+        grad = tl.load(ds + s_off).to(tl.float32)
+        dvt += tl.dot(_block_features(kf, j, NQ, a0, a1, valid, cd, HAS1), grad, input_precision=PREC)
+        g_phi = tl.dot(vf, tl.trans(grad), input_precision=PREC) + tl.load(dz + z_off)[None, :]
+        dkt += _block_feature_grad(g_phi, j, NQ, a1, HAS1)
     mask = cols[:, None] < T
     tl.store(dk + qk_base + cols[:, None] * (H * D) + cd[None, :], dkt.to(dk.dtype.element_ty), mask=mask & (cd < D))
     tl.store(dv + v_base + cols[:, None] * (H * V) + cv[None, :], dvt.to(dv.dtype.element_ty), mask=mask & (cv < V))
 
 
 @triton.jit
-def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, NQ, scale, c0, c1, c2, a0, a1, a2,
+def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, scale, c0, c1, c2, a0, a1, a2,
               C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-              NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+              NQ: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr,
+              PREC: tl.constexpr):  # fmt: skip
     start, T, m, first, h = _entry(table)
     qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     rows = m * BM + tl.arange(0, BM)
@@ -263,12 +323,17 @@ def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, NQ, scale, c0, c1, c
     qf = qt.to(tl.float32)
     g = dot.to(tl.float32) * rt[:, None]
     valid = (rows < T).to(tl.float32)
-    for j in range(NB):  # through the state before this chunk
-        s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
-        q_j = _column(q, qk_base, rows, j, T, H * D, NQ)
+    for group in range(NQ // G):  # through the state before this chunk: square blocks G at a time
+        qg = _group_columns(q, qk_base, rows, group * G, T, H * D, D, G)
+        s_off, z_off = _group_offsets(first + c, h, group * G, H, NB, cv, G, BD, BV)
         g_phi = tl.dot(g, tl.trans(tl.load(s + s_off).to(tl.float32)), input_precision=PREC)
         g_phi += (ddt * rt)[:, None] * tl.load(z + z_off)[None, :]
-        dqt += _block_feature_grad(g_phi * valid[:, None], qf, q_j, j, NQ, a1, a2, cd, HAS1)
+        dqt += _group_feature_grad(g_phi * valid[:, None], qg, qf, group * G, a2, BM, G, BD)
+    for j in range(NQ, NB):  # then the linear and constant blocks
+        s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
+        g_phi = tl.dot(g, tl.trans(tl.load(s + s_off).to(tl.float32)), input_precision=PREC)
+        g_phi += (ddt * rt)[:, None] * tl.load(z + z_off)[None, :]
+        dqt += _block_feature_grad(g_phi * valid[:, None], j, NQ, a1, HAS1)
     mask = (rows[:, None] < T) & (cd[None, :] < D)
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
 
@@ -281,30 +346,36 @@ class Layout:
     block: int  # BM = BN
     bd: int
     bv: int
-    num_square: int  # NQ
+    num_square: int  # NQ: BD square blocks (those past D hold zeros), or none
+    group: int  # G: square blocks per dot, G BD <= GROUP_FEATURES
     num_blocks: int  # NB
 
     @classmethod
     def of(cls, head_dim: int, value_dim: int, poly: _Poly) -> Layout:
         chunk, block = (32, 16) if interpreting() else (CHUNK, 64)
-        square = head_dim if poly.c2 > 0 else 0
-        blocks = square + (poly.c1 > 0) + (poly.c0 > 0)
         bd, bv = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(value_dim))
-        return cls(chunk, block, bd, bv, square, blocks)
+        square = bd if poly.c2 > 0 else 0
+        blocks = square + (poly.c1 > 0) + (poly.c0 > 0)
+        group = min(bd, max(1, GROUP_FEATURES // bd))
+        return cls(chunk, block, bd, bv, square, group, blocks)
 
     def constexprs(self) -> dict:
-        return dict(C=self.chunk, BD=self.bd, BV=self.bv)
+        return dict(C=self.chunk, BD=self.bd, BV=self.bv, NQ=self.num_square, G=self.group, NB=self.num_blocks)
 
 
-# The dq / dkdv kernels' warps per input dtype. 16-bit inputs spill at 4. fp32 inputs must stay at 4: with 8,
-# Triton 3.6's tf32x3 dots give a wrong dq on the H200 (rel. error ~1 at T 100, a single chunk, while 4 warps
-# or "ieee" dots give 4e-7: benchmarks/results/h200/chunk_states_fp32.log).
-BACKWARD_WARPS = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
+# Warps of the kernels with [64, 128] feature tiles (chunk_sums, output, dq, dkdv) per input dtype: 8 keeps
+# them clear of spills (benchmarks/compile_check.py). fp32 inputs stay at 4: with 8, Triton 3.6's tf32x3 dots
+# gave a wrong dq on the H200 (rel. error ~1 at T 100, a single chunk, while 4 warps or "ieee" dots gave 4e-7:
+# benchmarks/results/h200/chunk_states_fp32.log); fp32 is the accurate path, not the fast one.
+TILE_WARPS = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
 CHUNK = 256  # tokens per chunk state on the GPU (see the module docstring for the trade)
 # The chunk states' storage (kv rows; the normaliser rows stay fp32). bf16 halves the states' memory traffic
 # and rounds each chunk's sums once (2^-9); whether that keeps the 1% gradient bound is a GPU test's to say,
 # so fp32 until then (benchmarks/sweep_chunk_states.py times both).
 STATE_DTYPE = torch.float32
+# Features per square-block dot: G BD rows of the state against a row block's [BM, G BD] features. 128 (two
+# dots for D 16) compiles without spills at 8 warps; 256 spills 64-520 B (benchmarks/compile_check.py).
+GROUP_FEATURES = 128
 SCAN_SLICE = 16  # value columns per scan program (BV is a power of two >= 16)
 SCAN_UNROLL = 8  # state slots per step of the scan's sequential walk
 
@@ -347,10 +418,9 @@ def _dense_plan(batch: int, length: int, chunk: int, block: int, device: torch.d
     return Plan.of(torch.arange(batch) * length, torch.full((batch,), length), chunk, block, device)
 
 
-def _to_blocks(kv: Tensor, ksum: Tensor, poly: _Poly, layout: Layout) -> tuple[Tensor, Tensor]:
-    """LinearAttentionState's rows [const | linear D | square D*D] -> blocks [N, H, NB, BD, BV], [N, H, NB, BD]."""
+def _to_blocks(kv: Tensor, ksum: Tensor, d: int, poly: _Poly, layout: Layout) -> tuple[Tensor, Tensor]:
+    """LinearAttentionState's rows [const | linear d | square d*d] -> blocks [N, H, NB, BD, BV], [N, H, NB, BD]."""
     batch, heads, _, value_dim = kv.shape
-    d = layout.num_square or (kv.shape[2] - (poly.c0 > 0))  # the linear block's width without a square term
     s = kv.new_zeros(batch, heads, layout.num_blocks, layout.bd, layout.bv)
     z = ksum.new_zeros(batch, heads, layout.num_blocks, layout.bd)
     row, block = 0, layout.num_blocks - 1
@@ -361,9 +431,8 @@ def _to_blocks(kv: Tensor, ksum: Tensor, poly: _Poly, layout: Layout) -> tuple[T
         s[:, :, block, :d, :value_dim], z[:, :, block, :d] = kv[:, :, row : row + d], ksum[:, :, row : row + d]
         row += d
     if poly.c2 > 0:
-        n = layout.num_square
-        s[:, :, :n, :n, :value_dim] = kv[:, :, row:].unflatten(2, (n, n))
-        z[:, :, :n, :n] = ksum[:, :, row:].unflatten(2, (n, n))
+        s[:, :, :d, :d, :value_dim] = kv[:, :, row:].unflatten(2, (d, d))
+        z[:, :, :d, :d] = ksum[:, :, row:].unflatten(2, (d, d))
     return s, z
 
 
@@ -385,13 +454,13 @@ def _from_blocks(s: Tensor, z: Tensor, head_dim: int, value_dim: int, poly: _Pol
 
 def _kernel_scalars(poly: _Poly, layout: Layout) -> dict:
     scale, c0, c1, c2, a0, a1, a2 = poly.args()
-    return dict(NQ=layout.num_square, a0=a0, a1=a1, a2=a2)
+    return dict(a0=a0, a1=a1, a2=a2)
 
 
 def _tile_args(poly: _Poly, layout: Layout, prec: str) -> dict:
     """The row-block kernels' (output, dq, dkdv) polynomial and block arguments."""
     return dict(**_poly_args(poly), **_kernel_scalars(poly, layout), **layout.constexprs(), BM=layout.block,
-                BN=layout.block, NB=layout.num_blocks, PREC=prec)  # fmt: skip
+                BN=layout.block, PREC=prec)  # fmt: skip
 
 
 class ChunkStatesFunction(torch.autograd.Function):
@@ -407,29 +476,14 @@ class ChunkStatesFunction(torch.autograd.Function):
         if kv0 is None:  # each sequence's first slot: its initial state; the others: each chunk's own sums,
             s[plan.first], z[plan.first] = 0.0, 0.0  # which the scan turns into the state after each chunk
         else:
-            s0, z0 = _to_blocks(kv0, ksum0, poly, layout)
+            s0, z0 = _to_blocks(kv0, ksum0, head_dim, poly, layout)
             s[plan.first], z[plan.first] = s0.to(s.dtype), z0
-        if len(plan.chunks):
+        if len(plan.chunks):  # (no r, dd in the forward: v stands in for them)
             chunk_sums_kernel[(len(plan.chunks), heads)](
-                k,
-                v,
-                v,
-                v,
-                s,
-                z,
-                plan.chunks,
-                heads,
-                head_dim,
-                value_dim,
-                **_kernel_scalars(poly, layout),
-                SHIFT=1,
-                **layout.constexprs(),
-                NB=nb,
-                HAS1=poly.c1 > 0,
-                GRAD=False,
-                PREC=prec,
-                num_warps=4,
-            )  # fmt: skip  (no r, dd in the forward)
+                k, v, v, v, s, z, plan.chunks, heads, head_dim, value_dim, **_kernel_scalars(poly, layout), SHIFT=1,
+                **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=False, PREC=prec,
+                num_warps=TILE_WARPS[q.dtype],
+            )  # fmt: skip
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
                 s, z, plan.seqs, heads, BD=layout.bd, BV=layout.bv, SV=SCAN_SLICE, U=SCAN_UNROLL, REVERSE=False
@@ -441,7 +495,8 @@ class ChunkStatesFunction(torch.autograd.Function):
         if len(plan.blocks):
             output_kernel[(len(plan.blocks), heads)](
                 q, k, v, s, z, o, o32, den, plan.blocks, heads, head_dim, value_dim, eps=eps,
-                **_tile_args(poly, layout, prec), NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32, num_warps=4,
+                **_tile_args(poly, layout, prec), NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32,
+                num_warps=TILE_WARPS[q.dtype],
             )  # fmt: skip
         final = (None, None)
         if output_final_state:
@@ -469,12 +524,13 @@ class ChunkStatesFunction(torch.autograd.Function):
             feat = feature_dim(head_dim, poly.kernel())
             d_kv = torch.zeros(sequences, heads, feat, value_dim, device=q.device) if d_kv is None else d_kv.float()
             d_ksum = torch.zeros(sequences, heads, feat, device=q.device) if d_ksum is None else d_ksum.float()
-            ds_final, dz_final = _to_blocks(d_kv, d_ksum, poly, layout)
+            ds_final, dz_final = _to_blocks(d_kv, d_ksum, head_dim, poly, layout)
             ds[plan.last], dz[plan.last] = ds_final.to(ds.dtype), dz_final
         if len(plan.chunks):
             chunk_sums_kernel[(len(plan.chunks), heads)](
                 q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **_kernel_scalars(poly, layout),
-                SHIFT=0, **layout.constexprs(), NB=nb, HAS1=poly.c1 > 0, GRAD=True, PREC=prec, num_warps=4,
+                SHIFT=0, **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=True, PREC=prec,
+                num_warps=TILE_WARPS[q.dtype],
             )  # fmt: skip
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
@@ -483,7 +539,7 @@ class ChunkStatesFunction(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if len(plan.blocks):
             args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec),
-                        num_warps=BACKWARD_WARPS[q.dtype])  # fmt: skip
+                        num_warps=TILE_WARPS[q.dtype])  # fmt: skip
             dkdv_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, ds, dz, dk, dv, plan.blocks, **args)
             dq_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, s, z, dq, plan.blocks, **args)
         else:  # no tokens at all
