@@ -2,7 +2,8 @@
 the op suite's workload (65,536 tokens x 16 heads, q/k 16, v 64, bf16, ReBased), per (chunk length, T); and
 the LayerNorm's kernels, torch's against the fused ones, at an MQAR micro-batch's shape.
 
-    PYTHONPATH=. python benchmarks/chunk_states_profile_gpu.py [--cases 256:4096,256:65536]
+    PYTHONPATH=. python benchmarks/chunk_states_profile_gpu.py [--cases 256:4096,256:65536] [--no-layer-norm]
+        [--configs "output=64:4 dq=128:8"]     # TILE_CONFIGS to profile, one set per argument; none: the default
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rebased.ops.norm import layer_norm
 from rebased.tables import markdown_table
 
 REPEATS = 5
+DEFAULT_CONFIGS = dict(CS.TILE_CONFIGS)
 
 
 def kernel_table(step, title: str) -> None:
@@ -38,8 +40,13 @@ def kernel_table(step, title: str) -> None:
     print(markdown_table(["kernel", "calls", "ms", "share"], rows), flush=True)
 
 
-def chunk_states_case(chunk: int, length: int) -> None:
+def chunk_states_case(chunk: int, length: int, configs: str) -> None:
     CS.CHUNK = chunk
+    CS.TILE_CONFIGS = dict(DEFAULT_CONFIGS)
+    for item in configs.split():
+        name, value = item.split("=")
+        features, warps = value.split(":")
+        CS.TILE_CONFIGS[name] = (int(features), int(warps))
     kernel = Polynomial.rebased(16)
     batch = 65536 // length
     q, k = (torch.randn(batch, length, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qk")
@@ -50,7 +57,7 @@ def chunk_states_case(chunk: int, length: int) -> None:
         o = CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
         o.float().sum().backward()
 
-    kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd")
+    kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd, TILE_CONFIGS {CS.TILE_CONFIGS}")
 
 
 def layer_norm_case(backend: str) -> None:
@@ -69,13 +76,17 @@ def layer_norm_case(backend: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="256:4096,256:65536,128:65536")
+    parser.add_argument("--configs", nargs="*", default=[""])
+    parser.add_argument("--no-layer-norm", action="store_true")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    for case in args.cases.split(","):
-        chunk, length = map(int, case.split(":"))
-        chunk_states_case(chunk, length)
-    for backend in ("torch", "triton"):
-        layer_norm_case(backend)
+    for configs in args.configs:
+        for case in args.cases.split(","):
+            chunk, length = map(int, case.split(":"))
+            chunk_states_case(chunk, length, configs)
+    if not args.no_layer_norm:
+        for backend in ("torch", "triton"):
+            layer_norm_case(backend)
 
 
 if __name__ == "__main__":

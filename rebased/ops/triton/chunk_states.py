@@ -49,7 +49,7 @@ from torch import Tensor
 from rebased.ops.common import LinearAttentionState, feature_dim
 from rebased.ops.kernels import Polynomial
 from rebased.ops.triton.chunk import _rows, _scores
-from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, check_head_dims, interpreting
+from rebased.ops.triton.functions import _Poly, check_dtype_and_device, check_head_dims, interpreting
 from rebased.ops.triton.parallel import (
     _for_backward,
     _poly_args,
@@ -347,7 +347,6 @@ class Layout:
     bd: int
     bv: int
     num_square: int  # NQ: BD square blocks (those past D hold zeros), or none
-    group: int  # G: square blocks per dot, G BD <= GROUP_FEATURES
     num_blocks: int  # NB
 
     @classmethod
@@ -356,26 +355,41 @@ class Layout:
         bd, bv = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(value_dim))
         square = bd if poly.c2 > 0 else 0
         blocks = square + (poly.c1 > 0) + (poly.c0 > 0)
-        group = min(bd, max(1, GROUP_FEATURES // bd))
-        return cls(chunk, block, bd, bv, square, group, blocks)
+        return cls(chunk, block, bd, bv, square, blocks)
 
     def constexprs(self) -> dict:
-        return dict(C=self.chunk, BD=self.bd, BV=self.bv, NQ=self.num_square, G=self.group, NB=self.num_blocks)
+        return dict(C=self.chunk, BD=self.bd, BV=self.bv, NQ=self.num_square, NB=self.num_blocks)
 
 
-# Warps of the kernels with [64, 128] feature tiles (chunk_sums, output, dq, dkdv) per input dtype: 8 keeps
-# them clear of spills (benchmarks/compile_check.py). fp32 inputs stay at 4: with 8, Triton 3.6's tf32x3 dots
-# gave a wrong dq on the H200 (rel. error ~1 at T 100, a single chunk, while 4 warps or "ieee" dots gave 4e-7:
-# benchmarks/results/h200/chunk_states_fp32.log); fp32 is the accurate path, not the fast one.
-TILE_WARPS = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
+# Per tiled kernel, for 16-bit inputs: (features per square-block dot, G BD; warps). The square blocks go G at a
+# time: one [rows, G BD] x [G BD, BV] dot against the state. 128 at 8 warps compiles without spills
+# (benchmarks/compile_check.py); 256 spills. G does not change the states' layout, only each kernel's loop.
+TILE_CONFIGS = {"sums": (128, 8), "output": (128, 8), "dkdv": (128, 8), "dq": (128, 8)}
+# fp32 inputs: "ieee" dots at 4 warps. Triton 3.6's tf32x3 dots were wrong on the H200 at 8 warps (dq rel. error
+# ~1 at T 100, benchmarks/results/h200/chunk_states_fp32.log) and at 4 warps, over the grouped [64, 128] tiles,
+# 1-3e-4 off float64 where the fp32 bound is 1e-4 (pytest_gpu_chunk_states_grouped.log). fp32 is the accurate
+# path, not the fast one.
+FP32_WARPS = 4
+
+
+def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
+    """G and num_warps of one tiled kernel's launch."""
+    features, warps = TILE_CONFIGS[name]
+    if dtype == torch.float32:
+        warps = FP32_WARPS
+    return dict(G=min(layout.bd, max(1, features // layout.bd)), num_warps=warps)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 dots (see FP32_WARPS); 16-bit inputs: their own dots, the fp32 state dots in tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 CHUNK = 256  # tokens per chunk state on the GPU (see the module docstring for the trade)
 # The chunk states' storage (kv rows; the normaliser rows stay fp32). bf16 halves the states' memory traffic
 # and rounds each chunk's sums once (2^-9); whether that keeps the 1% gradient bound is a GPU test's to say,
 # so fp32 until then (benchmarks/sweep_chunk_states.py times both).
 STATE_DTYPE = torch.float32
-# Features per square-block dot: G BD rows of the state against a row block's [BM, G BD] features. 128 (two
-# dots for D 16) compiles without spills at 8 warps; 256 spills 64-520 B (benchmarks/compile_check.py).
-GROUP_FEATURES = 128
 SCAN_SLICE = 16  # value columns per scan program (BV is a power of two >= 16)
 SCAN_UNROLL = 8  # state slots per step of the scan's sequential walk
 
@@ -470,7 +484,7 @@ class ChunkStatesFunction(torch.autograd.Function):
         """q, k [tokens, H, D], v [tokens, H, V] (the sequences packed); states [N, H, F, V], [N, H, F]."""
         heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
         layout = Layout.of(head_dim, value_dim, poly)
-        nb, prec, sequences = layout.num_blocks, _precision(q.dtype), len(plan.first)
+        nb, prec, sequences = layout.num_blocks, _dot_precision(q.dtype), len(plan.first)
         s = q.new_empty(plan.slots, heads, nb, layout.bd, layout.bv, dtype=STATE_DTYPE)
         z = q.new_empty(plan.slots, heads, nb, layout.bd, dtype=torch.float32)
         if kv0 is None:  # each sequence's first slot: its initial state; the others: each chunk's own sums,
@@ -482,7 +496,7 @@ class ChunkStatesFunction(torch.autograd.Function):
             chunk_sums_kernel[(len(plan.chunks), heads)](
                 k, v, v, v, s, z, plan.chunks, heads, head_dim, value_dim, **_kernel_scalars(poly, layout), SHIFT=1,
                 **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=False, PREC=prec,
-                num_warps=TILE_WARPS[q.dtype],
+                **_tile_config("sums", layout, q.dtype),
             )  # fmt: skip
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
@@ -496,7 +510,7 @@ class ChunkStatesFunction(torch.autograd.Function):
             output_kernel[(len(plan.blocks), heads)](
                 q, k, v, s, z, o, o32, den, plan.blocks, heads, head_dim, value_dim, eps=eps,
                 **_tile_args(poly, layout, prec), NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32,
-                num_warps=TILE_WARPS[q.dtype],
+                **_tile_config("output", layout, q.dtype),
             )  # fmt: skip
         final = (None, None)
         if output_final_state:
@@ -511,7 +525,7 @@ class ChunkStatesFunction(torch.autograd.Function):
         q, k, v, o, den, s, z = ctx.saved_tensors
         poly, layout, plan = ctx.poly, ctx.layout, ctx.plan
         heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
-        nb, prec, sequences = layout.num_blocks, _precision(q.dtype), len(plan.first)
+        nb, prec, sequences = layout.num_blocks, _dot_precision(q.dtype), len(plan.first)
         do = do.to(v.dtype).contiguous()
         r, dd = backward_row_terms(do, o, den, poly.clamp, ctx.normalize, ctx.eps)
         # each sequence's last slot: the final state's gradient; slot first + c: chunk c's own phi(Q)^T g.
@@ -530,7 +544,7 @@ class ChunkStatesFunction(torch.autograd.Function):
             chunk_sums_kernel[(len(plan.chunks), heads)](
                 q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **_kernel_scalars(poly, layout),
                 SHIFT=0, **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=True, PREC=prec,
-                num_warps=TILE_WARPS[q.dtype],
+                **_tile_config("sums", layout, q.dtype),
             )  # fmt: skip
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
@@ -538,10 +552,11 @@ class ChunkStatesFunction(torch.autograd.Function):
             )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if len(plan.blocks):
-            args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec),
-                        num_warps=TILE_WARPS[q.dtype])  # fmt: skip
-            dkdv_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, ds, dz, dk, dv, plan.blocks, **args)
-            dq_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, s, z, dq, plan.blocks, **args)
+            args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec))
+            dkdv_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, ds, dz, dk, dv, plan.blocks, **args,
+                                                   **_tile_config("dkdv", layout, q.dtype))  # fmt: skip
+            dq_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, s, z, dq, plan.blocks, **args,
+                                                 **_tile_config("dq", layout, q.dtype))  # fmt: skip
         else:  # no tokens at all
             for grad in (dq, dk, dv):
                 grad.zero_()
