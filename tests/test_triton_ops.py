@@ -386,9 +386,9 @@ def test_unsupported_inputs_raise():
     q = torch.randn(1, 5, 1, 4, dtype=torch.float64, device=DEVICE)
     with pytest.raises(NotImplementedError, match="float64"):
         linear_attention(q, q, q, mode="chunk", backend="triton", kernel=Polynomial.rebased(4))
-    wide = torch.randn(1, 5, 1, 32, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="dim <= 16"):
-        linear_attention(wide, wide, wide, mode="chunk", backend="triton", kernel=Polynomial.rebased(32))
+    wide = torch.randn(1, 5, 1, 129, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="up to 128"):
+        linear_attention(wide, wide, wide, mode="chunk", backend="triton", kernel=Polynomial.rebased(129))
     state = LinearAttentionState(torch.zeros(1, 1, 16, 4, device=DEVICE), torch.zeros(1, 1, 16, device=DEVICE))
     small = torch.randn(1, 5, 1, 4, device=DEVICE)
     with pytest.raises(NotImplementedError, match="initial state"):

@@ -49,7 +49,7 @@ BACKENDS = ("torch", "triton", "auto")
 # suite each, v dim 64): parallel 4.1x faster at T 1k (2.83 vs 11.5 ms), 1.54x at 4k (7.62 vs 11.8 ms),
 # chunk 2.3x faster at 16k (12.0 vs 27.2 ms); 8k was not measured, so the switch sits at the last length
 # measured faster.
-PARALLEL_MAX_LENGTH = {"torch": 256, "triton": 4096}
+PARALLEL_MAX_LENGTH = {"torch": 256, "triton": 2048}
 
 # (mode, backend) -> implementation; every entry has the same keyword signature.
 IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {

@@ -24,11 +24,13 @@ from __future__ import annotations
 import triton  # noqa: F401  (ImportError here tells the dispatcher the backend is unavailable)
 
 from rebased.ops import IMPLEMENTATIONS, VARLEN_IMPLEMENTATIONS
-from rebased.ops.triton.functions import chunk_linear_attention, step_
+from rebased.ops.triton.chunk_states import chunk_states_linear_attention, packed_chunk_states_linear_attention
+from rebased.ops.triton.functions import step_
 from rebased.ops.triton.parallel import packed_parallel_linear_attention, parallel_linear_attention
 
-IMPLEMENTATIONS[("chunk", "triton")] = chunk_linear_attention
+IMPLEMENTATIONS[("chunk", "triton")] = chunk_states_linear_attention
 IMPLEMENTATIONS[("parallel", "triton")] = parallel_linear_attention
+VARLEN_IMPLEMENTATIONS[("chunk", "triton")] = packed_chunk_states_linear_attention
 VARLEN_IMPLEMENTATIONS[("parallel", "triton")] = packed_parallel_linear_attention
 
-__all__ = ["chunk_linear_attention", "parallel_linear_attention", "step_"]
+__all__ = ["chunk_states_linear_attention", "parallel_linear_attention", "step_"]

@@ -362,13 +362,14 @@ class Layout:
 
 
 # Per tiled kernel, for 16-bit inputs: (features per square-block dot, G BD; warps). The square blocks go G at a
-# time: one [rows, G BD] x [G BD, BV] dot against the state. 128 at 8 warps compiles without spills
-# (benchmarks/compile_check.py); 256 spills. G does not change the states' layout, only each kernel's loop.
-TILE_CONFIGS = {"sums": (128, 8), "output": (128, 8), "dkdv": (128, 8), "dq": (128, 8)}
-# fp32 inputs: "ieee" dots at 4 warps. Triton 3.6's tf32x3 dots were wrong on the H200 at 8 warps (dq rel. error
-# ~1 at T 100, benchmarks/results/h200/chunk_states_fp32.log) and at 4 warps, over the grouped [64, 128] tiles,
-# 1-3e-4 off float64 where the fp32 bound is 1e-4 (pytest_gpu_chunk_states_grouped.log). fp32 is the accurate
-# path, not the fast one.
+# time: one [rows, G BD] x [G BD, BV] dot against the state. G changes only each kernel's loop, not the states'
+# layout. Chosen per kernel from four whole sets profiled on the H200 at C 256, T 4096 (benchmarks/results/h200/
+# chunk_states_profile_configs.log; 256 spills a little at 8 warps and is still the fastest for sums and output).
+TILE_CONFIGS = {"sums": (256, 8), "output": (256, 8), "dkdv": (64, 4), "dq": (64, 4)}
+# fp32 inputs: one square block per dot (G = 1), "ieee" dots, 4 warps: the configuration whose gradients were
+# measured 3e-7 off float64 (chunk_states_fp32.log). Triton 3.6's tf32x3 at 8 warps gave a wrong dq there, and
+# the grouped tiles came out 1-3e-4 off with tf32x3 and ieee alike (pytest_gpu_chunk_states_ieee.log, not yet
+# understood). fp32 is the accurate path, not the fast one.
 FP32_WARPS = 4
 
 
@@ -376,7 +377,7 @@ def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
     """G and num_warps of one tiled kernel's launch."""
     features, warps = TILE_CONFIGS[name]
     if dtype == torch.float32:
-        warps = FP32_WARPS
+        features, warps = layout.bd, FP32_WARPS
     return dict(G=min(layout.bd, max(1, features // layout.bd)), num_warps=warps)
 
 
