@@ -182,6 +182,23 @@ def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states)
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+@pytest.mark.parametrize(("head_dim", "features"), [(16, 128), (32, 128), (16, 64)])
+def test_chunk_states_grouped_square_blocks(head_dim, features, chunk_states, monkeypatch):
+    """The 16-bit inputs' path, several square blocks per dot (G = features / BD), which fp32 inputs (these
+    tests') do not take on their own: 8, 4 and 4 blocks a dot here, so one to four groups a state."""
+    CS = triton_ops.chunk_states
+
+    def grouped(name, layout, dtype):
+        return dict(G=min(layout.bd, features // layout.bd), num_warps=4)
+
+    monkeypatch.setattr(CS, "_tile_config", grouped)
+    generator = torch.Generator().manual_seed(head_dim + features)
+    kernel = Polynomial.taylor(head_dim)
+    q, k, v = make_inputs((1, 40, 2, head_dim), 5, kernel, generator, torch.float32)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(1, 2, head_dim, 5, kernel, generator)))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+
+
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
 def test_chunk_states_with_bf16_state_storage(kernel_name, chunk_states, monkeypatch):
     """STATE_DTYPE = bfloat16 rounds each chunk's sums once: within 1% of float64, with a state, across chunks."""

@@ -84,6 +84,8 @@ def _block_feature_grad(g, j, NQ: tl.constexpr, a1, HAS1: tl.constexpr):
 def _group_features(xg, x, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr):
     """Square blocks first .. first + G - 1 of phi for each row, as one [R, G BD] tile: block i is
     a2 x_{first + i} x (xg [R, G]: those columns of x [R, BD]; fp32; rows read as 0 give 0)."""
+    if G == 1:  # 2D only: the form measured exact on the H200 (3D tiles are not, see TILE_CONFIGS)
+        return a2 * xg * x
     return tl.reshape(a2 * xg[:, :, None] * x[:, None, :], (R, G * BD))
 
 
@@ -91,6 +93,8 @@ def _group_features(xg, x, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexp
 def _group_feature_grad(g, xg, x, first, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr):
     """d(g . _group_features(xg, x)) / dx per row, g [R, G BD]. With g3 = g as [R, G, BD]: block i's scalar
     x_{first + i} gets a2 g3[:, i, :] . x, and every x_l gets a2 sum_i g3[:, i, l] x_{first + i}."""
+    if G == 1:  # a2 (x_first g + (g . x) e_first), in 2D
+        return a2 * (xg * g + tl.where(tl.arange(0, BD)[None, :] == first, tl.sum(g * x, 1)[:, None], 0.0))
     g3 = tl.reshape(g, (R, G, BD))
     scalars = tl.sum(g3 * x[:, None, :], 2)  # [R, G]
     place = (tl.arange(0, BD)[None, :] == first + tl.arange(0, G)[:, None]).to(tl.float32)  # [G, BD] one-hot
@@ -362,14 +366,16 @@ class Layout:
 
 
 # Per tiled kernel, for 16-bit inputs: (features per square-block dot, G BD; warps). The square blocks go G at a
-# time: one [rows, G BD] x [G BD, BV] dot against the state. G changes only each kernel's loop, not the states'
-# layout. Chosen per kernel from four whole sets profiled on the H200 at C 256, T 4096 (benchmarks/results/h200/
-# chunk_states_profile_configs.log; 256 spills a little at 8 warps and is still the fastest for sums and output).
-TILE_CONFIGS = {"sums": (256, 8), "output": (256, 8), "dkdv": (64, 4), "dq": (64, 4)}
-# fp32 inputs: one square block per dot (G = 1), "ieee" dots, 4 warps: the configuration whose gradients were
-# measured 3e-7 off float64 (chunk_states_fp32.log). Triton 3.6's tf32x3 at 8 warps gave a wrong dq there, and
-# the grouped tiles came out 1-3e-4 off with tf32x3 and ieee alike (pytest_gpu_chunk_states_ieee.log, not yet
-# understood). fp32 is the accurate path, not the fast one.
+# time: one [rows, G BD] x [G BD, BV] dot against the state; G changes only each kernel's loop, not the states'
+# layout. 128 at 8 warps everywhere is the set the GPU tests passed with (bf16 within 1% at every position:
+# benchmarks/results/h200/pytest_gpu_chunk_states_grouped.log). Faster sets exist on the profile
+# (chunk_states_profile_configs.log: dkdv and dq at 64 and 4 warps, sums and output at 256) but dq and dkdv at
+# 4 warps came out wrong on the H200 (pytest_gpu_chunk_registered.log), as did the [R, G, BD] tiles at 4 warps
+# 1-3e-4 off float64 in fp32: Triton 3.6 mis-compiles some of these 3D tiles, so only tested sets go here.
+TILE_CONFIGS = {"sums": (128, 8), "output": (128, 8), "dkdv": (128, 8), "dq": (128, 8)}
+# fp32 inputs: one square block per dot (G = 1, pure 2D), "ieee" dots, 4 warps, the form measured 3e-7 off
+# float64 (chunk_states_fp32.log); Triton 3.6's tf32x3 at 8 warps gave a wrong dq there. fp32 is the accurate
+# path, not the fast one.
 FP32_WARPS = 4
 
 
