@@ -45,11 +45,10 @@ MODES = ("parallel", "chunk", "recurrent")  # the concrete forms; mode="auto" re
 BACKENDS = ("torch", "triton", "auto")
 # mode="auto": the parallel form up to this length, the chunk form beyond. Measured fwd+bwd crossovers:
 # torch on the CPU, parallel 2-6x faster at T 128-256, even at 512 (`rebased bench --batch 8 --heads 12
-# --value-dim 5`); triton on the H200 (benchmarks/results/h200/bench_v3_forward_fix.md and bench_v3.md, one
-# suite each, v dim 64): parallel 4.1x faster at T 1k (2.83 vs 11.5 ms), 1.54x at 4k (7.62 vs 11.8 ms),
-# chunk 2.3x faster at 16k (12.0 vs 27.2 ms); 8k was not measured, so the switch sits at the last length
-# measured faster.
-PARALLEL_MAX_LENGTH = {"torch": 256, "triton": 2048}
+# --value-dim 5`); triton on the H200 (benchmarks/results/h200/bench_chunk_states.md, one suite, v dim 64):
+# parallel 3.8x faster at T 1k (2.05 vs 7.83 ms), 1.22x at 4k (6.39 vs 7.78 ms), chunk 3.1x faster at 16k
+# (7.84 vs 24.1 ms); 8k was not measured, so the switch sits at the last length measured faster.
+PARALLEL_MAX_LENGTH = {"torch": 256, "triton": 4096}
 
 # (mode, backend) -> implementation; every entry has the same keyword signature.
 IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {

@@ -1,39 +1,42 @@
-"""Chunked linear attention with the chunk states in memory, one feature block at a time: Triton kernels.
+"""Chunked linear attention with the chunk states in memory: the ("chunk", "triton") pair's Triton kernels.
 
-    phi(x) = [a0, a1 x, a2 vec(x (x) x)]  (a_i^2 = c_i scale^i, as in chunk.py)
+    phi(x) = [a0, a1 x, a2 vec(x (x) x)]  (a_i^2 = c_i scale^i)
     S_c = S_0 + sum_{t < c C} phi(k_t) v_t^T       (the state chunk c's queries read)
 
-The fused chunk kernel (chunk.py) walks the chunks of a sequence in one program and keeps the whole state
-[F, BV] and a chunk's features [C, F] in registers: with F = 256 that spills (benchmarks/results/h200/README.md).
-Here no program ever holds more than one feature block. phi splits into NB blocks of BD rows, each a
-scalar times a D-vector, so a block costs one small dot:
+A kernel that walks a sequence's chunks in one program must hold the whole state [F, BV] and a chunk's
+features [C, F] in registers; with F = 256 that spilled (the first chunk kernel, 255 registers plus kilobytes
+of spills, 12-13 ms forward+backward: benchmarks/results/h200/README.md). Here the states live in memory and
+phi splits into NB blocks of BD rows, each a scalar times a D-vector:
 
-    block j < NQ (= D with a square term):  a2 x_j x      block NQ (with a linear term):  a1 x
-    the last block (with a constant term):   a0 e_0       (NB = NQ + [c1 > 0] + [c0 > 0])
+    block j < NQ (= BD with a square term):  a2 x_j x      block NQ (with a linear term):  a1 x
+    the last block (with a constant term):    a0 e_0       (NB = NQ + [c1 > 0] + [c0 > 0])
 
-Five kernels, O(T) work; all but the scan over chunk slots are independent programs:
+Square blocks past D hold zeros, so the square part is NQ BD = BD^2 contiguous feature rows, and a kernel
+takes G of its blocks in one [rows, G BD] x [G BD, BV] dot (TILE_CONFIGS; the linear and constant blocks
+one at a time). Five kernels, O(T) work; all but the scan over chunk slots are independent programs:
 
     chunk_sums  program (chunk c, head): chunk c's own phi(K_c)^T V_c (forward) or phi(Q_c)^T g_c
                 (backward, g = do r, r = 1 / (den + eps))
-    scan        program (block j x value slice, sequence, head): in place, prefix sums over the slots make S_c, suffix
-                sums the gradients dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the initial state's
+    scan        program (block j x value slice, sequence, head): in place, prefix sums over the slots make
+                S_c, suffix sums the gradients dS_c = dS_final + sum_{c' > c} phi(Q_c')^T g_c' and the
+                initial state's
     output      program (query block, head): intra-chunk quadratic part (the parallel kernel's tiles) plus
-                sum_j phi_j(q) S_c[j], then o = num / (den + eps)
+                phi(q) S_c, then o = num / (den + eps)
     dq / dkdv   programs (row block, head): the parallel kernel's intra-chunk tiles plus the state terms
                 dq += d phi(q)^T (S_c g + z_c dd r),  dv += phi(k) dS_c,  dk += d phi(k)^T (dS_c v + dz_c)
 
-The chunk states cost memory and bandwidth: NB x BD x BV fp32 per chunk and head, at C = 128 (ReBased, D 16,
-V 64) 512 bytes a token and head, 1.6x what q, k, v and o take in bf16; a longer chunk halves that and
-doubles the intra-chunk tiles (benchmarks/sweep_chunk_states.py times the trade). States are laid out
+The chunk states cost memory and bandwidth: NB x BD x BV fp32 per chunk and head, at C = 256 (ReBased, D 16,
+V 64) 256 bytes a token and head; a longer chunk halves that and doubles the intra-chunk tiles
+(benchmarks/sweep_chunk_states.py times the trade: C 256 beat 64, 128 and 512). States are laid out
 [slots, H, NB, BD, BV] (padded, so no masks): sequence n owns count_n + 1 slots (its initial state, then the
 state after each chunk). Programs find their chunk or row block, and their sequence's slots, in a Plan's
 tables, so a dense batch (B sequences of T) and a packed cu_seqlens one run the same kernels, one launch
 each. The caller converts initial and final states from and to LinearAttentionState's feature rows.
 
-Status: interpreter-tested against the float64 reference (tests/test_triton_ops.py) and compiled for sm_90a
-without a GPU (benchmarks/compile_check.py); not yet run on a GPU, so ("chunk", "triton") still runs
-chunk.py's kernel. Shape letters as in chunk.py; BM, BN
-row blocks (C a multiple of both), NB feature blocks.
+Measured on the H200 (benchmarks/results/h200/bench_chunk_states.md, 65,536 tokens x 16 heads, bf16): about
+3.1 ms forward and 7.8 ms forward+backward at every T from 1k to 64k; where the time goes, kernel by kernel,
+is in chunk_states_profile*.log. Shape letters: C chunk, BM, BN row blocks (C a multiple of both), BD, BV the
+padded q/k and value dims, NB feature blocks, G square blocks per dot.
 """
 
 from __future__ import annotations
@@ -606,8 +609,8 @@ def chunk_states_linear_attention(
     eps: float,
     chunk_size: int,
 ) -> tuple[Tensor, LinearAttentionState | None]:
-    """The op contract's chunk mode through these kernels (not registered as ("chunk", "triton") yet: see the
-    module docstring). q/k and value dims up to 128, any polynomial; chunk_size is the torch mode's knob."""
+    """The ("chunk", "triton") pair: the op contract's chunk mode through these kernels. q/k and value dims up
+    to 128, any polynomial; chunk_size is the torch mode's knob (the kernels' chunk is CHUNK)."""
     del chunk_size
     _refuse(q, k, v)
     batch, length = q.shape[:2]
