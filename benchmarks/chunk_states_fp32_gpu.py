@@ -1,5 +1,7 @@
-"""Why the chunk-states backward is wrong for fp32 inputs on the H200 (bf16 passes): every gradient's error
-against float64 for each (dot precision, backward warps), at T 100 (one chunk, no state walk) and 1000.
+"""The chunk-states kernels' fp32 accuracy on a GPU by (dot precision, warps): every gradient's error against
+float64 at T 100 (one chunk, no state walk) and 1000. Written when the backward's dq was wrong for fp32 inputs
+on the H200 at 8 warps with tf32x3 dots (results/h200/chunk_states_fp32.log, run on the code of then: one
+square block a dot, the form fp32 inputs take now).
 
     PYTHONPATH=. python benchmarks/chunk_states_fp32_gpu.py
 """
@@ -51,11 +53,11 @@ def errors(length: int, with_state: bool, kernel: Polynomial) -> list[str]:
 def main() -> None:
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch", torch.__version__, flush=True)
     kernel = Polynomial.rebased(16)
-    original = CS._precision
+    original = CS._dot_precision
     for prec in ("tf32x3", "ieee", "tf32"):
         for warps in (8, 4):
-            CS._precision = lambda dtype, prec=prec: prec if dtype == torch.float32 else original(dtype)
-            CS.BACKWARD_WARPS[torch.float32] = warps
+            CS._dot_precision = lambda dtype, prec=prec: prec if dtype == torch.float32 else original(dtype)
+            CS.FP32_WARPS = warps
             for length, with_state in ((100, False), (1000, True)):
                 try:
                     row = errors(length, with_state, kernel)
