@@ -1,8 +1,7 @@
 #!/bin/bash
-# One device call: the Triton value-dim crash probe with pinned configs, then seconds per MQAR step by op path.
+# One device call: seconds per MQAR step by op path.
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-timeout 200 python3 benchmarks/triton_shapes_gpu.py --variants 2>&1 | tee "$OUT/triton_variants.log"
 for path in chunk-torch parallel-torch chunk-triton; do
     timeout 150 python3 benchmarks/mqar_cost_gpu.py $path 2>&1 | grep -v Warning | tee -a "$OUT/mqar_cost.log"
 done

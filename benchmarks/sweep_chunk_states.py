@@ -1,4 +1,4 @@
-"""Chunk length and warps of the chunk-states kernels on a GPU, beside the fused chunk and parallel kernels.
+"""Chunk length and warps of the chunk-states kernels on a GPU, beside the parallel kernels.
 
     PYTHONPATH=. python benchmarks/sweep_chunk_states.py [--variants 256:float32,512:float32] [--lengths 4096]
                                                          [--no-others]
@@ -57,8 +57,7 @@ def implementation(name: str, variant: tuple | None, kernel: Polynomial):
         CS.CHUNK, CS.STATE_DTYPE = variant
         options = dict(initial_state=None, output_final_state=False, normalize=True, eps=1e-12, chunk_size=64)
         return lambda q, k, v: CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
-    mode = "chunk" if name.startswith("chunk") else "parallel"
-    return lambda q, k, v: linear_attention(q, k, v, mode=mode, backend="triton", kernel=kernel)[0]
+    return lambda q, k, v: linear_attention(q, k, v, mode="parallel", backend="triton", kernel=kernel)[0]
 
 
 def parse_variant(text: str) -> tuple[int, torch.dtype]:
@@ -70,12 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=lambda s: [parse_variant(v) for v in s.split(",")], default=VARIANTS)
     parser.add_argument("--lengths", type=lambda s: [int(t) for t in s.split(",")], default=LENGTHS)
-    parser.add_argument("--no-others", action="store_true", help="only chunk-states, not the fused chunk/parallel")
+    parser.add_argument("--no-others", action="store_true", help="only chunk-states, not the parallel kernels")
     args = parser.parse_args()
     kernel = Polynomial.rebased(16)
     candidates = [(f"chunk_states C{c} {str(d)[6:]}", (c, d)) for c, d in args.variants]
     if not args.no_others:
-        candidates += [("chunk (fused)", None), ("parallel", None)]
+        candidates.append(("parallel", None))
     rows = []
     for length in args.lengths:
         batch = 65536 // length

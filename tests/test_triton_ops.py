@@ -94,10 +94,10 @@ def check(got, want, rel_rms):
         assert_close(g, r, rel_rms=rel_rms, atol=rel_rms / 10, name=name)
 
 
-# Tiny shapes: D = 4 and V = 3 exercise the padding of both; V = 40 spans two V blocks (the normaliser's
-# gradient must be counted once); T crosses the block (32 under the interpreter, 64 on the GPU).
+# Tiny shapes: D = 4 and V = 3 exercise the padding of both. Under the interpreter the chunk kernels take
+# chunks of 32 and 16 x 16 tiles: lengths below, at and across both.
 @pytest.mark.parametrize("kernel_name", KERNELS)
-@pytest.mark.parametrize("length", [1, 31, 63, 64, 65, 130])
+@pytest.mark.parametrize("length", [1, 17, 31, 32, 33, 63, 64, 65, 70, 130])
 @pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
 def test_chunk_matches_reference(kernel_name, length, with_state):
     generator = torch.Generator().manual_seed(length * 11 + with_state)
@@ -109,59 +109,7 @@ def test_chunk_matches_reference(kernel_name, length, with_state):
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
-@pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (12, 20)])
-@pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
-def test_chunk_wide_heads(head_dim, value_dim, kernel_name):
-    generator = torch.Generator().manual_seed(head_dim + value_dim)
-    kernel = KERNELS[kernel_name](head_dim)
-    q, k, v = make_inputs((1, 45, 2, head_dim), value_dim, kernel, generator, torch.float32)
-    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(1, 2, head_dim, value_dim, kernel, generator)))
-    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("segment_chunks", "kernel_name", "with_state"), [(1, "rebased", True), (2, "rebased", False), (2, "taylor", True)]
-)
-def test_chunk_sequence_segments(segment_chunks, kernel_name, with_state, monkeypatch):
-    """Long sequences with few heads run as segments whose starting states (and final-state gradients)
-    come from a pass over the segments: pin tiny segments so this path runs at tiny shapes."""
-    block_t = 32
-    config = triton_ops.functions.Config(block_t, 32, 4, segment_chunks=segment_chunks)
-    monkeypatch.setattr(triton_ops.functions, "CONFIG_OVERRIDE", config)
-    generator = torch.Generator().manual_seed(segment_chunks * 5 + with_state)
-    kernel = KERNELS[kernel_name](4)
-    length = 4 * block_t + 3  # 5 chunks: 5 segments of 1, or 3 of 2 with a short last one
-    q, k, v = make_inputs((1, length, 2, 4), 40, kernel, generator, torch.float32)
-    state = prefix_state(1, 2, 4, 40, kernel, generator) if with_state else None
-    if state is not None:
-        state = LinearAttentionState(*(x.to(DEVICE) for x in state))
-    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
-
-
-@pytest.fixture
-def chunk_states(monkeypatch):
-    """("chunk", "triton") through the chunk-states kernels (not the registered pair until they are GPU-tested)."""
-    from rebased.ops import IMPLEMENTATIONS
-    from rebased.ops.triton.chunk_states import chunk_states_linear_attention
-
-    monkeypatch.setitem(IMPLEMENTATIONS, ("chunk", "triton"), chunk_states_linear_attention)
-
-
-# Chunks of 32 and 16 x 16 tiles under the interpreter: lengths below, at and across both.
-@pytest.mark.parametrize("kernel_name", KERNELS)
-@pytest.mark.parametrize("length", [1, 17, 32, 33, 70])
-@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
-def test_chunk_states_match_reference(kernel_name, length, with_state, chunk_states):
-    generator = torch.Generator().manual_seed(length * 13 + with_state)
-    kernel = KERNELS[kernel_name](4)
-    q, k, v = make_inputs((2, length, 2, 4), 3, kernel, generator, torch.float32)
-    state = prefix_state(2, 2, 4, 3, kernel, generator) if with_state else None
-    if state is not None:
-        state = LinearAttentionState(*(x.to(DEVICE) for x in state))
-    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
-
-
-def test_chunk_states_long_walks(chunk_states):
+def test_chunk_long_walks():
     """20 chunks: the scans walk 21 slots, several unrolled groups with a carry between them, both ways."""
     generator = torch.Generator().manual_seed(20)
     kernel = Polynomial.rebased(4)
@@ -170,11 +118,11 @@ def test_chunk_states_long_walks(chunk_states):
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
-@pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (32, 20), (12, 1)])
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 40), (12, 20), (32, 20), (12, 1)])
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
-def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states):
-    """q/k dim 32 with a square term too (its 32 square blocks in four dots of G = 8), 12 (four zero padding
-    blocks), value dims that are not powers of two."""
+def test_chunk_wide_heads(head_dim, value_dim, kernel_name):
+    """q/k dim 32 with a square term too (32 square blocks), 12 (four zero padding blocks), value dims that
+    are not powers of two."""
     generator = torch.Generator().manual_seed(head_dim * 3 + value_dim)
     kernel = KERNELS[kernel_name](head_dim)
     q, k, v = make_inputs((1, 40, 2, head_dim), value_dim, kernel, generator, torch.float32)
@@ -183,7 +131,7 @@ def test_chunk_states_wide_heads(head_dim, value_dim, kernel_name, chunk_states)
 
 
 @pytest.mark.parametrize(("head_dim", "features"), [(16, 128), (32, 128), (16, 64)])
-def test_chunk_states_grouped_square_blocks(head_dim, features, chunk_states, monkeypatch):
+def test_chunk_grouped_square_blocks(head_dim, features, monkeypatch):
     """The 16-bit inputs' path, several square blocks per dot (G = features / BD), which fp32 inputs (these
     tests') do not take on their own: 8, 4 and 4 blocks a dot here, so one to four groups a state."""
     CS = triton_ops.chunk_states
@@ -200,7 +148,7 @@ def test_chunk_states_grouped_square_blocks(head_dim, features, chunk_states, mo
 
 
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
-def test_chunk_states_with_bf16_state_storage(kernel_name, chunk_states, monkeypatch):
+def test_chunk_with_bf16_state_storage(kernel_name, monkeypatch):
     """STATE_DTYPE = bfloat16 rounds each chunk's sums once: within 1% of float64, with a state, across chunks."""
     monkeypatch.setattr(triton_ops.chunk_states, "STATE_DTYPE", torch.bfloat16)
     generator = torch.Generator().manual_seed(3)
@@ -210,7 +158,7 @@ def test_chunk_states_with_bf16_state_storage(kernel_name, chunk_states, monkeyp
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-2)
 
 
-def test_chunk_states_packed_with_initial_states():
+def test_chunk_packed_with_initial_states():
     """cu_seqlens with an initial state per sequence (an empty one included): each sequence's output, final
     state and every gradient (its initial state's too) as the reference gives them for it alone."""
     from rebased.ops.triton.chunk_states import packed_chunk_states_linear_attention
@@ -247,7 +195,7 @@ def test_chunk_states_packed_with_initial_states():
         assert_close(g, r, rel_rms=1e-5, name=name)
 
 
-def test_chunk_states_refuse_what_they_do_not_cover():
+def test_chunk_refuses_what_it_does_not_cover():
     from rebased.ops.triton.chunk_states import chunk_states_linear_attention
 
     options = dict(kernel=Polynomial.rebased(4), initial_state=None, output_final_state=False, normalize=True,
@@ -331,24 +279,15 @@ def test_parallel_inference_writes_the_same_output(dtype):
     assert inferred.dtype == dtype and torch.equal(inferred, trained.detach())
 
 
-@pytest.mark.parametrize("mode", ["chunk", "parallel", "chunk_states"])
+@pytest.mark.parametrize("mode", ["chunk", "parallel"])
 def test_packed_sequences_through_the_fused_kernels(mode, monkeypatch):
-    """cu_seqlens: the parallel and chunk-states kernels walk the offsets in one launch, the fused chunk kernel
-    runs per sequence; all equal the reference on each sequence alone (outputs, final states, gradients)."""
-    from rebased.ops import IMPLEMENTATIONS, VARLEN_IMPLEMENTATIONS
+    """cu_seqlens: the chunk and parallel kernels walk the offsets in one launch; both equal the reference on
+    each sequence alone (outputs, final states, gradients)."""
+    from rebased.ops import VARLEN_IMPLEMENTATIONS
 
-    if mode == "chunk_states":
-        from rebased.ops.triton import chunk_states
-
-        mode = "chunk"
-        monkeypatch.setitem(IMPLEMENTATIONS, (mode, "triton"), chunk_states.chunk_states_linear_attention)
-        monkeypatch.setitem(VARLEN_IMPLEMENTATIONS, (mode, "triton"), chunk_states.packed_chunk_states_linear_attention)
-    native = VARLEN_IMPLEMENTATIONS.get((mode, "triton"))
-    calls = []
-    if native is not None:  # count the packed launches, to know the offsets were walked in one call
-        monkeypatch.setitem(
-            VARLEN_IMPLEMENTATIONS, (mode, "triton"), lambda *a, **kw: calls.append(1) or native(*a, **kw)
-        )
+    native = VARLEN_IMPLEMENTATIONS[(mode, "triton")]
+    calls = []  # count the packed launches, to know the offsets were walked in one call
+    monkeypatch.setitem(VARLEN_IMPLEMENTATIONS, (mode, "triton"), lambda *a, **kw: calls.append(1) or native(*a, **kw))
     generator = torch.Generator().manual_seed(21)
     kernel = Polynomial.rebased(4)
     lengths = [17, 0, 40, 3]
@@ -358,7 +297,7 @@ def test_packed_sequences_through_the_fused_kernels(mode, monkeypatch):
     cu = torch.tensor([0, 17, 17, 57, 60], dtype=torch.int32)
     o, final = linear_attention(q, k, v, mode=mode, backend="triton", kernel=kernel, output_final_state=True,
                                 cu_seqlens=cu)  # fmt: skip
-    assert calls == ([1] if native is not None else [])
+    assert calls == [1]
     w = torch.randn(o.shape, generator=generator)
     grads = torch.autograd.grad((o * w).sum() + final.kv.sum(), (q, k, v))
     ref_outputs, ref_kv = [], []
@@ -467,16 +406,10 @@ def test_import_rebased_does_not_import_triton():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])
 @pytest.mark.parametrize("length", [1000, 4097])
-@pytest.mark.parametrize("mode", ["chunk", "parallel", "chunk_states"])
-def test_gpu_against_float64(dtype, kernel_name, length, mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["chunk", "parallel"])
+def test_gpu_against_float64(dtype, kernel_name, length, mode):
     """bf16: every gradient within 1% relative RMS of float64 at every position; fp32: 1e-4 overall.
     The chunk kernels start from a state; the parallel kernel takes none."""
-    if mode == "chunk_states":
-        from rebased.ops import IMPLEMENTATIONS
-        from rebased.ops.triton.chunk_states import chunk_states_linear_attention
-
-        monkeypatch.setitem(IMPLEMENTATIONS, ("chunk", "triton"), chunk_states_linear_attention)
-        mode = "chunk"
     generator = torch.Generator().manual_seed(length)
     kernel = KERNELS[kernel_name](16)
     q, k, v = make_inputs((2, length, 4, 16), 64, kernel, generator, dtype)
@@ -509,16 +442,10 @@ def test_gpu_small_value_dims(value_dim, mode):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("mode", ["parallel", "chunk_states"])
-def test_gpu_packed_parallel_against_float64(dtype, mode, monkeypatch):
-    """cu_seqlens through the parallel (or chunk-states) kernels' offset walk: each sequence as if alone
+@pytest.mark.parametrize("mode", ["parallel", "chunk"])
+def test_gpu_packed_parallel_against_float64(dtype, mode):
+    """cu_seqlens through the parallel (or chunk) kernels' offset walk: each sequence as if alone
     (float64 oracle)."""
-    if mode == "chunk_states":
-        from rebased.ops import VARLEN_IMPLEMENTATIONS
-        from rebased.ops.triton.chunk_states import packed_chunk_states_linear_attention
-
-        mode = "chunk"
-        monkeypatch.setitem(VARLEN_IMPLEMENTATIONS, (mode, "triton"), packed_chunk_states_linear_attention)
     generator = torch.Generator().manual_seed(7)
     kernel = Polynomial.rebased(16)
     lengths = [1000, 1, 0, 3000, 513]

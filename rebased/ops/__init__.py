@@ -86,7 +86,7 @@ def resolve_backend(mode: str, backend: str, q: Tensor) -> Callable:
 
 def pick_mode(q: Tensor, backend: str, initial_state: LinearAttentionState | None, length: int | None = None) -> str:
     """mode="auto": parallel up to PARALLEL_MAX_LENGTH for the backend that will run, else chunk. The fused
-    parallel kernel takes no initial state, so a call with one goes to the fused chunk kernel instead.
+    parallel kernel takes no initial state, so a call with one goes to the chunk kernels instead.
     length: the sequence length to decide by (default q's T; the longest sequence of a packed batch)."""
     fused = backend != "torch" and q.is_cuda and _load_triton()
     if fused and initial_state is not None:

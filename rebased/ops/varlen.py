@@ -2,8 +2,8 @@
 
 Sequence i is rows cu_seqlens[i] : cu_seqlens[i + 1]; states have one row per sequence ([N, H, F, V],
 [N, H, F]); a zero-length sequence passes its initial state (or zeros) through. A (mode, backend) pair in
-rebased.ops.VARLEN_IMPLEMENTATIONS walks the offsets itself (the parallel Triton kernel: one launch for all
-sequences); every other pair runs here, one call of linear_attention per sequence, which costs a launch
+rebased.ops.VARLEN_IMPLEMENTATIONS walks the offsets itself (the Triton chunk and parallel kernels: one launch
+for all sequences); every other pair runs here, one call of linear_attention per sequence, which costs a launch
 each: fine for a few long documents, slow for many short ones.
 """
 

@@ -9,14 +9,16 @@ kernels run on CPU tensors (fixed launch configs), which is how CI checks their 
     step_     one decoding token, the state updated in place                  rebased.ops.triton.step_
                                                                               (linear_attention_step(backend="triton"))
 
-Covered: polynomial kernels (any c0, c1, c2, scale); chunk: q/k dim <= 16 when there is a quadratic term
-(<= 128 without one), any V; parallel: q/k and v dims <= 128; any T, any batch; float32, bfloat16, float16.
-Anything else raises NotImplementedError before doing work, and backend="auto" then runs torch.
-Variable-length batches (cu_seqlens): the parallel kernels walk the offsets themselves (one launch for all
-sequences; a dense batch is the same kernels on B sequences of T); the chunk kernel runs once per sequence
-(rebased.ops.varlen). The ReBased LayerNorm and affine run as one fused pass of their own
-(layer_norm.py, through rebased.ops.norm): the official norm spans all heads, so it cannot sit in a per-head
-program's loads. Measurements and what bounds them: benchmarks/results/h200/README.md.
+chunk is the chunk-states kernels (chunk_states.py: per-chunk state sums, a scan over the chunk states,
+then output and gradient kernels on the parallel kernel's tiles). Covered: polynomial kernels (any c0, c1,
+c2, scale); chunk and parallel: q/k and v dims <= 128 with any polynomial; step_: q/k dim <= 16 when there
+is a quadratic term (<= 128 without one); any T, any batch; float32, bfloat16, float16. Anything else
+raises NotImplementedError before doing work, and backend="auto" then runs torch. Variable-length batches
+(cu_seqlens): both the chunk and the parallel kernels walk the offsets themselves (one launch per kernel for
+all sequences; a dense batch is the same kernels on B sequences of T). The ReBased LayerNorm and affine run
+as one fused pass of their own (layer_norm.py, through rebased.ops.norm): the official norm spans all
+heads, so it cannot sit in a per-head program's loads. Measurements and what bounds them:
+benchmarks/results/h200/README.md.
 """
 
 from __future__ import annotations

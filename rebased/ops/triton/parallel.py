@@ -38,8 +38,8 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, features
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.chunk import _rows, _scores
 from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, check_head_dims, interpreting
+from rebased.ops.triton.tiles import _rows, _scores
 
 
 @triton.jit

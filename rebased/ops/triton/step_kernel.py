@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rebased.ops.triton.chunk import _feature_rows
+from rebased.ops.triton.tiles import _feature_rows
 
 
 @triton.jit
