@@ -1,6 +1,6 @@
 """Compile Triton kernels for the H200 (sm_90a) on a machine without a GPU; report registers and spills.
 
-    python benchmarks/compile_check.py            # the chunk-states kernels and, for reference, the others
+    python benchmarks/compile_check.py            # the chunk kernels at their TILE_CONFIGS and the parallel ones
 
 Catches what only the compiler sees (the interpreter runs kernels as Python: loop-carried type changes,
 unsupported ops) before device time is spent, and reads the cubin's registers and stack (where spills go)
@@ -55,20 +55,28 @@ def resource_usage(cubin: bytes) -> str:
     return f"{found.group(1)} registers, stack {found.group(2)} B" if found else "usage not found"
 
 
-LAYOUT = dict(C=256, BD=16, BV=64, NQ=16, G=16, NB=16)  # ReBased, q/k 16, v 64: one group of 16 square blocks
+LAYOUT = dict(C=256, BD=16, BV=64, NQ=16, NB=16)  # ReBased, q/k 16, v 64
 TILES = dict(**LAYOUT, BM=64, BN=64, HAS0=False, HAS1=False, PREC="tf32")
+
+
+def tile_config(name: str) -> tuple[dict, int]:
+    """G (as a constexpr) and warps of chunk-states kernel `name`, as the code launches it for bf16."""
+    features, warps = CS.TILE_CONFIGS[name]
+    return dict(G=features // LAYOUT["BD"]), warps
+
+
 CASES = [  # name, kernel, constexprs, fp32 pointers, i32 args, num_warps
     *[(f"chunk_sums ({'bwd' if grad else 'fwd'})", CS.chunk_sums_kernel,
-       dict(**LAYOUT, BC=64, HAS1=False, GRAD=grad, PREC="tf32"), {"r", "dd", "s", "z"}, {"H", "D", "V", "SHIFT"}, w)
-      for grad in (False, True) for w in (4, 8)],
+       dict(**LAYOUT, **tile_config("sums")[0], BC=64, HAS1=False, GRAD=grad, PREC="tf32"), {"r", "dd", "s", "z"},
+       {"H", "D", "V", "SHIFT"}, tile_config("sums")[1]) for grad in (False, True)],
     ("scan", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=False), {"s", "z"}, {"H"}, 4),
     ("scan (reverse)", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=True), {"s", "z"}, {"H"}, 4),
-    *[("output", CS.output_kernel, dict(**TILES, NORMALIZE=True, CLAMP=True, SAVE32=True), {"s", "z", "o32", "den"},
-       {"H", "D", "V"}, w) for w in (4, 8)],
-    *[(name, kernel, TILES, pointers, {"H", "D", "V"}, w)
-      for name, kernel, pointers in (("dkdv", CS.dkdv_kernel, {"r", "dd", "ds", "dz"}),
-                                     ("dq", CS.dq_kernel, {"r", "dd", "s", "z"}))
-      for w in (4, 8)],
+    ("output", CS.output_kernel, dict(**TILES, **tile_config("output")[0], NORMALIZE=True, CLAMP=True, SAVE32=True),
+     {"s", "z", "o32", "den"}, {"H", "D", "V"}, tile_config("output")[1]),
+    ("dkdv", CS.dkdv_kernel, dict(**TILES, **tile_config("dkdv")[0]), {"r", "dd", "ds", "dz"}, {"H", "D", "V"},
+     tile_config("dkdv")[1]),
+    ("dq", CS.dq_kernel, dict(**TILES, **tile_config("dq")[0]), {"r", "dd", "s", "z"}, {"H", "D", "V"},
+     tile_config("dq")[1]),
     ("parallel dkdv (reference)", P.parallel_dkdv_kernel,
      dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
     ("parallel dq (reference)", P.parallel_dq_kernel,

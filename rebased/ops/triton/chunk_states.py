@@ -51,7 +51,6 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, feature_dim
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.chunk import _rows, _scores
 from rebased.ops.triton.functions import _Poly, check_dtype_and_device, check_head_dims, interpreting
 from rebased.ops.triton.parallel import (
     _for_backward,
@@ -60,6 +59,7 @@ from rebased.ops.triton.parallel import (
     _score_grads,
     backward_row_terms,
 )
+from rebased.ops.triton.tiles import _rows, _scores
 
 
 @triton.jit
