@@ -1,6 +1,7 @@
 """Compile Triton kernels for the H200 (sm_90a) on a machine without a GPU; report registers and spills.
 
     python benchmarks/compile_check.py            # the chunk kernels at their TILE_CONFIGS and the parallel ones
+    python benchmarks/compile_check.py --selectors --configs "sums=256:8 output=256:8 dkdv=64:4 dq=64:4"
 
 Catches what only the compiler sees (the interpreter runs kernels as Python: loop-carried type changes,
 unsupported ops) before device time is spent, and reads the cubin's registers and stack (where spills go)
@@ -10,6 +11,7 @@ for the suite's shapes (bf16, q/k dim 16, v dim 64, ReBased). The local triton m
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -60,38 +62,49 @@ TILES = dict(**LAYOUT, BM=64, BN=64, HAS0=False, HAS1=False, PREC="tf32")
 
 
 def tile_config(name: str) -> tuple[dict, int]:
-    """G (as a constexpr) and warps of chunk-states kernel `name`, as the code launches it for bf16."""
+    """G and SEL (constexprs) and warps of chunk-states kernel `name`, as the code launches it for bf16."""
     features, warps = CS.TILE_CONFIGS[name]
-    return dict(G=features // LAYOUT["BD"]), warps
+    group = features // LAYOUT["BD"]
+    return dict(G=group, SEL=CS.SELECTOR_FEATURES and group > 1), warps
 
 
-CASES = [  # name, kernel, constexprs, fp32 pointers, i32 args, num_warps
-    *[(f"chunk_sums ({'bwd' if grad else 'fwd'})", CS.chunk_sums_kernel,
-       dict(**LAYOUT, **tile_config("sums")[0], BC=64, HAS1=False, GRAD=grad, PREC="tf32"), {"r", "dd", "s", "z"},
-       {"H", "D", "V", "SHIFT"}, tile_config("sums")[1]) for grad in (False, True)],
-    ("scan", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=False), {"s", "z"}, {"H"}, 4),
-    ("scan (reverse)", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=True), {"s", "z"}, {"H"}, 4),
-    ("output", CS.output_kernel, dict(**TILES, **tile_config("output")[0], NORMALIZE=True, CLAMP=True, SAVE32=True),
-     {"s", "z", "o32", "den"}, {"H", "D", "V"}, tile_config("output")[1]),
-    ("dkdv", CS.dkdv_kernel, dict(**TILES, **tile_config("dkdv")[0]), {"r", "dd", "ds", "dz"}, {"H", "D", "V"},
-     tile_config("dkdv")[1]),
-    ("dq", CS.dq_kernel, dict(**TILES, **tile_config("dq")[0]), {"r", "dd", "s", "z"}, {"H", "D", "V"},
-     tile_config("dq")[1]),
-    ("parallel dkdv (reference)", P.parallel_dkdv_kernel,
-     dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
-    ("parallel dq (reference)", P.parallel_dq_kernel,
-     dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
-    ("parallel fwd (reference)", P.parallel_fwd_kernel,
-     dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, NORMALIZE=True, CLAMP=True, SAVE32=True, PREC="tf32"),
-     {"o32", "den"}, {"H", "D", "V"}, 4),
-    ("parallel row terms", P.parallel_row_terms_kernel, dict(BR=64, BV=64, CLAMP=True), {"o", "den", "r", "dd"},
-     {"R", "V"}, 4),
-]  # fmt: skip
+def cases() -> list[tuple]:
+    """name, kernel, constexprs, fp32 pointers, i32 args, num_warps (read when called: main sets the knobs)."""
+    return [  # name, kernel, constexprs, fp32 pointers, i32 args, num_warps
+        *[(f"chunk_sums ({'bwd' if grad else 'fwd'})", CS.chunk_sums_kernel,
+           dict(**LAYOUT, **tile_config("sums")[0], BC=64, HAS1=False, GRAD=grad, PREC="tf32"), {"r", "dd", "s", "z"},
+           {"H", "D", "V", "SHIFT"}, tile_config("sums")[1]) for grad in (False, True)],
+        ("scan", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=False), {"s", "z"}, {"H"}, 4),
+        ("scan (reverse)", CS.scan_kernel, dict(BD=16, BV=64, SV=16, U=8, REVERSE=True), {"s", "z"}, {"H"}, 4),
+        ("output", CS.output_kernel, dict(**TILES, **tile_config("output")[0], NORMALIZE=True, CLAMP=True, SAVE32=True),
+         {"s", "z", "o32", "den"}, {"H", "D", "V"}, tile_config("output")[1]),
+        ("dkdv", CS.dkdv_kernel, dict(**TILES, **tile_config("dkdv")[0]), {"r", "dd", "ds", "dz"}, {"H", "D", "V"},
+         tile_config("dkdv")[1]),
+        ("dq", CS.dq_kernel, dict(**TILES, **tile_config("dq")[0]), {"r", "dd", "s", "z"}, {"H", "D", "V"},
+         tile_config("dq")[1]),
+        ("parallel dkdv (reference)", P.parallel_dkdv_kernel,
+         dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
+        ("parallel dq (reference)", P.parallel_dq_kernel,
+         dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, PREC="tf32"), {"r", "dd"}, {"H", "D", "V"}, 4),
+        ("parallel fwd (reference)", P.parallel_fwd_kernel,
+         dict(BM=64, BN=64, BD=16, BV=64, HAS0=False, HAS1=False, NORMALIZE=True, CLAMP=True, SAVE32=True, PREC="tf32"),
+         {"o32", "den"}, {"H", "D", "V"}, 4),
+        ("parallel row terms", P.parallel_row_terms_kernel, dict(BR=64, BV=64, CLAMP=True), {"o", "den", "r", "dd"},
+         {"R", "V"}, 4),
+    ]  # fmt: skip
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--selectors", action="store_true", help="SELECTOR_FEATURES on")
+    parser.add_argument("--configs", default="", help='TILE_CONFIGS entries, e.g. "dkdv=64:4 dq=64:4"')
+    args = parser.parse_args()
+    CS.SELECTOR_FEATURES = args.selectors
+    for item in args.configs.split():
+        name, value = item.split("=")
+        CS.TILE_CONFIGS[name] = tuple(int(x) for x in value.split(":"))
     rows = []
-    for name, kernel, consts, fp32_pointers, ints, warps in CASES:
+    for name, kernel, consts, fp32_pointers, ints, warps in cases():
         sig = signature(kernel, consts, fp32_pointers, ints)
         for table in ("table", "seqs"):  # int32 row tables
             if table in sig:

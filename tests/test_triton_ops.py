@@ -130,14 +130,16 @@ def test_chunk_wide_heads(head_dim, value_dim, kernel_name):
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
+@pytest.mark.parametrize("selectors", [False, True], ids=["tiles3d", "selectors"])
 @pytest.mark.parametrize(("head_dim", "features"), [(16, 128), (32, 128), (16, 64)])
-def test_chunk_grouped_square_blocks(head_dim, features, monkeypatch):
+def test_chunk_grouped_square_blocks(head_dim, features, selectors, monkeypatch):
     """The 16-bit inputs' path, several square blocks per dot (G = features / BD), which fp32 inputs (these
-    tests') do not take on their own: 8, 4 and 4 blocks a dot here, so one to four groups a state."""
+    tests') do not take on their own: 8, 4 and 4 blocks a dot here, so one to four groups a state; built as
+    [rows, G, BD] tiles or from selector dots (SELECTOR_FEATURES)."""
     CS = triton_ops.chunk_states
 
     def grouped(name, layout, dtype):
-        return dict(G=min(layout.bd, features // layout.bd), num_warps=4)
+        return dict(G=min(layout.bd, features // layout.bd), SEL=selectors, num_warps=4)
 
     monkeypatch.setattr(CS, "_tile_config", grouped)
     generator = torch.Generator().manual_seed(head_dim + features)

@@ -84,20 +84,41 @@ def _block_feature_grad(g, j, NQ: tl.constexpr, a1, HAS1: tl.constexpr):
 
 
 @triton.jit
-def _group_features(xg, x, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr):
+def _selectors(first, G: tl.constexpr, BD: tl.constexpr):
+    """0/1 [BD, G BD] matrices: x @ pick repeats x_{first + f // BD} along column f, x @ tile is x_{f % BD}."""
+    m = tl.arange(0, BD)[:, None]
+    f = tl.arange(0, G * BD)[None, :]
+    return (m == first + f // BD).to(tl.float32), (m == f % BD).to(tl.float32)
+
+
+@triton.jit
+def _group_features(xg, x, first, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr, SEL: tl.constexpr,
+                    PREC: tl.constexpr):  # fmt: skip
     """Square blocks first .. first + G - 1 of phi for each row, as one [R, G BD] tile: block i is
-    a2 x_{first + i} x (xg [R, G]: those columns of x [R, BD]; fp32; rows read as 0 give 0)."""
+    a2 x_{first + i} x (xg [R, G]: those columns of x [R, BD]; fp32; rows read as 0 give 0). SEL builds it
+    from two selector dots (2D only; exact while x is exact in PREC, as 16-bit inputs are in tf32) instead
+    of a [R, G, BD] product."""
     if G == 1:  # 2D only: the form measured exact on the H200 (3D tiles are not, see TILE_CONFIGS)
         return a2 * xg * x
+    if SEL:
+        pick, tile = _selectors(first, G, BD)
+        return a2 * tl.dot(x, pick, input_precision=PREC) * tl.dot(x, tile, input_precision=PREC)
     return tl.reshape(a2 * xg[:, :, None] * x[:, None, :], (R, G * BD))
 
 
 @triton.jit
-def _group_feature_grad(g, xg, x, first, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr):
+def _group_feature_grad(g, xg, x, first, a2, R: tl.constexpr, G: tl.constexpr, BD: tl.constexpr,
+                        SEL: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """d(g . _group_features(xg, x)) / dx per row, g [R, G BD]. With g3 = g as [R, G, BD]: block i's scalar
-    x_{first + i} gets a2 g3[:, i, :] . x, and every x_l gets a2 sum_i g3[:, i, l] x_{first + i}."""
+    x_{first + i} gets a2 g3[:, i, :] . x, and every x_l gets a2 sum_i g3[:, i, l] x_{first + i}. SEL: the
+    same two sums as dots against the transposed selectors (g x rounds to PREC there)."""
     if G == 1:  # a2 (x_first g + (g . x) e_first), in 2D
         return a2 * (xg * g + tl.where(tl.arange(0, BD)[None, :] == first, tl.sum(g * x, 1)[:, None], 0.0))
+    if SEL:
+        pick, tile = _selectors(first, G, BD)
+        x_pick, x_tile = tl.dot(x, pick, input_precision=PREC), tl.dot(x, tile, input_precision=PREC)
+        scalars = tl.dot(g * x_tile, tl.trans(pick), input_precision=PREC)
+        return a2 * (scalars + tl.dot(g * x_pick, tl.trans(tile), input_precision=PREC))
     g3 = tl.reshape(g, (R, G, BD))
     scalars = tl.sum(g3 * x[:, None, :], 2)  # [R, G]
     place = (tl.arange(0, BD)[None, :] == first + tl.arange(0, G)[:, None]).to(tl.float32)  # [G, BD] one-hot
@@ -158,8 +179,8 @@ def _sum_terms(x, y, r, dd, x_base, y_base, row_base, t, cd, cv, T, H, D, V, GRA
 @triton.jit
 def chunk_sums_kernel(x, y, r, dd, s, z, table, H, D, V, a0, a1, a2, SHIFT,
                       C: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NQ: tl.constexpr,
-                      G: tl.constexpr, NB: tl.constexpr, HAS1: tl.constexpr, GRAD: tl.constexpr,
-                      PREC: tl.constexpr):  # fmt: skip
+                      G: tl.constexpr, SEL: tl.constexpr, NB: tl.constexpr, HAS1: tl.constexpr,
+                      GRAD: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """Chunk c's own sums, every feature block, into the sequence's slot c + SHIFT:
     forward  (GRAD=False): phi(K_c)^T V_c and phi(K_c)^T 1                       (x = k, y = v)
     backward (GRAD=True):  phi(Q_c)^T (do r)_c and phi(Q_c)^T (dd r)_c           (x = q, y = do)
@@ -176,7 +197,8 @@ def chunk_sums_kernel(x, y, r, dd, s, z, table, H, D, V, a0, a1, a2, SHIFT,
         for sub in range(0, C, BC):
             t = c * C + sub + tl.arange(0, BC)
             xt, yt, w = _sum_terms(x, y, r, dd, x_base, y_base, row_base, t, cd, cv, T, H, D, V, GRAD)
-            phi = _group_features(_group_columns(x, x_base, t, group * G, T, H * D, D, G), xt, a2, BC, G, BD)
+            xg = _group_columns(x, x_base, t, group * G, T, H * D, D, G)
+            phi = _group_features(xg, xt, group * G, a2, BC, G, BD, SEL, PREC)
             acc += tl.dot(tl.trans(phi), yt, input_precision=PREC)
             acc_z += tl.sum(phi * w[:, None], 0)
         s_off, z_off = _group_offsets(slot, h, group * G, H, NB, cv, G, BD, BV)
@@ -226,8 +248,9 @@ def scan_kernel(s, z, seqs, H, BD: tl.constexpr, BV: tl.constexpr, SV: tl.conste
 @triton.jit
 def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, scale, c0, c1, c2, a0, a1, a2, eps,
                   C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                  NQ: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr,
-                  NORMALIZE: tl.constexpr, CLAMP: tl.constexpr, SAVE32: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+                  NQ: tl.constexpr, G: tl.constexpr, SEL: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr,
+                  HAS1: tl.constexpr, NORMALIZE: tl.constexpr, CLAMP: tl.constexpr, SAVE32: tl.constexpr,
+                  PREC: tl.constexpr):  # fmt: skip
     start, T, m, first, h = _entry(table)
     qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     rows = m * BM + tl.arange(0, BM)
@@ -246,7 +269,8 @@ def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, scale, c0, c1, c2,
         acc += tl.dot(p, vt, input_precision=PREC)
     qf = qt.to(tl.float32)
     for group in range(NQ // G):  # the state before this chunk: the square blocks, G at a time
-        phi = _group_features(_group_columns(q, qk_base, rows, group * G, T, H * D, D, G), qf, a2, BM, G, BD)
+        qg = _group_columns(q, qk_base, rows, group * G, T, H * D, D, G)
+        phi = _group_features(qg, qf, group * G, a2, BM, G, BD, SEL, PREC)
         s_off, z_off = _group_offsets(first + c, h, group * G, H, NB, cv, G, BD, BV)
         acc += tl.dot(phi, tl.load(s + s_off).to(tl.float32), input_precision=PREC)
         dn += tl.sum(phi * tl.load(z + z_off)[None, :], 1)
@@ -269,8 +293,8 @@ def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, scale, c0, c1, c2,
 @triton.jit
 def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, scale, c0, c1, c2, a0, a1, a2,
                 C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                NQ: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr,
-                PREC: tl.constexpr):  # fmt: skip
+                NQ: tl.constexpr, G: tl.constexpr, SEL: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr,
+                HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     start, T, n, first, h = _entry(table)
     qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     cols = n * BN + tl.arange(0, BN)
@@ -293,9 +317,9 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, scale, c0, c
         kg = _group_columns(k, qk_base, cols, group * G, T, H * D, D, G)
         s_off, z_off = _group_offsets(first + c + 1, h, group * G, H, NB, cv, G, BD, BV)
         grad = tl.load(ds + s_off).to(tl.float32)
-        dvt += tl.dot(_group_features(kg, kf, a2, BN, G, BD), grad, input_precision=PREC)
+        dvt += tl.dot(_group_features(kg, kf, group * G, a2, BN, G, BD, SEL, PREC), grad, input_precision=PREC)
         g_phi = tl.dot(vf, tl.trans(grad), input_precision=PREC) + tl.load(dz + z_off)[None, :]
-        dkt += _group_feature_grad(g_phi, kg, kf, group * G, a2, BN, G, BD)
+        dkt += _group_feature_grad(g_phi, kg, kf, group * G, a2, BN, G, BD, SEL, PREC)
     valid = (cols < T).to(tl.float32)
     for j in range(NQ, NB):
         s_off, z_off = _state_offsets(first + c + 1, h, j, H, NB, cd, cv, BD, BV)
@@ -311,8 +335,8 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, scale, c0, c
 @triton.jit
 def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, scale, c0, c1, c2, a0, a1, a2,
               C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-              NQ: tl.constexpr, G: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr,
-              PREC: tl.constexpr):  # fmt: skip
+              NQ: tl.constexpr, G: tl.constexpr, SEL: tl.constexpr, NB: tl.constexpr, HAS0: tl.constexpr,
+              HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     start, T, m, first, h = _entry(table)
     qk_base, v_base, row_base = (start * H + h) * D, (start * H + h) * V, start * H + h
     rows = m * BM + tl.arange(0, BM)
@@ -335,7 +359,7 @@ def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, scale, c0, c1, c2, a
         s_off, z_off = _group_offsets(first + c, h, group * G, H, NB, cv, G, BD, BV)
         g_phi = tl.dot(g, tl.trans(tl.load(s + s_off).to(tl.float32)), input_precision=PREC)
         g_phi += (ddt * rt)[:, None] * tl.load(z + z_off)[None, :]
-        dqt += _group_feature_grad(g_phi * valid[:, None], qg, qf, group * G, a2, BM, G, BD)
+        dqt += _group_feature_grad(g_phi * valid[:, None], qg, qf, group * G, a2, BM, G, BD, SEL, PREC)
     for j in range(NQ, NB):  # then the linear and constant blocks
         s_off, z_off = _state_offsets(first + c, h, j, H, NB, cd, cv, BD, BV)
         g_phi = tl.dot(g, tl.trans(tl.load(s + s_off).to(tl.float32)), input_precision=PREC)
@@ -380,6 +404,10 @@ TILE_CONFIGS = {"sums": (128, 8), "output": (128, 8), "dkdv": (128, 8), "dq": (1
 # float64 (chunk_states_fp32.log); Triton 3.6's tf32x3 at 8 warps gave a wrong dq there. fp32 is the accurate
 # path, not the fast one.
 FP32_WARPS = 4
+# Build the grouped square features and their gradients from 0/1 selector dots (2D only) instead of
+# [rows, G, BD] tiles. Interpreter-tested, not yet run on a GPU: off until the GPU tests pass with it, then
+# the faster tile sets above get re-tested on it.
+SELECTOR_FEATURES = False
 
 
 def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
@@ -387,7 +415,8 @@ def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
     features, warps = TILE_CONFIGS[name]
     if dtype == torch.float32:
         features, warps = layout.bd, FP32_WARPS
-    return dict(G=min(layout.bd, max(1, features // layout.bd)), num_warps=warps)
+    group = min(layout.bd, max(1, features // layout.bd))
+    return dict(G=group, SEL=SELECTOR_FEATURES and group > 1, num_warps=warps)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
