@@ -4,6 +4,7 @@ the LayerNorm's kernels, torch's against the fused ones, at an MQAR micro-batch'
 
     PYTHONPATH=. python benchmarks/chunk_states_profile_gpu.py [--cases 256:4096,256:65536] [--no-layer-norm]
         [--configs "output=64:4 dq=128:8"]     # TILE_CONFIGS to profile, one set per argument; none: the default
+        [--selectors]                          # SELECTOR_FEATURES on
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def chunk_states_case(chunk: int, length: int, configs: str) -> None:
         o = CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
         o.float().sum().backward()
 
-    kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd, TILE_CONFIGS {CS.TILE_CONFIGS}")
+    kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd, TILE_CONFIGS {CS.TILE_CONFIGS}, selectors {CS.SELECTOR_FEATURES}")
 
 
 def layer_norm_case(backend: str) -> None:
@@ -78,7 +79,9 @@ def main() -> None:
     parser.add_argument("--cases", default="256:4096,256:65536,128:65536")
     parser.add_argument("--configs", nargs="*", default=[""])
     parser.add_argument("--no-layer-norm", action="store_true")
+    parser.add_argument("--selectors", action="store_true", help="SELECTOR_FEATURES on")
     args = parser.parse_args()
+    CS.SELECTOR_FEATURES = args.selectors
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for configs in args.configs:
         for case in args.cases.split(","):
