@@ -58,7 +58,8 @@ def chunk_states_case(chunk: int, length: int, configs: str) -> None:
         o = CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
         o.float().sum().backward()
 
-    kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd, TILE_CONFIGS {CS.TILE_CONFIGS}, selectors {CS.SELECTOR_FEATURES}")
+    knobs = f"TILE_CONFIGS {CS.TILE_CONFIGS}, selectors {CS.SELECTOR_FEATURES}"
+    kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd, {knobs}")
 
 
 def layer_norm_case(backend: str) -> None:
