@@ -411,7 +411,7 @@ SELECTOR_FEATURES = False
 
 
 def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
-    """G and num_warps of one tiled kernel's launch."""
+    """G, SEL and num_warps of one tiled kernel's launch."""
     features, warps = TILE_CONFIGS[name]
     if dtype == torch.float32:
         features, warps = layout.bd, FP32_WARPS
@@ -505,14 +505,15 @@ def _from_blocks(s: Tensor, z: Tensor, head_dim: int, value_dim: int, poly: _Pol
     return torch.cat(kv, 2).float().contiguous(), torch.cat(ksum, 2).float().contiguous()
 
 
-def _kernel_scalars(poly: _Poly, layout: Layout) -> dict:
-    scale, c0, c1, c2, a0, a1, a2 = poly.args()
+def _feature_coefficients(poly: _Poly) -> dict:
+    """a0, a1, a2 (a_i^2 = c_i scale^i): what phi's blocks are scaled by."""
+    *_, a0, a1, a2 = poly.args()
     return dict(a0=a0, a1=a1, a2=a2)
 
 
 def _tile_args(poly: _Poly, layout: Layout, prec: str) -> dict:
     """The row-block kernels' (output, dq, dkdv) polynomial and block arguments."""
-    return dict(**_poly_args(poly), **_kernel_scalars(poly, layout), **layout.constexprs(), BM=layout.block,
+    return dict(**_poly_args(poly), **_feature_coefficients(poly), **layout.constexprs(), BM=layout.block,
                 BN=layout.block, PREC=prec)  # fmt: skip
 
 
@@ -533,7 +534,7 @@ class ChunkStatesFunction(torch.autograd.Function):
             s[plan.first], z[plan.first] = s0.to(s.dtype), z0
         if len(plan.chunks):  # (no r, dd in the forward: v stands in for them)
             chunk_sums_kernel[(len(plan.chunks), heads)](
-                k, v, v, v, s, z, plan.chunks, heads, head_dim, value_dim, **_kernel_scalars(poly, layout), SHIFT=1,
+                k, v, v, v, s, z, plan.chunks, heads, head_dim, value_dim, **_feature_coefficients(poly), SHIFT=1,
                 **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=False, PREC=prec,
                 **_tile_config("sums", layout, q.dtype),
             )  # fmt: skip
@@ -581,7 +582,7 @@ class ChunkStatesFunction(torch.autograd.Function):
             ds[plan.last], dz[plan.last] = ds_final.to(ds.dtype), dz_final
         if len(plan.chunks):
             chunk_sums_kernel[(len(plan.chunks), heads)](
-                q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **_kernel_scalars(poly, layout),
+                q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **_feature_coefficients(poly),
                 SHIFT=0, **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=True, PREC=prec,
                 **_tile_config("sums", layout, q.dtype),
             )  # fmt: skip
