@@ -407,7 +407,10 @@ def train(
     try:
         torch.manual_seed(config.seed + env.rank)  # the only seeding: dropout streams differ across ranks
         engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env, stop_at)
-        return engine.run()
+        result = engine.run()
+        if env.owns_group:  # no rank tears its connections down while a peer's last collective is in flight
+            dist.barrier()
+        return result
     finally:
         if env.owns_group:
             dist.destroy_process_group()
