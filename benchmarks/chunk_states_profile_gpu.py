@@ -4,7 +4,7 @@ the LayerNorm's kernels, torch's against the fused ones, at an MQAR micro-batch'
 
     PYTHONPATH=. python benchmarks/chunk_states_profile_gpu.py [--cases 256:4096,256:65536] [--no-layer-norm]
         [--configs "output=64:4 dq=128:8"]     # TILE_CONFIGS to profile, one set per argument; none: the default
-        [--selectors]                          # SELECTOR_FEATURES on
+        [--selectors on|off]                   # SELECTOR_FEATURES; default: as committed
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def main() -> None:
     parser.add_argument("--cases", default="256:4096,256:65536,128:65536")
     parser.add_argument("--configs", nargs="*", default=[""])
     parser.add_argument("--no-layer-norm", action="store_true")
-    parser.add_argument("--selectors", action="store_true", help="SELECTOR_FEATURES on")
+    parser.add_argument("--selectors", choices=["on", "off"], help="SELECTOR_FEATURES (default: as committed)")
     args = parser.parse_args()
-    CS.SELECTOR_FEATURES = args.selectors
+    if args.selectors:
+        CS.SELECTOR_FEATURES = args.selectors == "on"
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for configs in args.configs:
         for case in args.cases.split(","):

@@ -394,20 +394,22 @@ class Layout:
 
 # Per tiled kernel, for 16-bit inputs: (features per square-block dot, G BD; warps). The square blocks go G at a
 # time: one [rows, G BD] x [G BD, BV] dot against the state; G changes only each kernel's loop, not the states'
-# layout. 128 at 8 warps everywhere is the set the GPU tests passed with (bf16 within 1% at every position:
-# benchmarks/results/h200/pytest_gpu_chunk_states_grouped.log). Faster sets exist on the profile
-# (chunk_states_profile_configs.log: dkdv and dq at 64 and 4 warps, sums and output at 256) but dq and dkdv at
-# 4 warps came out wrong on the H200 (pytest_gpu_chunk_registered.log), as did the [R, G, BD] tiles at 4 warps
-# 1-3e-4 off float64 in fp32: Triton 3.6 mis-compiles some of these 3D tiles, so only tested sets go here.
-TILE_CONFIGS = {"sums": (128, 8), "output": (128, 8), "dkdv": (128, 8), "dq": (128, 8)}
+# layout. Only sets the GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles
+# (this set in the 3D form gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log),
+# and the interpreter cannot see that. In the selector form (SELECTOR_FEATURES, 2D dots only) all four sets
+# tried passed every chunk GPU test (chunk_tiles_selectors.log), and this one is the fastest of them: 7.86 ms
+# GPU time forward+backward at T 4096, against 9.13 for 128 features at 8 warps everywhere in the same form,
+# and 7.91 for that set in the 3D form (chunk_tiles_profile.log). So the selectors' extra dots cost what the
+# faster tiles win: no net speed-up, but a form that survives tuning.
+TILE_CONFIGS = {"sums": (256, 8), "output": (256, 8), "dkdv": (64, 4), "dq": (64, 4)}
 # fp32 inputs: one square block per dot (G = 1, pure 2D), "ieee" dots, 4 warps, the form measured 3e-7 off
 # float64 (chunk_states_fp32.log); Triton 3.6's tf32x3 at 8 warps gave a wrong dq there. fp32 is the accurate
 # path, not the fast one.
 FP32_WARPS = 4
 # Build the grouped square features and their gradients from 0/1 selector dots (2D only) instead of
-# [rows, G, BD] tiles. Interpreter-tested, not yet run on a GPU: off until the GPU tests pass with it, then
-# the faster tile sets above get re-tested on it.
-SELECTOR_FEATURES = False
+# [rows, G, BD] tiles, which Triton 3.6 mis-compiles at some warp counts and groups (above). False gives the 3D
+# form, which the GPU tests passed only at 128 features and 8 warps everywhere.
+SELECTOR_FEATURES = True
 
 
 def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
