@@ -3,8 +3,8 @@ the op suite's workload (65,536 tokens x 16 heads, q/k 16, v 64, bf16, ReBased),
 the LayerNorm's kernels, torch's against the fused ones, at an MQAR micro-batch's shape.
 
     PYTHONPATH=. python benchmarks/chunk_states_profile_gpu.py [--cases 256:4096,256:65536] [--no-layer-norm]
-        [--configs "output=64:4 dq=128:8"]     # TILE_CONFIGS to profile, one set per argument; none: the default
-        [--selectors on|off]                   # SELECTOR_FEATURES; default: as committed
+        [--configs "output=64:4:3d dq=128:8"]  # TILE_CONFIGS to profile, one set per argument, each entry
+                                               # features:warps[:sel|:3d] (TileConfig.parse_set); none: the code's
 """
 
 from __future__ import annotations
@@ -43,11 +43,7 @@ def kernel_table(step, title: str) -> None:
 
 def chunk_states_case(chunk: int, length: int, configs: str) -> None:
     CS.CHUNK = chunk
-    CS.TILE_CONFIGS = dict(DEFAULT_CONFIGS)
-    for item in configs.split():
-        name, value = item.split("=")
-        features, warps = value.split(":")
-        CS.TILE_CONFIGS[name] = (int(features), int(warps))
+    CS.TILE_CONFIGS = CS.TileConfig.parse_set(configs, DEFAULT_CONFIGS)
     kernel = Polynomial.rebased(16)
     batch = 65536 // length
     q, k = (torch.randn(batch, length, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qk")
@@ -58,7 +54,7 @@ def chunk_states_case(chunk: int, length: int, configs: str) -> None:
         o = CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
         o.float().sum().backward()
 
-    knobs = f"TILE_CONFIGS {CS.TILE_CONFIGS}, selectors {CS.SELECTOR_FEATURES}"
+    knobs = "tiles " + " ".join(f"{name}={config}" for name, config in CS.TILE_CONFIGS.items())
     kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd, {knobs}")
 
 
@@ -80,10 +76,7 @@ def main() -> None:
     parser.add_argument("--cases", default="256:4096,256:65536,128:65536")
     parser.add_argument("--configs", nargs="*", default=[""])
     parser.add_argument("--no-layer-norm", action="store_true")
-    parser.add_argument("--selectors", choices=["on", "off"], help="SELECTOR_FEATURES (default: as committed)")
     args = parser.parse_args()
-    if args.selectors:
-        CS.SELECTOR_FEATURES = args.selectors == "on"
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     for configs in args.configs:
         for case in args.cases.split(","):

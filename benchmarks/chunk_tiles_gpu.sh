@@ -1,9 +1,10 @@
 #!/bin/bash
 # One device call: the chunk GPU tests (and optionally the kernel profile) under candidate tile sets of
-# rebased/ops/triton/chunk_states.py. Each argument is one set, "[SEL] name=features:warps ...": SEL turns
-# SELECTOR_FEATURES on, the pairs replace TILE_CONFIGS entries. The device's copy of the module is rewritten
-# for each set and restored after, so the tests run the code exactly as a user would import it.
-#   bash benchmarks/chunk_tiles_gpu.sh "SEL" "SEL sums=256:8 output=256:8 dkdv=64:4 dq=64:4"
+# rebased/ops/triton/chunk_states.py. Each argument is one set, "name=features:warps[:sel|:3d] ...", replacing
+# those TILE_CONFIGS entries (the form, selector dots or 3D tiles, as committed where left out). The device's
+# copy of the module is rewritten for each set and restored after, so the tests run the code exactly as a
+# user would import it; "" is the committed set.
+#   bash benchmarks/chunk_tiles_gpu.sh "" "sums=128:8:3d"
 #   PROFILE=1 ...   also profile each set whose tests pass (benchmarks/chunk_states_profile_gpu.py, T 4096)
 # Logs: $OUT/tiles_<n>.log, one per set, in argument order.
 cd "$(dirname "$0")/.." || exit 1
@@ -17,19 +18,18 @@ for spec in "$@"; do
     cp /tmp/chunk_states.py.orig "$module"
     python3 - "$module" "$spec" <<'EOF' | tee "$log"
 import re, sys
-path, spec = sys.argv[1], sys.argv[2].split()
+sys.path.insert(0, ".")
+from rebased.ops.triton.chunk_states import TILE_CONFIGS, TileConfig  # noqa: E402
+
+path, spec = sys.argv[1], sys.argv[2]
 text = open(path).read()
-if "SEL" in spec:
-    text, count = re.subn(r"^SELECTOR_FEATURES = False$", "SELECTOR_FEATURES = True", text, flags=re.M)
-    assert count == 1, "SELECTOR_FEATURES line not found"
-for item in (s for s in spec if "=" in s):
-    name, value = item.split("=")
-    features, warps = value.split(":")
-    text, count = re.subn(rf'"{name}": \(\d+, \d+\)', f'"{name}": ({int(features)}, {int(warps)})', text)
+for name, config in TileConfig.parse_set(spec, TILE_CONFIGS).items():
+    line = f'"{name}": TileConfig({config.features}, {config.warps}, selectors={config.selectors}),'
+    text, count = re.subn(rf'"{name}": TileConfig\([^)]*\),', line, text)
     assert count == 1, f"TILE_CONFIGS entry {name} not found"
 open(path, "w").write(text)
-print("set:", " ".join(spec) or "(committed)")
-print([line for line in text.splitlines() if line.startswith(("TILE_CONFIGS =", "SELECTOR_FEATURES ="))])
+print("set:", spec or "(committed)")
+print("\n".join(line for line in text.splitlines() if "TileConfig(" in line and line.startswith("    \"")))
 EOF
     timeout "${TEST_S:-170}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -k chunk 2>&1 | tee -a "$log" | tail -3
     if [ -n "$PROFILE" ] && grep -q " passed" "$log" && ! grep -q "failed" "$log"; then

@@ -1,7 +1,7 @@
 """Compile Triton kernels for the H200 (sm_90a) on a machine without a GPU; report registers and spills.
 
     python benchmarks/compile_check.py            # the chunk kernels at their TILE_CONFIGS and the parallel ones
-    python benchmarks/compile_check.py --selectors --configs "sums=256:8 output=256:8 dkdv=64:4 dq=64:4"
+    python benchmarks/compile_check.py --configs "sums=128:8:3d output=256:8:sel"   # entries as TileConfig.parse_set
 
 Catches what only the compiler sees (the interpreter runs kernels as Python: loop-carried type changes,
 unsupported ops) before device time is spent, and reads the cubin's registers and stack (where spills go)
@@ -63,9 +63,9 @@ TILES = dict(**LAYOUT, BM=64, BN=64, HAS0=False, HAS1=False, PREC="tf32")
 
 def tile_config(name: str) -> tuple[dict, int]:
     """G and SEL (constexprs) and warps of chunk-states kernel `name`, as the code launches it for bf16."""
-    features, warps = CS.TILE_CONFIGS[name]
-    group = features // LAYOUT["BD"]
-    return dict(G=group, SEL=CS.SELECTOR_FEATURES and group > 1), warps
+    config = CS.TILE_CONFIGS[name]
+    group = config.features // LAYOUT["BD"]
+    return dict(G=group, SEL=config.selectors and group > 1), config.warps
 
 
 def cases() -> list[tuple]:
@@ -96,13 +96,9 @@ def cases() -> list[tuple]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--selectors", action="store_true", help="SELECTOR_FEATURES on")
-    parser.add_argument("--configs", default="", help='TILE_CONFIGS entries, e.g. "dkdv=64:4 dq=64:4"')
+    parser.add_argument("--configs", default="", help='TILE_CONFIGS entries, e.g. "dkdv=64:4:3d dq=64:4:sel"')
     args = parser.parse_args()
-    CS.SELECTOR_FEATURES = args.selectors
-    for item in args.configs.split():
-        name, value = item.split("=")
-        CS.TILE_CONFIGS[name] = tuple(int(x) for x in value.split(":"))
+    CS.TILE_CONFIGS = CS.TileConfig.parse_set(args.configs, CS.TILE_CONFIGS)
     rows = []
     for name, kernel, consts, fp32_pointers, ints, warps in cases():
         sig = signature(kernel, consts, fp32_pointers, ints)

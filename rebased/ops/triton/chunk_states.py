@@ -33,7 +33,7 @@ state after each chunk). Programs find their chunk or row block, and their seque
 tables, so a dense batch (B sequences of T) and a packed cu_seqlens one run the same kernels, one launch
 each. The caller converts initial and final states from and to LinearAttentionState's feature rows.
 
-Measured on the H200 (benchmarks/results/h200/bench_chunk_states.md, 65,536 tokens x 16 heads, bf16): about
+Measured on the H200 (benchmarks/results/h200/bench_selectors.md, 65,536 tokens x 16 heads, bf16): about
 3.1 ms forward and 7.8 ms forward+backward at every T from 1k to 64k; where the time goes, kernel by kernel,
 is in chunk_states_profile*.log. Shape letters: C chunk, BM, BN row blocks (C a multiple of both), BD, BV the
 padded q/k and value dims, NB feature blocks, G square blocks per dot.
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -392,33 +393,60 @@ class Layout:
         return dict(C=self.chunk, BD=self.bd, BV=self.bv, NQ=self.num_square, NB=self.num_blocks)
 
 
-# Per tiled kernel, for 16-bit inputs: (features per square-block dot, G BD; warps). The square blocks go G at a
-# time: one [rows, G BD] x [G BD, BV] dot against the state; G changes only each kernel's loop, not the states'
-# layout. Only sets the GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles
-# (this set in the 3D form gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log),
-# and the interpreter cannot see that. In the selector form (SELECTOR_FEATURES, 2D dots only) all four sets
-# tried passed every chunk GPU test (chunk_tiles_selectors.log), and this one is the fastest of them: 7.86 ms
-# GPU time forward+backward at T 4096, against 9.13 for 128 features at 8 warps everywhere in the same form,
-# and 7.91 for that set in the 3D form (chunk_tiles_profile.log). So the selectors' extra dots cost what the
-# faster tiles win: no net speed-up, but a form that survives tuning.
-TILE_CONFIGS = {"sums": (256, 8), "output": (256, 8), "dkdv": (64, 4), "dq": (64, 4)}
+class TileConfig(NamedTuple):
+    """One tiled kernel's launch for 16-bit inputs: features per square-block dot (G BD), warps, and whether
+    the grouped square features come from 0/1 selector dots (2D only) or from [rows, G, BD] tiles."""
+
+    features: int
+    warps: int
+    selectors: bool
+
+    @classmethod
+    def parse_set(cls, text: str, base: dict[str, TileConfig]) -> dict[str, TileConfig]:
+        """base with entries replaced: "sums=256:8:sel dq=64:4:3d" (the form may be left out: base's)."""
+        configs = dict(base)
+        for item in text.split():
+            name, _, value = item.partition("=")
+            if name not in configs:
+                raise ValueError(f"no tiled kernel {name!r}; known: {', '.join(configs)}")
+            features, warps, *form = value.split(":")
+            if form not in ([], ["sel"], ["3d"]):
+                raise ValueError(f"{item!r}: the form is 'sel' or '3d'")
+            selectors = configs[name].selectors if not form else form == ["sel"]
+            configs[name] = cls(int(features), int(warps), selectors)
+        return configs
+
+    def __str__(self) -> str:
+        return f"{self.features}:{self.warps}:{'sel' if self.selectors else '3d'}"
+
+
+# Per tiled kernel, for 16-bit inputs. The square blocks go G = features / BD at a time: one [rows, G BD] x
+# [G BD, BV] dot against the state; G changes only each kernel's loop, not the states' layout. Only sets the
+# GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles (this set in the 3D form
+# gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log), and the interpreter
+# cannot see that. In the selector form all four sets tried passed every chunk GPU test
+# (chunk_tiles_selectors.log), and this one is the fastest of them: 7.86 ms GPU time forward+backward at
+# T 4096, against 9.13 for 128 features at 8 warps everywhere in the same form, and 7.91 for that set in the
+# 3D form (chunk_tiles_profile.log). So the selectors' extra dots cost about what the faster tiles win; the
+# form survives tuning. The 3D form passed the GPU tests only at 128:8 everywhere.
+TILE_CONFIGS = {
+    "sums": TileConfig(256, 8, selectors=True),
+    "output": TileConfig(256, 8, selectors=True),
+    "dkdv": TileConfig(64, 4, selectors=True),
+    "dq": TileConfig(64, 4, selectors=True),
+}
 # fp32 inputs: one square block per dot (G = 1, pure 2D), "ieee" dots, 4 warps, the form measured 3e-7 off
 # float64 (chunk_states_fp32.log); Triton 3.6's tf32x3 at 8 warps gave a wrong dq there. fp32 is the accurate
 # path, not the fast one.
 FP32_WARPS = 4
-# Build the grouped square features and their gradients from 0/1 selector dots (2D only) instead of
-# [rows, G, BD] tiles, which Triton 3.6 mis-compiles at some warp counts and groups (above). False gives the 3D
-# form, which the GPU tests passed only at 128 features and 8 warps everywhere.
-SELECTOR_FEATURES = True
 
 
 def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
     """G, SEL and num_warps of one tiled kernel's launch."""
-    features, warps = TILE_CONFIGS[name]
-    if dtype == torch.float32:
-        features, warps = layout.bd, FP32_WARPS
+    config = TILE_CONFIGS[name]
+    features, warps = (layout.bd, FP32_WARPS) if dtype == torch.float32 else (config.features, config.warps)
     group = min(layout.bd, max(1, features // layout.bd))
-    return dict(G=group, SEL=SELECTOR_FEATURES and group > 1, num_warps=warps)
+    return dict(G=group, SEL=config.selectors and group > 1, num_warps=warps)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
