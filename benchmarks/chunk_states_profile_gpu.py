@@ -4,7 +4,7 @@ the LayerNorm's kernels, torch's against the fused ones, at an MQAR micro-batch'
 
     PYTHONPATH=. python benchmarks/chunk_states_profile_gpu.py [--cases 256:4096,256:65536] [--no-layer-norm]
         [--configs "output=64:4:3d dq=128:8"]  # TILE_CONFIGS to profile, one set per argument, each entry
-                                               # features:warps[:sel|:3d] (TileConfig.parse_set); none: the code's
+                                               # features:warps[:sel|:3d] (GroupTiles.parse_set); none: the code's
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def kernel_table(step, title: str) -> None:
 
 def chunk_states_case(chunk: int, length: int, configs: str) -> None:
     CS.CHUNK = chunk
-    CS.TILE_CONFIGS = CS.TileConfig.parse_set(configs, DEFAULT_CONFIGS)
+    CS.TILE_CONFIGS = CS.GroupTiles.parse_set(configs, DEFAULT_CONFIGS)
     kernel = Polynomial.rebased(16)
     batch = 65536 // length
     q, k = (torch.randn(batch, length, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qk")

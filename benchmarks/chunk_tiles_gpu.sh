@@ -19,17 +19,17 @@ for spec in "$@"; do
     python3 - "$module" "$spec" <<'EOF' | tee "$log"
 import re, sys
 sys.path.insert(0, ".")
-from rebased.ops.triton.chunk_states import TILE_CONFIGS, TileConfig  # noqa: E402
+from rebased.ops.triton.chunk_states import TILE_CONFIGS, GroupTiles  # noqa: E402
 
 path, spec = sys.argv[1], sys.argv[2]
 text = open(path).read()
-for name, config in TileConfig.parse_set(spec, TILE_CONFIGS).items():
-    line = f'"{name}": TileConfig({config.features}, {config.warps}, selectors={config.selectors}),'
-    text, count = re.subn(rf'"{name}": TileConfig\([^)]*\),', line, text)
+for name, config in GroupTiles.parse_set(spec, TILE_CONFIGS).items():
+    line = f'"{name}": GroupTiles({config.features}, {config.warps}, selectors={config.selectors}),'
+    text, count = re.subn(rf'"{name}": GroupTiles\([^)]*\),', line, text)
     assert count == 1, f"TILE_CONFIGS entry {name} not found"
 open(path, "w").write(text)
 print("set:", spec or "(committed)")
-print("\n".join(line for line in text.splitlines() if "TileConfig(" in line and line.startswith("    \"")))
+print("\n".join(line for line in text.splitlines() if "GroupTiles(" in line and line.startswith("    \"")))
 EOF
     timeout "${TEST_S:-170}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -k chunk 2>&1 | tee -a "$log" | tail -3
     if [ -n "$PROFILE" ] && grep -q " passed" "$log" && ! grep -q "failed" "$log"; then

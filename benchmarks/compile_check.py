@@ -1,7 +1,7 @@
 """Compile Triton kernels for the H200 (sm_90a) on a machine without a GPU; report registers and spills.
 
     python benchmarks/compile_check.py            # the chunk kernels at their TILE_CONFIGS and the parallel ones
-    python benchmarks/compile_check.py --configs "sums=128:8:3d output=256:8:sel"   # entries as TileConfig.parse_set
+    python benchmarks/compile_check.py --configs "sums=128:8:3d output=256:8:sel"   # entries as GroupTiles.parse_set
 
 Catches what only the compiler sees (the interpreter runs kernels as Python: loop-carried type changes,
 unsupported ops) before device time is spent, and reads the cubin's registers and stack (where spills go)
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="", help='TILE_CONFIGS entries, e.g. "dkdv=64:4:3d dq=64:4:sel"')
     args = parser.parse_args()
-    CS.TILE_CONFIGS = CS.TileConfig.parse_set(args.configs, CS.TILE_CONFIGS)
+    CS.TILE_CONFIGS = CS.GroupTiles.parse_set(args.configs, CS.TILE_CONFIGS)
     rows = []
     for name, kernel, consts, fp32_pointers, ints, warps in cases():
         sig = signature(kernel, consts, fp32_pointers, ints)

@@ -135,7 +135,7 @@ def test_chunk_wide_heads(head_dim, value_dim, kernel_name):
 def test_chunk_grouped_square_blocks(head_dim, features, selectors, monkeypatch):
     """The 16-bit inputs' path, several square blocks per dot (G = features / BD), which fp32 inputs (these
     tests') do not take on their own: 8, 4 and 4 blocks a dot here, so one to four groups a state; built as
-    [rows, G, BD] tiles or from selector dots (TileConfig.selectors)."""
+    [rows, G, BD] tiles or from selector dots (GroupTiles.selectors)."""
     CS = triton_ops.chunk_states
 
     def grouped(name, layout, dtype):
@@ -149,17 +149,17 @@ def test_chunk_grouped_square_blocks(head_dim, features, selectors, monkeypatch)
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
 
 
-def test_tile_config_sets_parse_and_refuse_unknown_entries():
+def test_group_tile_sets_parse_and_refuse_unknown_entries():
     """The tuning scripts' tile-set syntax: entries replaced, the form kept where left out, typos refused."""
     CS = triton_ops.chunk_states
-    base = {"sums": CS.TileConfig(256, 8, True), "dq": CS.TileConfig(64, 4, True)}
-    parsed = CS.TileConfig.parse_set("sums=128:8:3d dq=32:2", base)
-    assert parsed == {"sums": CS.TileConfig(128, 8, False), "dq": CS.TileConfig(32, 2, True)}
-    assert str(parsed["sums"]) == "128:8:3d" and CS.TileConfig.parse_set("", base) == base
+    base = {"sums": CS.GroupTiles(256, 8, True), "dq": CS.GroupTiles(64, 4, True)}
+    parsed = CS.GroupTiles.parse_set("sums=128:8:3d dq=32:2", base)
+    assert parsed == {"sums": CS.GroupTiles(128, 8, False), "dq": CS.GroupTiles(32, 2, True)}
+    assert str(parsed["sums"]) == "128:8:3d" and CS.GroupTiles.parse_set("", base) == base
     with pytest.raises(ValueError, match="no tiled kernel 'dqq'"):
-        CS.TileConfig.parse_set("dqq=64:4", base)
+        CS.GroupTiles.parse_set("dqq=64:4", base)
     with pytest.raises(ValueError, match="'sel' or '3d'"):
-        CS.TileConfig.parse_set("dq=64:4:2d", base)
+        CS.GroupTiles.parse_set("dq=64:4:2d", base)
 
 
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor"])

@@ -393,7 +393,7 @@ class Layout:
         return dict(C=self.chunk, BD=self.bd, BV=self.bv, NQ=self.num_square, NB=self.num_blocks)
 
 
-class TileConfig(NamedTuple):
+class GroupTiles(NamedTuple):
     """One tiled kernel's launch for 16-bit inputs: features per square-block dot (G BD), warps, and whether
     the grouped square features come from 0/1 selector dots (2D only) or from [rows, G, BD] tiles."""
 
@@ -402,7 +402,7 @@ class TileConfig(NamedTuple):
     selectors: bool
 
     @classmethod
-    def parse_set(cls, text: str, base: dict[str, TileConfig]) -> dict[str, TileConfig]:
+    def parse_set(cls, text: str, base: dict[str, GroupTiles]) -> dict[str, GroupTiles]:
         """base with entries replaced: "sums=256:8:sel dq=64:4:3d" (the form may be left out: base's)."""
         configs = dict(base)
         for item in text.split():
@@ -430,10 +430,10 @@ class TileConfig(NamedTuple):
 # 3D form (chunk_tiles_profile.log). So the selectors' extra dots cost about what the faster tiles win; the
 # form survives tuning. The 3D form passed the GPU tests only at 128:8 everywhere.
 TILE_CONFIGS = {
-    "sums": TileConfig(256, 8, selectors=True),
-    "output": TileConfig(256, 8, selectors=True),
-    "dkdv": TileConfig(64, 4, selectors=True),
-    "dq": TileConfig(64, 4, selectors=True),
+    "sums": GroupTiles(256, 8, selectors=True),
+    "output": GroupTiles(256, 8, selectors=True),
+    "dkdv": GroupTiles(64, 4, selectors=True),
+    "dq": GroupTiles(64, 4, selectors=True),
 }
 # fp32 inputs: one square block per dot (G = 1, pure 2D), "ieee" dots, 4 warps, the form measured 3e-7 off
 # float64 (chunk_states_fp32.log); Triton 3.6's tf32x3 at 8 warps gave a wrong dq there. fp32 is the accurate
