@@ -425,12 +425,31 @@ def test_import_rebased_does_not_import_triton():
 def test_gpu_against_float64(dtype, kernel_name, length, mode):
     """bf16: every gradient within 1% relative RMS of float64 at every position; fp32: 1e-4 overall.
     The chunk kernels start from a state; the parallel kernel takes none."""
-    generator = torch.Generator().manual_seed(length)
-    kernel = KERNELS[kernel_name](16)
-    q, k, v = make_inputs((2, length, 4, 16), 64, kernel, generator, dtype)
+    check_gpu_against_float64(KERNELS[kernel_name](16), (2, length, 4, 16), 64, dtype, mode, seed=length)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(32, 64), (16, 32), (16, 128), (32, 128)])
+@pytest.mark.parametrize("mode", ["chunk", "parallel"])
+def test_gpu_head_and_value_dims(dtype, head_dim, value_dim, mode):
+    """The dims the kernels promise beyond the suite's 16 / 64: q/k 32 (ReBased's 1024 features, the
+    16-bit chunk path then groups 32-wide square blocks) and value dims 32 and 128."""
+    shape = (1, 777, 4, head_dim)
+    check_gpu_against_float64(Polynomial.rebased(head_dim), shape, value_dim, dtype, mode, seed=head_dim + value_dim)
+
+
+def check_gpu_against_float64(kernel, shape, value_dim, dtype, mode, seed):
+    """The GPU tests' bound: bf16 every gradient within 1% relative RMS of float64 at every position, fp32
+    1e-4 overall; the chunk kernels start from a state."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, _, heads, head_dim = shape
+    q, k, v = make_inputs(shape, value_dim, kernel, generator, dtype)
     state = None
     if mode == "chunk":
-        state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(2, 4, 16, 64, kernel, generator)))
+        state = prefix_state(batch, heads, head_dim, value_dim, kernel, generator)
+        state = LinearAttentionState(*(x.to(DEVICE) for x in state))
     got, want = run_both(q, k, v, state, kernel, generator, mode=mode)
     if dtype == torch.float32:
         check(got, want, rel_rms=1e-4)
