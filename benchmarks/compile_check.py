@@ -17,6 +17,7 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -57,15 +58,16 @@ def resource_usage(cubin: bytes) -> str:
     return f"{found.group(1)} registers, stack {found.group(2)} B" if found else "usage not found"
 
 
-LAYOUT = dict(C=256, BD=16, BV=64, NQ=16, NB=16)  # ReBased, q/k 16, v 64
+# ReBased, q/k 16, v 64, as the GPU lays it out (Layout.of would take the interpreter's sizes under TRITON_INTERPRET)
+SUITE_LAYOUT = CS.Layout(chunk=256, block=64, bd=16, bv=64, num_square=16, num_blocks=16)
+LAYOUT = SUITE_LAYOUT.constexprs()
 TILES = dict(**LAYOUT, BM=64, BN=64, HAS0=False, HAS1=False, PREC="tf32")
 
 
 def tile_config(name: str) -> tuple[dict, int]:
     """G and SEL (constexprs) and warps of chunk-states kernel `name`, as the code launches it for bf16."""
-    config = CS.TILE_CONFIGS[name]
-    group = config.features // LAYOUT["BD"]
-    return dict(G=group, SEL=config.selectors and group > 1), config.warps
+    launch = CS._tile_config(name, SUITE_LAYOUT, torch.bfloat16)
+    return launch, launch.pop("num_warps")
 
 
 def cases() -> list[tuple]:
