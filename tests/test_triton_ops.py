@@ -31,6 +31,8 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
 import rebased.ops.triton as triton_ops  # noqa: E402
 
 gpu = pytest.mark.gpu
@@ -254,6 +256,80 @@ def test_parallel_rectangular_tiles(block_m, block_n, monkeypatch):
     check(*run_both(q, k, v, None, kernel, generator, mode="parallel"), rel_rms=1e-5)
 
 
+class RefusingKernel:
+    """A Triton kernel stand-in: launches whose options `refuse` rejects raise OutOfResources, as Triton does
+    when a compiled kernel needs more shared memory than the GPU has (before it runs); the rest run the real
+    kernel. The interpreter never runs out of shared memory, so this is how CI reaches the step-down."""
+
+    def __init__(self, kernel, refuse, launches):
+        self.kernel, self.refuse, self.launches = kernel, refuse, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **options):
+            self.launches.append(options)
+            if self.refuse(options):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return self.kernel[grid](*args, **options)
+
+        return launch
+
+
+def test_launch_fitting_steps_down_remembers_and_raises_when_nothing_fits():
+    launch_fitting = triton_ops.functions.launch_fitting
+    tried = []
+
+    def launch(rung):
+        tried.append(rung)
+        if rung > 2:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+
+    launch_fitting(("test fitting", 1), [8, 4, 2, 1], launch)
+    assert tried == [8, 4, 2]
+    tried.clear()
+    launch_fitting(("test fitting", 1), [8, 4, 2, 1], launch)  # the rung found is remembered for the key
+    assert tried == [2]
+    with pytest.raises(OutOfResources):
+        launch_fitting(("test fitting", 2), [16, 8], launch)
+
+
+def test_chunk_steps_down_to_fewer_square_blocks_per_dot(monkeypatch):
+    """Tiled chunk kernels refused above 2 square blocks a dot (as q/k 32 at 256 features is on the H200)
+    launch at G = 2, and the result is still the reference's; the states' layout does not depend on G."""
+    CS = triton_ops.chunk_states
+    monkeypatch.setattr(CS, "_tile_config", lambda name, layout, dtype: dict(G=8, SEL=True, num_warps=4))
+    monkeypatch.setattr(triton_ops.functions, "_FITTING_RUNG", {})
+    launches = []
+    for name in ("chunk_sums_kernel", "output_kernel", "dkdv_kernel", "dq_kernel"):
+        kernel = RefusingKernel(getattr(CS, name), lambda options: options["G"] > 2, launches)
+        monkeypatch.setattr(CS, name, kernel)
+    generator = torch.Generator().manual_seed(32)
+    kernel = Polynomial.taylor(16)
+    q, k, v = make_inputs((1, 40, 2, 16), 5, kernel, generator, torch.float32)
+    state = LinearAttentionState(*(x.to(DEVICE) for x in prefix_state(1, 2, 16, 5, kernel, generator)))
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+    assert [options["G"] for options in launches] == [8, 4, 2, 8, 4, 2, 8, 4, 2, 8, 4, 2, 8, 4, 2]
+    assert all(options["SEL"] for options in launches)
+
+
+def test_parallel_steps_down_to_fewer_stages_then_smaller_tiles(monkeypatch):
+    """Parallel kernels refused at more than one pipeline stage and at 64-row tiles fall to 32 x 32 tiles
+    (and the block tables follow): the result is still the reference's."""
+    parallel = triton_ops.parallel
+    cfg = parallel.TileConfig(64, 64, num_stages=2)
+    monkeypatch.setattr(parallel, "CONFIG_OVERRIDE", (cfg, cfg, cfg))
+    monkeypatch.setattr(triton_ops.functions, "_FITTING_RUNG", {})
+    launches = []
+    for name in ("parallel_fwd_kernel", "parallel_dkdv_kernel", "parallel_dq_kernel"):
+        refuse = lambda options: options["BM"] > 32 or options["num_stages"] > 1  # noqa: E731
+        monkeypatch.setattr(parallel, name, RefusingKernel(getattr(parallel, name), refuse, launches))
+    generator = torch.Generator().manual_seed(75)
+    kernel = Polynomial.taylor(4)
+    q, k, v = make_inputs((1, 75, 2, 4), 5, kernel, generator, torch.float32)
+    check(*run_both(q, k, v, None, kernel, generator, mode="parallel"), rel_rms=1e-5)
+    rungs = [(options["BM"], options["BN"], options["num_stages"]) for options in launches]
+    assert rungs == [(64, 64, 2), (64, 64, 1), (32, 32, 1)] * 3
+
+
 @pytest.mark.parametrize("longest_first", [True, False])
 def test_dense_block_table_equals_the_packed_one(longest_first):
     """A dense batch's cached table is the packed table of B sequences of T, row for row."""
@@ -371,7 +447,7 @@ def test_unsupported_inputs_raise():
 
 
 @pytest.mark.parametrize("kernel_name", ["rebased", "taylor", "features"])
-@pytest.mark.parametrize(("head_dim", "value_dim"), [(4, 3), (16, 40)])
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(4, 3), (16, 40), (32, 20)])
 def test_step_updates_state_in_place(kernel_name, head_dim, value_dim):
     """Several in-place steps equal the torch step, which the reference tests bind to the full forward."""
     generator = torch.Generator().manual_seed(head_dim)
@@ -503,10 +579,13 @@ def test_gpu_packed_parallel_against_float64(dtype, mode):
 
 @gpu
 @needs_cuda
-def test_gpu_step_matches_chunk_final_state():
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(16, 64), (32, 128)])
+def test_gpu_step_matches_chunk_final_state(head_dim, value_dim):
+    """The decode step continues the chunk kernel's final state: q/k 16 (the suite's) and 32 (1024 features,
+    the step's limit with a square term) at v 128."""
     generator = torch.Generator().manual_seed(5)
-    kernel = Polynomial.rebased(16)
-    q, k, v = make_inputs((64, 33, 16, 16), 64, kernel, generator, torch.bfloat16)
+    kernel = Polynomial.rebased(head_dim)
+    q, k, v = make_inputs((64, 33, 16, head_dim), value_dim, kernel, generator, torch.bfloat16)
     _, final = linear_attention(q[:, :32], k[:, :32], v[:, :32], mode="chunk", kernel=kernel, output_final_state=True)
     state = LinearAttentionState(final.kv.contiguous(), final.k_sum.contiguous())
     o = triton_ops.step_(q[:, 32], k[:, 32], v[:, 32], state, kernel=kernel)

@@ -11,7 +11,7 @@ kernels run on CPU tensors (fixed launch configs), which is how CI checks their 
 
 chunk is the chunk-states kernels (chunk_states.py: per-chunk state sums, a scan over the chunk states,
 then output and gradient kernels on the parallel kernel's tiles). Covered: polynomial kernels (any c0, c1,
-c2, scale); chunk and parallel: q/k and v dims <= 128 with any polynomial; step_: q/k dim <= 16 when there
+c2, scale); chunk and parallel: q/k and v dims <= 128 with any polynomial; step_: q/k dim <= 32 when there
 is a quadratic term (<= 128 without one); any T, any batch; float32, bfloat16, float16. Anything else
 raises NotImplementedError before doing work, and backend="auto" then runs torch. Variable-length batches
 (cu_seqlens): both the chunk and the parallel kernels walk the offsets themselves (one launch per kernel for

@@ -52,7 +52,13 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, feature_dim
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.functions import _Poly, check_dtype_and_device, check_head_dims, interpreting
+from rebased.ops.triton.functions import (
+    _Poly,
+    check_dtype_and_device,
+    check_head_dims,
+    interpreting,
+    launch_fitting,
+)
 from rebased.ops.triton.parallel import (
     _for_backward,
     _poly_args,
@@ -449,6 +455,22 @@ def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
     return dict(G=group, SEL=config.selectors and group > 1, num_warps=warps)
 
 
+def _launch_tiled(name: str, kernel, grid: tuple, layout: Layout, dtype: torch.dtype, *args, **kwargs) -> None:
+    """Launch tiled kernel `name` at its _tile_config or, where that needs more shared memory than the GPU
+    has, with half as many square blocks per dot, down to one. The tile sets are tuned at q/k 16; at q/k 32
+    the output kernel's 256 features need 270 KB of shared memory (v 64; 467 KB at v 128) of the H200's
+    227 (benchmarks/results/cpu/compile_check_dims.log). G changes only the loop, not the states' layout."""
+    config = _tile_config(name, layout, dtype)
+    ladder = [dict(config, G=group, SEL=config["SEL"] and group > 1) for group in _halvings(config["G"])]
+    key = (name, dtype, layout, tuple((k, v) for k, v in kwargs.items() if not isinstance(v, float)))
+    launch_fitting(key, ladder, lambda rung: kernel[grid](*args, **kwargs, **rung))
+
+
+def _halvings(group: int) -> list[int]:
+    """group, group / 2, ..., 1."""
+    return [group >> shift for shift in range(group.bit_length())]
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 dots (see FP32_WARPS); 16-bit inputs: their own dots, the fp32 state dots in tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -563,10 +585,10 @@ class ChunkStatesFunction(torch.autograd.Function):
             s0, z0 = _to_blocks(kv0, ksum0, head_dim, poly, layout)
             s[plan.first], z[plan.first] = s0.to(s.dtype), z0
         if len(plan.chunks):  # (no r, dd in the forward: v stands in for them)
-            chunk_sums_kernel[(len(plan.chunks), heads)](
+            _launch_tiled(
+                "sums", chunk_sums_kernel, (len(plan.chunks), heads), layout, q.dtype,
                 k, v, v, v, s, z, plan.chunks, heads, head_dim, value_dim, **_feature_coefficients(poly), SHIFT=1,
                 **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=False, PREC=prec,
-                **_tile_config("sums", layout, q.dtype),
             )  # fmt: skip
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
@@ -577,10 +599,10 @@ class ChunkStatesFunction(torch.autograd.Function):
         o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
         den = q.new_empty(q.shape[0], heads, dtype=torch.float32)
         if len(plan.blocks):
-            output_kernel[(len(plan.blocks), heads)](
+            _launch_tiled(
+                "output", output_kernel, (len(plan.blocks), heads), layout, q.dtype,
                 q, k, v, s, z, o, o32, den, plan.blocks, heads, head_dim, value_dim, eps=eps,
                 **_tile_args(poly, layout, prec), NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32,
-                **_tile_config("output", layout, q.dtype),
             )  # fmt: skip
         final = (None, None)
         if output_final_state:
@@ -611,10 +633,10 @@ class ChunkStatesFunction(torch.autograd.Function):
             ds_final, dz_final = _to_blocks(d_kv, d_ksum, head_dim, poly, layout)
             ds[plan.last], dz[plan.last] = ds_final.to(ds.dtype), dz_final
         if len(plan.chunks):
-            chunk_sums_kernel[(len(plan.chunks), heads)](
+            _launch_tiled(
+                "sums", chunk_sums_kernel, (len(plan.chunks), heads), layout, q.dtype,
                 q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **_feature_coefficients(poly),
                 SHIFT=0, **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=True, PREC=prec,
-                **_tile_config("sums", layout, q.dtype),
             )  # fmt: skip
         if sequences:
             scan_kernel[(nb * layout.bv // SCAN_SLICE, sequences, heads)](
@@ -623,10 +645,10 @@ class ChunkStatesFunction(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if len(plan.blocks):
             args = dict(H=heads, D=head_dim, V=value_dim, **_tile_args(poly, layout, prec))
-            dkdv_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, ds, dz, dk, dv, plan.blocks, **args,
-                                                   **_tile_config("dkdv", layout, q.dtype))  # fmt: skip
-            dq_kernel[(len(plan.blocks), heads)](q, k, v, do, r, dd, s, z, dq, plan.blocks, **args,
-                                                 **_tile_config("dq", layout, q.dtype))  # fmt: skip
+            grid = (len(plan.blocks), heads)
+            _launch_tiled("dkdv", dkdv_kernel, grid, layout, q.dtype, q, k, v, do, r, dd, ds, dz, dk, dv, plan.blocks,
+                          **args)  # fmt: skip
+            _launch_tiled("dq", dq_kernel, grid, layout, q.dtype, q, k, v, do, r, dd, s, z, dq, plan.blocks, **args)
         else:  # no tokens at all
             for grad in (dq, dk, dv):
                 grad.zero_()

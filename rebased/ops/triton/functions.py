@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from rebased.ops.common import LinearAttentionState
 from rebased.ops.kernels import Polynomial
@@ -70,6 +73,27 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+Rung = TypeVar("Rung")
+_FITTING_RUNG: dict[tuple, int] = {}  # launch key -> index of the first rung of its ladder that fits
+
+
+def launch_fitting(key: tuple, ladder: Sequence[Rung], launch: Callable[[Rung], None]) -> None:
+    """launch(rung) with the first rung of ladder (the tuned launch first, then ones needing less shared
+    memory) whose compiled kernel fits the GPU. A kernel's shared memory is known only once Triton has
+    compiled it, and versions disagree (3.6 and 3.9 by up to 40% for one parallel kernel), so the step down
+    is found by trying: Triton raises OutOfResources before the kernel runs, so a refused rung has done
+    nothing. key: whatever decides the compile (kernel, dtype, constexprs); the rung found is remembered."""
+    for index in range(_FITTING_RUNG.get(key, 0), len(ladder)):
+        try:
+            launch(ladder[index])
+        except OutOfResources:
+            if index == len(ladder) - 1:
+                raise
+            continue
+        _FITTING_RUNG[key] = index
+        return
+
+
 def check_dtype_and_device(what: str, *tensors: Tensor) -> None:
     """The refusals every fused kernel shares: dtype (one of SUPPORTED_DTYPES, the same for all) and device."""
     q = tensors[0]
@@ -87,13 +111,18 @@ def check_head_dims(what: str, q: Tensor, v: Tensor, limit: int = 128) -> None:
         raise NotImplementedError(f"{what} covers q/k and value dims up to {limit}, got {q.shape[-1]}, {v.shape[-1]}")
 
 
+STEP_SQUARE_DIM_LIMIT = 32  # the decode step's q/k dim limit with a quadratic term (see _check_dims)
+
+
 def _check_dims(q: Tensor, kernel: Polynomial | None, what: str) -> None:
-    """The decode step's q/k dim limits: 128, or 16 with a quadratic term (step_kernel's program holds the
-    D^2 square features and a [D^2, BV] state tile; 16 is the largest q/k dim it is tested at)."""
+    """The decode step's q/k dim limits: 128, or 32 with a quadratic term (step_kernel's program holds the
+    D^2 square features and a [D^2, BV] state tile; 32, 1024 features, is the largest it is tested at)."""
     if (kernel is None or kernel.c2 == 0) and q.shape[-1] > 128:
         raise NotImplementedError(f"{what} takes q, k without a quadratic term up to dim 128, got {q.shape[-1]}")
-    if kernel is not None and kernel.c2 > 0 and q.shape[-1] > 16:
-        raise NotImplementedError(f"{what} supports quadratic kernels with q/k dim <= 16, got {q.shape[-1]}")
+    if kernel is not None and kernel.c2 > 0 and q.shape[-1] > STEP_SQUARE_DIM_LIMIT:
+        raise NotImplementedError(
+            f"{what} supports quadratic kernels with q/k dim <= {STEP_SQUARE_DIM_LIMIT}, got {q.shape[-1]}"
+        )
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ Shape letters: B batch, T time, H heads, D q/k dim (BD padded), V value dim (BV 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -38,7 +39,14 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, features
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.functions import _Poly, _precision, check_dtype_and_device, check_head_dims, interpreting
+from rebased.ops.triton.functions import (
+    _Poly,
+    _precision,
+    check_dtype_and_device,
+    check_head_dims,
+    interpreting,
+    launch_fitting,
+)
 from rebased.ops.triton.tiles import _rows, _scores
 
 
@@ -191,6 +199,21 @@ def launch_configs() -> tuple[TileConfig, TileConfig, TileConfig]:
     return INTERPRETER_CONFIGS if interpreting() else GPU_CONFIGS
 
 
+def _fitting_ladder(cfg: TileConfig) -> list[TileConfig]:
+    """cfg, then with fewer software-pipeline stages (each holds a tile set in shared memory), then 32 x 32
+    tiles: fp32 inputs at v dim 128 need up to 263 KB at 3 stages under Triton 3.6, of the H200's 227."""
+    fewer_stages = [replace(cfg, num_stages=stages) for stages in range(cfg.num_stages, 0, -1)]
+    return [*fewer_stages, replace(cfg, block_m=min(cfg.block_m, 32), block_n=min(cfg.block_n, 32), num_stages=1)]
+
+
+def _launch_fitting(name: str, cfg: TileConfig, dtype: torch.dtype, dims: tuple[int, int], flags: dict,
+                    launch: Callable[[TileConfig], None]) -> None:  # fmt: skip
+    """launch(config) at cfg or the first rung of its _fitting_ladder that fits the GPU's shared memory;
+    dims (q/k, v) and flags (the constexprs besides the blocks) decide the compile, so they key the rung."""
+    key = (f"parallel {name}", cfg, dtype, dims, tuple(sorted(flags.items())))
+    launch_fitting(key, _fitting_ladder(cfg), launch)
+
+
 def _launch(cfg: TileConfig, head_dim: int, value_dim: int) -> dict:
     """The kernels' block constexprs and launch options for one config."""
     return dict(BM=cfg.block_m, BN=cfg.block_n, BD=max(16, triton.next_power_of_2(head_dim)),
@@ -250,12 +273,16 @@ class ParallelFunction(torch.autograd.Function):
         save32 = for_backward and v.dtype != torch.float32
         o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
         den = q.new_empty(q.shape[0] * q.shape[1], heads, dtype=torch.float32)  # [tokens, H]
-        table = sequences.table(fwd.block_m, longest_first=True, device=q.device)
-        parallel_fwd_kernel[(len(table), heads)](
-            q, k, v, o, o32, den, table, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
-            **_launch(fwd, head_dim, value_dim), NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32,
-            PREC=_precision(q.dtype),
-        )  # fmt: skip
+        flags = dict(NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32, PREC=_precision(q.dtype))
+
+        def launch(cfg: TileConfig) -> None:
+            table = sequences.table(cfg.block_m, longest_first=True, device=q.device)
+            parallel_fwd_kernel[(len(table), heads)](
+                q, k, v, o, o32, den, table, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
+                **_launch(cfg, head_dim, value_dim), **flags,
+            )  # fmt: skip
+
+        _launch_fitting("fwd", fwd, q.dtype, (head_dim, value_dim), {**poly.flags(), **flags}, launch)
         ctx.save_for_backward(q, k, v, o32, den)
         ctx.sequences, ctx.poly, ctx.normalize, ctx.eps = sequences, poly, normalize, eps
         return o
@@ -269,14 +296,24 @@ class ParallelFunction(torch.autograd.Function):
         _, dkdv, dqc = launch_configs()
         args = dict(**_poly_args(ctx.poly), PREC=_precision(q.dtype))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        table = ctx.sequences.table(dkdv.block_n, longest_first=False, device=q.device)
-        parallel_dkdv_kernel[(len(table), heads)](
-            q, k, v, do, r, dd, dk, dv, table, heads, head_dim, value_dim, **args, **_launch(dkdv, head_dim, value_dim)
-        )
-        table = ctx.sequences.table(dqc.block_m, longest_first=True, device=q.device)
-        parallel_dq_kernel[(len(table), heads)](
-            q, k, v, do, r, dd, dq, table, heads, head_dim, value_dim, **args, **_launch(dqc, head_dim, value_dim)
-        )
+        sequences, flags = ctx.sequences, {**ctx.poly.flags(), "PREC": args["PREC"]}
+
+        def launch_dkdv(cfg: TileConfig) -> None:
+            table = sequences.table(cfg.block_n, longest_first=False, device=q.device)
+            parallel_dkdv_kernel[(len(table), heads)](
+                q, k, v, do, r, dd, dk, dv, table, heads, head_dim, value_dim, **args,
+                **_launch(cfg, head_dim, value_dim),
+            )  # fmt: skip
+
+        def launch_dq(cfg: TileConfig) -> None:
+            table = sequences.table(cfg.block_m, longest_first=True, device=q.device)
+            parallel_dq_kernel[(len(table), heads)](
+                q, k, v, do, r, dd, dq, table, heads, head_dim, value_dim, **args,
+                **_launch(cfg, head_dim, value_dim),
+            )  # fmt: skip
+
+        _launch_fitting("dkdv", dkdv, q.dtype, (head_dim, value_dim), flags, launch_dkdv)
+        _launch_fitting("dq", dqc, q.dtype, (head_dim, value_dim), flags, launch_dq)
         return dq, dk, dv, None, None, None, None, None
 
 
