@@ -428,15 +428,15 @@ class GroupTiles(NamedTuple):
 
 # Per tiled kernel, for 16-bit inputs. The square blocks go G = features / BD at a time: one [rows, G BD] x
 # [G BD, BV] dot against the state; G changes only each kernel's loop, not the states' layout. Only sets the
-# GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles (this set in the 3D form
-# gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log), and the interpreter
+# GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles (128:8 3D tiles in
+# dq gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log), and the interpreter
 # cannot see that. In the selector form all four sets tried passed every chunk GPU test
-# (chunk_tiles_selectors.log), and this one is the fastest of them: 7.86 ms GPU time forward+backward at
-# T 4096, against 9.13 for 128 features at 8 warps everywhere in the same form, and 7.91 for that set in the
-# 3D form (chunk_tiles_profile.log). So the selectors' extra dots cost about what the faster tiles win; the
-# form survives tuning. The 3D form passed the GPU tests only at 128:8 everywhere.
+# (chunk_tiles_selectors.log); 256:8 / 64:4 was the fastest of them, 7.86 ms GPU time forward+backward at
+# T 4096 against 9.13 for 128:8 everywhere (chunk_tiles_profile.log). chunk_sums alone back in the 3D form
+# at 128:8 (its 2D selector dots cost it 2.56 ms against 1.43) passes all 26 chunk GPU tests and takes the
+# whole to 6.73 ms (chunk_tiles_mixed.log): the set below.
 TILE_CONFIGS = {
-    "sums": GroupTiles(256, 8, selectors=True),
+    "sums": GroupTiles(128, 8, selectors=False),
     "output": GroupTiles(256, 8, selectors=True),
     "dkdv": GroupTiles(64, 4, selectors=True),
     "dq": GroupTiles(64, 4, selectors=True),
