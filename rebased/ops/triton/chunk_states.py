@@ -433,10 +433,10 @@ class GroupTiles(NamedTuple):
 # cannot see that. In the selector form all four sets tried passed every chunk GPU test
 # (chunk_tiles_selectors.log); 256:8 / 64:4 was the fastest of them, 7.86 ms GPU time forward+backward at
 # T 4096 against 9.13 for 128:8 everywhere (chunk_tiles_profile.log). chunk_sums alone back in the 3D form
-# at 128:8 (its 2D selector dots cost it 2.56 ms against 1.43) passes all 26 chunk GPU tests and takes the
-# whole to 6.73 ms (chunk_tiles_mixed.log): the set below.
+# (its 2D selector dots cost it 2.56 ms against 1.43 at 128:8) passes all 26 chunk GPU tests at 64:4, 128:4,
+# 128:8 and 256:8, and takes the whole to 6.84, 6.82, 6.72 and 6.41 ms (chunk_tiles_mixed.log): the last.
 TILE_CONFIGS = {
-    "sums": GroupTiles(128, 8, selectors=False),
+    "sums": GroupTiles(256, 8, selectors=False),
     "output": GroupTiles(256, 8, selectors=True),
     "dkdv": GroupTiles(64, 4, selectors=True),
     "dq": GroupTiles(64, 4, selectors=True),
