@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: every GPU test, the chunk kernel's (the most recently changed code) first, so that a
 # cut-off call still says what matters most. Logs to $OUT. Carry .whl (fla) only for the suite, not needed here.
-#   bash benchmarks/verify_gpu.sh            # up to 9 minutes (52 tests; Triton compiles dominate)
+#   NEW="dims or step or chunk" bash benchmarks/verify_gpu.sh   # about 6 minutes (53 tests; Triton compiles dominate)
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -33,9 +33,9 @@ state after each chunk). Programs find their chunk or row block, and their seque
 tables, so a dense batch (B sequences of T) and a packed cu_seqlens one run the same kernels, one launch
 each. The caller converts initial and final states from and to LinearAttentionState's feature rows.
 
-Measured on the H200 (benchmarks/results/h200/bench_selectors.md, 65,536 tokens x 16 heads, bf16): about
-3.1 ms forward and 7.8 ms forward+backward at every T from 1k to 64k; where the time goes, kernel by kernel,
-is in chunk_states_profile*.log. Shape letters: C chunk, BM, BN row blocks (C a multiple of both), BD, BV the
+Measured on the H200 (benchmarks/results/h200/bench_sums256_3d.md, 65,536 tokens x 16 heads, bf16): about
+2.3 ms forward and 6.4 ms forward+backward at every T from 1k to 64k; where the time goes, kernel by kernel,
+is in chunk_tiles_mixed.log. Shape letters: C chunk, BM, BN row blocks (C a multiple of both), BD, BV the
 padded q/k and value dims, NB feature blocks, G square blocks per dot.
 """
 
