@@ -2,11 +2,13 @@
 
     python benchmarks/compile_check.py            # the chunk kernels at their TILE_CONFIGS and the parallel ones
     python benchmarks/compile_check.py --configs "sums=128:8:3d output=256:8:sel"   # entries as GroupTiles.parse_set
+    python benchmarks/compile_check.py --dims 32x64,32x128 --dtypes bf16,fp32 --kernels output,parallel
 
 Catches what only the compiler sees (the interpreter runs kernels as Python: loop-carried type changes,
 unsupported ops) before device time is spent, and reads the cubin's registers and stack (where spills go)
-for the suite's shapes (bf16, q/k dim 16, v dim 64, ReBased). The local triton may differ from the device's
-(3.6.0 there): a clean compile here is evidence, not proof.
+for ReBased at the suite's shapes (bf16, q/k dim 16, v dim 64) or those --dims and --dtypes name, with
+each kernel's shared memory against the H200's limit (a launch over it steps down on the GPU: launch_fitting).
+The local triton may differ from the device's (3.6.0 there): a clean compile here is evidence, not proof.
 """
 
 from __future__ import annotations

@@ -428,8 +428,8 @@ class GroupTiles(NamedTuple):
 
 # Per tiled kernel, for 16-bit inputs. The square blocks go G = features / BD at a time: one [rows, G BD] x
 # [G BD, BV] dot against the state; G changes only each kernel's loop, not the states' layout. Only sets the
-# GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles (128:8 3D tiles in
-# dq gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log), and the interpreter
+# GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles (dkdv and dq at 64:4 in
+# the 3D form gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log), and the interpreter
 # cannot see that. In the selector form all four sets tried passed every chunk GPU test
 # (chunk_tiles_selectors.log); 256:8 / 64:4 was the fastest of them, 7.86 ms GPU time forward+backward at
 # T 4096 against 9.13 for 128:8 everywhere (chunk_tiles_profile.log). chunk_sums alone back in the 3D form
