@@ -15,8 +15,8 @@ import time
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from rebased.experiments.mqar import MQARRun
-from rebased.mqar import build_model
+from rebased.tasks.mqar.grids import MQARRun
+from rebased.tasks.mqar.sweep import build_model
 
 MEMBERS = 4
 

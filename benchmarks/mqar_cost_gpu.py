@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from rebased.experiments.mqar import MQARRun, paper_pairs
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
-from rebased.mqar import build_model, make_data, train_config
 from rebased.ops.norm import LayerNorm
+from rebased.tasks.mqar.grids import MQARRun, paper_pairs
+from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
 
 CELLS = [

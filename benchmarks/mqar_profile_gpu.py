@@ -18,8 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 from mqar_cost_gpu import seconds_per_step, with_op_path  # noqa: E402
 
-from rebased.experiments.mqar import MQARRun, paper_pairs  # noqa: E402
-from rebased.mqar import build_model, make_data, train_config  # noqa: E402
+from rebased.tasks.mqar.grids import MQARRun, paper_pairs  # noqa: E402
+from rebased.tasks.mqar.sweep import build_model, make_data, train_config  # noqa: E402
 from rebased.train import train  # noqa: E402
 
 CELLS = [("rebased", 64, 128), ("rebased", 64, 512), ("rebased", 64, 2048)]

@@ -19,8 +19,8 @@ from safetensors.torch import load_model, save_model
 from rebased.config import ModelConfig
 from rebased.model import LanguageModel
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "config.json"
 _HASH_KEY = "model_config_sha256"
 
 
@@ -35,15 +35,15 @@ def save(model: LanguageModel, run_dir: str | Path, extra: dict | None = None) -
     extra = dict(extra or {})
     if "model" in extra:
         raise ValueError("extra must not have a 'model' key: config.json's 'model' is the model's own config")
-    (run_dir / CONFIG).write_text(json.dumps({"model": model.cfg.to_dict(), **extra}, indent=2) + "\n")
-    save_model(model, str(run_dir / WEIGHTS), metadata={_HASH_KEY: config_hash(model.cfg)})
+    (run_dir / MODEL_CONFIG_FILE).write_text(json.dumps({"model": model.cfg.to_dict(), **extra}, indent=2) + "\n")
+    save_model(model, str(run_dir / WEIGHTS_FILE), metadata={_HASH_KEY: config_hash(model.cfg)})
     return run_dir
 
 
 def load_config(run_dir: str | Path) -> ModelConfig:
-    path = Path(run_dir) / CONFIG
+    path = Path(run_dir) / MODEL_CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG} in {run_dir} (looked for {path})")
+        raise FileNotFoundError(f"no {MODEL_CONFIG_FILE} in {run_dir} (looked for {path})")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -59,19 +59,19 @@ def load_config(run_dir: str | Path) -> ModelConfig:
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
     """Rebuild the model from config.json and fill it from model.safetensors; fails clearly on any mismatch."""
     cfg = load_config(run_dir)
-    path = Path(run_dir) / WEIGHTS
+    path = Path(run_dir) / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS} in {run_dir} (looked for {path})")
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {run_dir} (looked for {path})")
     try:
         with safe_open(str(path), framework="pt") as weights:
             saved_hash = (weights.metadata() or {}).get(_HASH_KEY)
     except Exception as error:  # safetensors raises its own error types for truncated or garbled files
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
     if saved_hash != config_hash(cfg):
-        raise ValueError(f"{path} was saved with a different model config than {Path(run_dir) / CONFIG}")
+        raise ValueError(f"{path} was saved with a different model config than {Path(run_dir) / MODEL_CONFIG_FILE}")
     model = LanguageModel(cfg)
     try:
         load_model(model, str(path), strict=True, device=str(device))
     except Exception as error:
-        raise ValueError(f"{path} does not fit the model in {CONFIG}: {error}") from None
+        raise ValueError(f"{path} does not fit the model in {MODEL_CONFIG_FILE}: {error}") from None
     return model.to(device).eval()

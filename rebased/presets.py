@@ -1,10 +1,10 @@
 """Named model presets, as Python functions returning a ModelConfig: PRESETS[name](**overrides).
 
-mqar(mixer, d_model, seq_len)   the paper's MQAR models (section 4): [BaseConv, mixer], no MLP
-pile_150m(kind)                 the Pile ~150M models of ReBased Table 2: rebased, based, attention
-based_360m()                    the Based LM layout: 60% gated BaseConv, 20% Taylor linear attention,
-                                20% sliding window, SwiGLU MLPs, RMSNorm
-tiny(mixer) / tiny_hybrid()     small CPU models for tests and smoke runs
+mqar_model(mixer, d_model, seq_len)  the paper's MQAR models: [BaseConv, mixer], no MLP
+pile_150m(kind)                      the Pile ~150M models of ReBased Table 2: rebased, based, attention
+based_360m()                         the Based LM layout: 60% gated BaseConv, 20% Taylor linear attention,
+                                     20% sliding window, SwiGLU MLPs, RMSNorm
+tiny(mixer) / tiny_hybrid()          small CPU models for tests and smoke runs
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _MQAR_OPTIONS = {
 _MQAR_PATTERNS = {"mamba": ("mamba",), "rwkv": ("rwkv",)}
 
 
-def mqar(mixer: str = "rebased", d_model: int = 64, seq_len: int = 256, **overrides) -> ModelConfig:
+def mqar_model(mixer: str = "rebased", d_model: int = 64, seq_len: int = 256, **overrides) -> ModelConfig:
     """The paper's MQAR model (official ReBased / Zoology harness): vocab 8192, learned positions up to
     seq_len, two pre-norm blocks [BaseConv, mixer], Identity MLP (the official "no MLP"), embedding
     dropout 0.1, tied head. At d_model 64, L 256: Based 577,984 and ReBased 578,752 parameters (Table 6)."""
@@ -129,7 +129,7 @@ def tiny_hybrid(d_model: int = 32, vocab_size: int = 256, **overrides) -> ModelC
 
 
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
-    "mqar": mqar,
+    "mqar": mqar_model,
     "pile_150m": pile_150m,
     "based_360m": based_360m,
     "tiny": tiny,

@@ -176,7 +176,7 @@ def test_auto_mode_falling_back_to_torch_takes_the_torch_crossover(monkeypatch):
 
 def test_gpu_suite_module_imports_and_builds_its_entries_on_the_cpu():
     """The suite itself needs a GPU; this keeps its module importable and its entry table well-formed here."""
-    from rebased.gpu_suite import SuiteConfig, _suite_entries
+    from rebased.bench.gpu_suite import SuiteConfig, _suite_entries
 
     entries = _suite_entries(SuiteConfig(peers=False), Polynomial.rebased(16), True)
     assert set(entries) == set(SuiteConfig().entries)

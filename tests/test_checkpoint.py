@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rebased.checkpoint import CONFIG, WEIGHTS, load, save
+from rebased.checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, load, save
 from rebased.model import LanguageModel
 from rebased.presets import tiny, tiny_hybrid
 
@@ -37,50 +37,50 @@ def test_save_then_load_gives_identical_logits(tmp_path, make):
 
 def test_extra_run_config_is_kept(saved):
     _, run = saved
-    assert json.loads((run / CONFIG).read_text())["train"] == {"lr": 1e-3}
+    assert json.loads((run / MODEL_CONFIG_FILE).read_text())["train"] == {"lr": 1e-3}
 
 
 def test_missing_files(saved):
     _, run = saved
-    (run / WEIGHTS).unlink()
-    with pytest.raises(FileNotFoundError, match=WEIGHTS):
+    (run / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
         load(run)
-    (run / CONFIG).unlink()
-    with pytest.raises(FileNotFoundError, match=CONFIG):
+    (run / MODEL_CONFIG_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=MODEL_CONFIG_FILE):
         load(run)
 
 
 def test_corrupt_weights(saved):
     _, run = saved
-    data = (run / WEIGHTS).read_bytes()
-    (run / WEIGHTS).write_bytes(data[: len(data) // 2])
+    data = (run / WEIGHTS_FILE).read_bytes()
+    (run / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors"):
         load(run)
-    (run / WEIGHTS).write_bytes(b"\x00" * 64)
+    (run / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load(run)
 
 
 def test_corrupt_config(saved):
     _, run = saved
-    (run / CONFIG).write_text("{not json")
+    (run / MODEL_CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load(run)
 
 
 def test_config_that_does_not_match_the_weights(saved):
     _, run = saved
-    data = json.loads((run / CONFIG).read_text())
+    data = json.loads((run / MODEL_CONFIG_FILE).read_text())
     data["model"]["d_model"] = 64
-    (run / CONFIG).write_text(json.dumps(data))
+    (run / MODEL_CONFIG_FILE).write_text(json.dumps(data))
     with pytest.raises(ValueError, match="different model config"):
         load(run)
 
 
 def test_invalid_config_names_the_field(saved):
     _, run = saved
-    data = json.loads((run / CONFIG).read_text())
+    data = json.loads((run / MODEL_CONFIG_FILE).read_text())
     data["model"]["pattern"] = ["base_conv", "rebasde"]
-    (run / CONFIG).write_text(json.dumps(data))
+    (run / MODEL_CONFIG_FILE).write_text(json.dumps(data))
     with pytest.raises(ValueError, match="unknown mixer 'rebasde'"):
         load(run)

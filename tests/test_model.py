@@ -9,7 +9,7 @@ import torch
 
 from rebased.config import MIXER_CONFIGS, ModelConfig, mixer_config
 from rebased.model import LanguageModel
-from rebased.presets import PRESETS, mqar, tiny, tiny_hybrid
+from rebased.presets import PRESETS, mqar_model, tiny, tiny_hybrid
 from rebased.testing import assert_close
 
 T = 21
@@ -47,8 +47,8 @@ def test_mqar_parameter_counts_match_table_6():
     final LayerNorm 128; head tied                                  total Based = 577,984
     ReBased adds LayerNorm(192) for q and for k, gamma and beta: 2 * 2 * 192 = 768   ->   578,752
     """
-    assert LanguageModel(mqar("based", 64, 256)).num_params() == 577_984
-    assert LanguageModel(mqar("rebased", 64, 256)).num_params() == 578_752
+    assert LanguageModel(mqar_model("based", 64, 256)).num_params() == 577_984
+    assert LanguageModel(mqar_model("rebased", 64, 256)).num_params() == 578_752
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -107,7 +107,7 @@ def test_state_size_is_fixed_for_recurrent_models_and_grows_for_attention():
     # a KV cache: k and v of d_model 32 per token
     assert attention.state_size(4096).elements - attention.state_size(16).elements == 2 * (4096 - 16) * 32
     # MQAR ReBased d 64: 12 heads x 256 features x (5 values + 1 normaliser) in fp32, + the conv tail 2 x 64
-    size = LanguageModel(mqar("rebased")).state_size(256)
+    size = LanguageModel(mqar_model("rebased")).state_size(256)
     assert size == (12 * 256 * 6 + 2 * 64, 4 * (12 * 256 * 6 + 2 * 64))
 
 
@@ -127,7 +127,7 @@ def test_state_size_counts_the_real_state(name):
 
 
 def test_initialisation():
-    model = LanguageModel(mqar("rebased", 64, 256))
+    model = LanguageModel(mqar_model("rebased", 64, 256))
     assert abs(model.embedding.weight.std().item() - 0.02) < 1e-3
     out = model.layers[1].mixer.out_proj.weight
     assert abs(out.std().item() - 0.02 / 2) < 2e-3  # 0.02 / sqrt(2 n_layers), n_layers = 2

@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from rebased.data import IGNORE_INDEX, MQARConfig, generate_mqar, make_mqar_splits, power_law
-from rebased.data.mqar import sample_distinct, sample_weighted_distinct
+from rebased.tasks.mqar.data import (
+    IGNORE_INDEX,
+    MQARConfig,
+    generate_mqar,
+    make_mqar_splits,
+    power_law,
+    sample_distinct,
+    sample_weighted_distinct,
+)
 
 MODES = [pytest.param(False, id="fast"), pytest.param(True, id="compat")]
 
@@ -78,7 +85,7 @@ def test_same_seed_same_data_other_seed_other_data(compat):
 def test_chunk_boundaries_keep_the_invariants(monkeypatch):
     """The fast path samples in row chunks; at one row per chunk every row sits on a boundary."""
     config = MQARConfig(seq_len=64, num_kv_pairs=8, num_examples=50, seed=7)
-    monkeypatch.setattr("rebased.data.mqar._CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr("rebased.tasks.mqar.data._CHUNK_ELEMENTS", 1)
     data = generate_mqar(config)
     check_examples(data.inputs, data.labels, config)
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from train_script import TinyLM, accuracy, make_data, make_model
 
-import rebased.train as train_module
+import rebased.train.loop as train_module
 from rebased.testing import assert_close
-from rebased.train import CHECKPOINT, CONFIG, METRICS, TrainConfig, batch_order, lr_at, train
+from rebased.train import CHECKPOINT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, TrainConfig, batch_order, lr_at, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "train_script.py"
@@ -140,9 +140,9 @@ def test_early_stop_fires_above_threshold():
 def test_checkpoints_are_atomic_and_a_finished_run_is_not_retrained(tmp_path, monkeypatch):
     config = TrainConfig(epochs=2, checkpoint_every=3, **QUICK)
     trained, result = run(config, tmp_path, evaluate=lambda m: {"accuracy": 0.5})
-    assert sorted(os.listdir(tmp_path)) == sorted([CHECKPOINT, CONFIG, METRICS])  # no temporary names left
-    assert json.loads((tmp_path / CONFIG).read_text())["checkpoint_every"] == 3
-    assert len((tmp_path / METRICS).read_text().splitlines()) == 2
+    assert sorted(os.listdir(tmp_path)) == sorted([CHECKPOINT_FILE, TRAIN_CONFIG_FILE, METRICS_FILE])  # no temp names
+    assert json.loads((tmp_path / TRAIN_CONFIG_FILE).read_text())["checkpoint_every"] == 3
+    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 2
 
     seen, hook = record_lrs()
     try:
@@ -164,8 +164,8 @@ def test_checkpoints_are_atomic_and_a_finished_run_is_not_retrained(tmp_path, mo
     monkeypatch.setattr(train_module.torch, "save", crash_on_third)
     with pytest.raises(OSError, match="disk full"):
         run(config, tmp_path / "crash")
-    assert sorted(os.listdir(tmp_path / "crash")) == sorted([CHECKPOINT, CONFIG, METRICS])
-    checkpoint = torch.load(tmp_path / "crash" / CHECKPOINT, weights_only=True)
+    assert sorted(os.listdir(tmp_path / "crash")) == sorted([CHECKPOINT_FILE, TRAIN_CONFIG_FILE, METRICS_FILE])
+    checkpoint = torch.load(tmp_path / "crash" / CHECKPOINT_FILE, weights_only=True)
     assert checkpoint["state"]["step"] == 6  # the second save survives whole
 
 
@@ -195,7 +195,7 @@ def finish(process: subprocess.Popen) -> None:
 
 
 def metrics_without_time(run_dir: Path) -> list[dict]:
-    lines = (run_dir / METRICS).read_text().splitlines()
+    lines = (run_dir / METRICS_FILE).read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
 
 
@@ -204,7 +204,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tmp_path):
     args = ("--dropout", "0.3", "--eval-sleep", "0.25")  # dropout: the RNG state matters; sleep: time to kill
     whole = launch(tmp_path / "whole", tmp_path / "whole.pt", config, *args)
     killed = launch(tmp_path / "killed", tmp_path / "killed.pt", config, *args)
-    checkpoint = tmp_path / "killed" / CHECKPOINT
+    checkpoint = tmp_path / "killed" / CHECKPOINT_FILE
     deadline = time.monotonic() + 60
     while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -275,8 +275,8 @@ def test_gpu_training_steps_never_wait_for_the_device(monkeypatch):
     host-device synchronisation, so the host runs ahead of the GPU (an MQAR ReBased model, bf16 autocast)."""
     import dataclasses
 
-    from rebased.experiments.mqar import MQARRun
-    from rebased.mqar import build_model, make_data, train_config
+    from rebased.tasks.mqar.grids import MQARRun
+    from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 
     original, steps = train_module._Engine.optimizer_step, []
 

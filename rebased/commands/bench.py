@@ -42,7 +42,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rebased.benchmark import OpBenchConfig, check_modes, time_modes
+    from rebased.bench.ops import OpBenchConfig, check_modes, time_modes
 
     if args.suite:
         return _suite(args)
@@ -93,8 +93,8 @@ def _suite(args: argparse.Namespace) -> int:
 
     import torch
 
-    from rebased.benchmark import OpBenchConfig, check_modes
-    from rebased.gpu_suite import SuiteConfig, time_decode, time_suite
+    from rebased.bench.gpu_suite import SuiteConfig, time_decode, time_suite
+    from rebased.bench.ops import OpBenchConfig, check_modes
 
     if not torch.cuda.is_available():
         raise ValueError("--suite needs a CUDA GPU")

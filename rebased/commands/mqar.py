@@ -30,7 +30,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    from rebased.experiments.mqar import MQARRun
+    from rebased.tasks.mqar.grids import MQARRun
 
     types = {f.name: f.type for f in dataclasses.fields(MQARRun)}
     overrides = {}
@@ -55,9 +55,9 @@ def keep_runs(runs: list, field: str, wanted: str | None, kind: type, flag: str,
 
 @verb("mqar", "train and evaluate an MQAR grid; print the table, write results.jsonl, summary.md, a plot", _arguments)
 def run(args: argparse.Namespace) -> int:
-    from rebased.experiments.mqar import experiment
-    from rebased.experiments.paper_values import PAPER_VALUES
-    from rebased.mqar import (
+    from rebased.tasks.mqar.grids import experiment
+    from rebased.tasks.mqar.paper_values import PAPER_VALUES
+    from rebased.tasks.mqar.sweep import (
         paper_comparison,
         pending_runs,
         plot_summary,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rebased.benchmark import DTYPES
+from rebased.bench.ops import DTYPES
 from rebased.feature_maps import make_feature_map
 from rebased.ops import DEFAULT_EPS, linear_attention
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rebased.experiments.mqar import EXPERIMENTS, MQARRun, experiment, paper_pairs
-from rebased.mqar import build_model, load_results, plot_summary, summarise, summary_markdown
+from rebased.tasks.mqar.grids import EXPERIMENTS, MQARRun, experiment, paper_pairs
+from rebased.tasks.mqar.sweep import build_model, load_results, plot_summary, summarise, summary_markdown
 
 
 def test_paper_fig1_grid_matches_the_paper():
@@ -81,8 +81,8 @@ def test_summary_takes_the_best_lr_per_cell_and_averages_seeds():
 
 
 def test_summary_marks_cells_with_runs_pending_and_compares_only_finished_cells():
-    from rebased.experiments.mqar import grid
-    from rebased.mqar import paper_comparison
+    from rebased.tasks.mqar.grids import grid
+    from rebased.tasks.mqar.sweep import paper_comparison
 
     planned = grid(("rebased", "based"), (64,), (256,), (1e-3, 3e-3, 1e-2), (0, 1), pairs=lambda _: 16)
     cells = {c.model: c for c in summarise(fake_results(), planned)}
@@ -119,7 +119,7 @@ def tiny_runs():
 
 def test_sweep_trains_resumes_and_runs_workers(tmp_path):
     from rebased.checkpoint import load
-    from rebased.mqar import run_sweep
+    from rebased.tasks.mqar.sweep import run_sweep
 
     seen = []
     results = run_sweep(tiny_runs(), tmp_path / "a", progress=False, on_result=lambda r, done, total: seen.append(r))
@@ -137,7 +137,7 @@ def test_sweep_trains_resumes_and_runs_workers(tmp_path):
 
 
 def test_length_generalisation_reports_every_test_length(tmp_path):
-    from rebased.mqar import run_sweep
+    from rebased.tasks.mqar.sweep import run_sweep
 
     run = MQARRun(
         "based", 16, 32, 4, 3e-3, vocab_size=64, train_examples=256, test_examples=96, epochs=1, batch_size=64,
@@ -149,7 +149,7 @@ def test_length_generalisation_reports_every_test_length(tmp_path):
 
 
 def test_time_limit_stops_between_runs_and_the_next_call_resumes(tmp_path):
-    from rebased.mqar import run_sweep
+    from rebased.tasks.mqar.sweep import run_sweep
 
     assert run_sweep(tiny_runs(), tmp_path, progress=False, time_limit=0.0) == []
     assert [r["model"] for r in run_sweep(tiny_runs(), tmp_path, progress=False)] == ["based", "attention"]
@@ -158,7 +158,7 @@ def test_time_limit_stops_between_runs_and_the_next_call_resumes(tmp_path):
 def test_a_run_stopped_by_the_time_limit_resumes_from_its_checkpoint(tmp_path):
     """A run longer than one time-boxed call: stopped mid-way, then finished by the next call's sweep with
     the same result as an uninterrupted run (dropout and all: bitwise on the CPU)."""
-    from rebased.mqar import make_data, run_one, run_sweep
+    from rebased.tasks.mqar.sweep import make_data, run_one, run_sweep
 
     run = dataclasses.replace(tiny_runs()[0], epochs=2)
     whole = run_one(run, make_data(run), tmp_path / "whole")
@@ -169,8 +169,8 @@ def test_a_run_stopped_by_the_time_limit_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_pending_runs_skip_finished_ones_and_go_cheapest_first():
-    from rebased.experiments.mqar import grid
-    from rebased.mqar import pending_runs
+    from rebased.tasks.mqar.grids import grid
+    from rebased.tasks.mqar.sweep import pending_runs
 
     runs = grid(("rebased", "based"), (128, 64), (256, 128), (1e-3,), (0,), pairs=lambda _: 16)
     done = [{"run_id": runs[0].run_id}]  # rebased, L 256, d 128
@@ -180,7 +180,7 @@ def test_pending_runs_skip_finished_ones_and_go_cheapest_first():
 
 
 def test_results_of_the_same_run_id_with_other_settings_are_refused(tmp_path):
-    from rebased.mqar import run_sweep
+    from rebased.tasks.mqar.sweep import run_sweep
 
     smoke = [dataclasses.replace(run, train_examples=128) for run in tiny_runs()]
     run_sweep(smoke, tmp_path, progress=False)

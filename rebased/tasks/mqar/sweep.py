@@ -25,13 +25,13 @@ import torch
 
 from rebased import checkpoint
 from rebased.config import mixer_config
-from rebased.data.mqar import MQARSplits, make_mqar_splits
-from rebased.evaluate import accuracy_by_slice
-from rebased.experiments.mqar import ABLATION_KERNELS, MQARRun
 from rebased.model import LanguageModel
-from rebased.presets import mqar as mqar_preset
+from rebased.presets import mqar_model
 from rebased.tables import markdown_table
+from rebased.tasks.mqar.data import MQARSplits, make_mqar_splits
+from rebased.tasks.mqar.grids import ABLATION_KERNELS, MQARRun
 from rebased.train import TrainConfig, train
+from rebased.train.evaluate import accuracy_by_slice
 
 log = logging.getLogger(__name__)
 MICRO_BATCH_TOKENS = 512 * 512  # gradient accumulation keeps a micro-batch at or under this many tokens
@@ -42,11 +42,11 @@ def build_model(run: MQARRun) -> LanguageModel:
     max_len = max((length for length, _ in run.train_mix + run.test_mix), default=run.seq_len)
     positions = max_len if run.position_embeddings else 0
     if run.model in ABLATION_KERNELS and run.model not in ("rebased", "based"):
-        cfg = mqar_preset("linear_attention", run.d_model, max_len)
+        cfg = mqar_model("linear_attention", run.d_model, max_len)
         mixer = mixer_config("linear_attention", num_heads=12, feature_dim=16, feature_map=run.model)
         cfg = cfg.replace(mixers={"linear_attention": mixer})
     else:
-        cfg = mqar_preset(run.model, run.d_model, max_len)
+        cfg = mqar_model(run.model, run.d_model, max_len)
     return LanguageModel(cfg.replace(vocab_size=run.vocab_size, max_position_embeddings=positions))
 
 
@@ -267,7 +267,7 @@ def summary_markdown(cells: Sequence[CellSummary]) -> str:
 def paper_comparison(cells: Sequence[CellSummary], paper: dict[tuple[str, int], dict[int, float]]) -> str:
     """Ours beside the paper, one row per finished cell both have: ours, paper, difference, and a flag where
     they differ by more than CLOSE. Empty when no cell is in both."""
-    from rebased.experiments.paper_values import CLOSE
+    from rebased.tasks.mqar.paper_values import CLOSE
 
     rows = []
     for c in sorted(cells, key=lambda c: (c.seq_len, c.model, c.d_model)):

@@ -4,7 +4,7 @@ Loss: cross-entropy over the labelled positions (labels != -100) of a global bat
 the whole global batch, so micro-batches and ranks add up to exactly the gradient of one big batch.
 The data position is (epoch, batch): each epoch's order is a permutation from a generator seeded by
 (seed, epoch), so resuming needs no data-loader state. What run_dir holds, and how it is written and
-checked on resume: rebased.run_files.
+checked on resume: rebased.train.run_files.
 Under `torchrun --nproc_per_node N` every rank takes its slice of each global batch (PyTorch DDP).
 """
 
@@ -26,14 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rebased.data.labels import IGNORE_INDEX
 from rebased.model import select_positions
-from rebased.run_files import CHECKPOINT, CONFIG, METRICS, RunFiles, RunState
-
-__all__ = [  # the run-folder names are re-exported: callers find a run's files through this module
-    "CHECKPOINT", "CONFIG", "METRICS", "IGNORE_INDEX", "TrainConfig", "TrainResult", "batch_order", "labelled_logits",
-    "lr_at", "takes_select", "total_steps", "train",
-]  # fmt: skip
+from rebased.train.labels import IGNORE_INDEX
+from rebased.train.run_files import RunFiles, RunState
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-CHECKPOINT, METRICS, CONFIG = "checkpoint.pt", "metrics.jsonl", "train_config.json"
+CHECKPOINT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE = "checkpoint.pt", "metrics.jsonl", "train_config.json"
 MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
 
 
@@ -71,13 +71,13 @@ class RunFiles:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         config_text = json.dumps(self.config, indent=2) + "\n"
-        atomic_write(self.dir / CONFIG, lambda f: f.write(config_text.encode()))
+        atomic_write(self.dir / TRAIN_CONFIG_FILE, lambda f: f.write(config_text.encode()))
         lines = "".join(json.dumps(entry) + "\n" for entry in history)
-        atomic_write(self.dir / METRICS, lambda f: f.write(lines.encode()))
+        atomic_write(self.dir / METRICS_FILE, lambda f: f.write(lines.encode()))
 
     def append_metrics(self, entry: dict) -> None:
         if self.dir is not None:
-            with open(self.dir / METRICS, "a") as f:
+            with open(self.dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
     def save(self, model_state: dict, optimizer_state: dict, state: RunState, rng: list[dict]) -> None:
@@ -86,11 +86,11 @@ class RunFiles:
         run_state = {**vars(state), "loss_sum": state.loss_sum.cpu()}
         payload = {"model": model_state, "optimizer": optimizer_state, "state": run_state, "rng": rng}
         payload["config"] = self.config
-        atomic_write(self.dir / CHECKPOINT, lambda f: torch.save(payload, f))
+        atomic_write(self.dir / CHECKPOINT_FILE, lambda f: torch.save(payload, f))
 
     def load(self, world: int) -> dict | None:
         """The checkpoint, checked against the current settings and process count; None when there is none."""
-        path = None if self.dir is None else self.dir / CHECKPOINT
+        path = None if self.dir is None else self.dir / CHECKPOINT_FILE
         if path is None or not path.exists():
             return None
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rebased.data.labels import IGNORE_INDEX
+from rebased.train.labels import IGNORE_INDEX
 
 # Rows per batch of the fast sampler: bounds its temporaries to about this many int64/float64 elements.
 _CHUNK_ELEMENTS = 1 << 22

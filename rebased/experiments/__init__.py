@@ -1,1 +1,0 @@
-"""The paper's sweeps as Python: functions that return lists of runs."""

@@ -1,0 +1,1 @@
+"""Tasks, one folder each, files named by role: mqar/ (the associative-recall benchmark)."""
