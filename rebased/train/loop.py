@@ -73,13 +73,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available else cpu
     max_steps: int | None = None  # stop after this many optimizer steps
+    max_skipped_in_a_row: int = 20  # non-finite steps in a row (each skipped) that stop the run as diverged
 
     def __post_init__(self):
         choices = {"schedule": SCHEDULES, "schedule_unit": ("epoch", "step"), "precision": ("auto", "fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "grad_accumulation", "eval_every"):
+        for name in ("epochs", "batch_size", "grad_accumulation", "eval_every", "max_skipped_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -94,6 +95,8 @@ class TrainResult:
     steps: int
     seconds: float
     finished: bool = True  # False: stopped at stop_at; train() again with the same run_dir resumes it
+    diverged: bool = False  # stopped after max_skipped_in_a_row non-finite steps; the weights are the last good
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
 
 
 # Decay shapes on progress p in [0, 1]: the fraction of (lr - min_lr) left.
@@ -186,9 +189,9 @@ class _Engine:
         matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [g for g in ({"params": matrices}, {"params": others, "weight_decay": 0.0}) if g["params"]]
-        fused = env.device.type == "cuda" or None  # one kernel for all parameters on the GPU
+        # fused: one kernel for all parameters, and it honours found_inf (see optimizer_step) on CPU and GPU
         self.optimizer = torch.optim.AdamW(
-            groups, config.lr, config.betas, weight_decay=config.weight_decay, fused=fused
+            groups, config.lr, config.betas, weight_decay=config.weight_decay, fused=True
         )
         bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
         self.dtype = torch.bfloat16 if bf16 else None
@@ -223,8 +226,9 @@ class _Engine:
             return x, positions, targets
         return tuple(t.pin_memory().to(self.env.device, non_blocking=True) for t in (x, positions, targets))
 
-    def optimizer_step(self, indices: Tensor, lr: float) -> Tensor:
-        """One step on a global batch of example indices; returns its mean loss over labelled positions."""
+    def optimizer_step(self, indices: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        """One step on a global batch of example indices; returns its mean loss over labelled positions and
+        whether the step was skipped (a non-finite loss or gradient norm), both on the device."""
         env, device = self.env, self.env.device
         count = max(1, int((self.labels[indices] != IGNORE_INDEX).sum()))  # whole global batch, all ranks
         micro = indices.tensor_split(env.world)[env.rank].tensor_split(self.config.grad_accumulation)
@@ -240,11 +244,15 @@ class _Engine:
             dist.all_reduce(total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        clip = math.inf if self.config.grad_clip is None else self.config.grad_clip
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # the same on every rank after DDP
+        skipped = ~(torch.isfinite(total) & torch.isfinite(norm))
+        # The fused AdamW skips the whole update (moments and step count too) where found_inf is 1. Deciding on
+        # the device keeps the host from waiting for the GPU at every step.
+        self.optimizer.found_inf = skipped.float()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, skipped
 
     def run_evaluation(self) -> dict[str, float]:
         """evaluate(model) on rank 0, in eval mode without gradients; the metrics are broadcast to every rank."""
@@ -273,6 +281,12 @@ class _Engine:
     def save(self, state: RunState) -> None:
         if self.files.dir is None:
             return
+        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        if not finite.item():  # the skipped steps keep this from happening; a checkpoint must never hold it
+            raise FloatingPointError(
+                f"the weights became non-finite by step {state.step}; {self.files.dir / 'checkpoint.pt'} still "
+                "holds the last good ones: resume from it with a lower lr or a smaller grad_clip"
+            )
         rng = self.rng_states()  # a collective: every rank takes part, rank 0 writes
         if self.env.rank == 0:
             self.files.save(self.model.state_dict(), self.optimizer.state_dict(), state, rng)
@@ -293,11 +307,14 @@ class _Engine:
 
     def record_evaluation(self, state: RunState, seconds: float) -> None:
         metrics = self.run_evaluation()
-        train_loss = (state.loss_sum / max(1, state.loss_count)).item()
+        counted = state.loss_count - int(state.skipped_since_eval)
+        train_loss = (state.loss_sum / counted).item() if counted else math.nan
         entry = {"epoch": state.epoch, "step": state.step, "lr": state.lr, "train_loss": train_loss}
+        entry["skipped_steps"] = int(state.skipped_steps)
         entry.update(seconds=round(seconds, 3), **metrics)
         state.history.append(entry)
         state.loss_sum.zero_()
+        state.skipped_since_eval.zero_()
         state.loss_count = 0
         log.info("%s", entry)
         if self.env.rank == 0:
@@ -314,14 +331,16 @@ class _Engine:
         order = batch_order(len(self.inputs), config.batch_size, config.seed, state.epoch)
         while state.batch < steps and state.step < total:
             state.lr = lr_at(config, state.step, state.epoch, steps)
-            loss = self.optimizer_step(order[state.batch], state.lr)
-            state.loss_sum += loss
-            state.loss_count += 1
+            loss, skipped = self.optimizer_step(order[state.batch], state.lr)
+            self.count_step(state, loss, skipped)
             state.step += 1
             state.batch += 1
             bar.update(1)
-            if self.progress and (state.step % 10 == 0 or state.step == total):  # .item() waits for the GPU
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", refresh=False)
+            if state.step % 10 == 0 or state.step == total:  # .item() waits for the GPU: not at every step
+                if self.diverged(state):
+                    break
+                if self.progress:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", refresh=False)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.batch < steps:
                 state.seconds = time.perf_counter() - start
                 self.save(state)
@@ -332,12 +351,35 @@ class _Engine:
                 return
         if state.batch == steps:
             state.epoch, state.batch = state.epoch + 1, 0
-        last = state.step >= total or state.epoch >= config.epochs
+        last = state.step >= total or state.epoch >= config.epochs or self.diverged(state)
         if last or (state.batch == 0 and state.epoch % config.eval_every == 0):
             self.record_evaluation(state, time.perf_counter() - start)
         state.done = last or state.stopped_early
         state.seconds = time.perf_counter() - start
         self.save(state)
+
+    @staticmethod
+    def count_step(state: RunState, loss: Tensor, skipped: Tensor) -> None:
+        state.loss_sum += torch.where(skipped, 0.0, loss)
+        state.loss_count += 1
+        state.skipped_since_eval += skipped
+        state.skipped_steps += skipped
+        state.skipped_in_a_row.mul_(skipped).add_(skipped)  # back to 0 at a good step
+
+    def diverged(self, state: RunState) -> bool:
+        """After max_skipped_in_a_row non-finite steps in a row the run ends as diverged, with the weights it had
+        before them: the skipped steps changed nothing, so the checkpoint written then holds good weights."""
+        if state.diverged:
+            return True
+        if int(state.skipped_in_a_row) < self.config.max_skipped_in_a_row:
+            return False
+        log.warning(
+            "training stopped at step %d: the last %d steps had a non-finite loss or gradient norm and were "
+            "skipped (%d in the whole run); lower the lr, raise warmup_steps or set grad_clip",
+            state.step, int(state.skipped_in_a_row), int(state.skipped_steps),
+        )  # fmt: skip
+        state.diverged = True
+        return True
 
     def past_deadline(self) -> bool:
         """stop_at has passed, on any rank (a collective under DDP, so every rank stops at the same step)."""
@@ -355,7 +397,10 @@ class _Engine:
         best = history[-1] if history else {}
         if name is not None and history and all(name in entry for entry in history):
             best = max(history, key=lambda entry: entry[name])  # the first of equals: the earliest
-        return TrainResult(history, best, state.stopped_early, state.step, state.seconds, finished=state.done)
+        return TrainResult(
+            history, best, state.stopped_early, state.step, state.seconds, finished=state.done,
+            diverged=state.diverged, skipped_steps=int(state.skipped_steps),
+        )  # fmt: skip
 
     def run(self) -> TrainResult:
         state = self.restore()
@@ -364,7 +409,7 @@ class _Engine:
         if self.env.rank == 0:
             self.files.write_start(state.history)
         self.wrap()
-        state.loss_sum = state.loss_sum.to(self.env.device)  # summed on the device: no wait for the GPU
+        state.to(self.env.device)  # losses and skip counters summed on the device: no wait for the GPU
         total = total_steps(self.config, self.steps_per_epoch)
         hide = not self.progress or self.env.rank != 0
         bar = tqdm(total=total, initial=state.step, disable=hide, desc="train", unit="step", dynamic_ncols=True)

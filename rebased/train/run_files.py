@@ -32,11 +32,23 @@ class RunState:
     step: int = 0
     lr: float = 0.0
     loss_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # since last eval
-    loss_count: int = 0
+    loss_count: int = 0  # optimizer steps since the last evaluation, skipped ones included
+    # Counters kept on the device, so that watching for non-finite steps costs no host sync per step:
+    skipped_since_eval: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    skipped_steps: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # in the whole run
+    skipped_in_a_row: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # ending here
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False
+    diverged: bool = False  # stopped by a run of non-finite steps
     done: bool = False
+
+    def to(self, device: torch.device) -> RunState:
+        """The device counters moved to `device` (the checkpoint keeps them on the CPU)."""
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+        return self
 
 
 def atomic_write(path: Path, write: Callable) -> None:
@@ -64,6 +76,7 @@ class RunFiles:
     def __init__(self, run_dir: str | Path | None, config):
         self.dir = None if run_dir is None else Path(run_dir)
         self.config = jsonable(config)
+        self.defaults = jsonable(type(config)())  # what a setting absent from an older checkpoint meant
 
     def write_start(self, history: list[dict]) -> None:
         """train_config.json, and metrics.jsonl cut back to the checkpoint's evaluations (a killed run wrote more)."""
@@ -83,7 +96,7 @@ class RunFiles:
     def save(self, model_state: dict, optimizer_state: dict, state: RunState, rng: list[dict]) -> None:
         if self.dir is None:
             return
-        run_state = {**vars(state), "loss_sum": state.loss_sum.cpu()}
+        run_state = {name: value.cpu() if isinstance(value, Tensor) else value for name, value in vars(state).items()}
         payload = {"model": model_state, "optimizer": optimizer_state, "state": run_state, "rng": rng}
         payload["config"] = self.config
         atomic_write(self.dir / CHECKPOINT_FILE, lambda f: torch.save(payload, f))
@@ -95,7 +108,8 @@ class RunFiles:
             return None
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         stored = checkpoint["config"]
-        changed = sorted(k for k in self.config if k not in MAY_CHANGE_ON_RESUME and stored.get(k) != self.config[k])
+        fixed = [k for k in self.config if k not in MAY_CHANGE_ON_RESUME]
+        changed = sorted(k for k in fixed if stored.get(k, self.defaults[k]) != self.config[k])
         if changed:
             raise ValueError(f"{path} was written with other settings: {[(k, stored.get(k)) for k in changed]}")
         if len(checkpoint["rng"]) != world:
