@@ -1,6 +1,7 @@
-"""Training: one loop for every task (loop.py), the files a run folder holds (run_files.py), the label
-convention (labels.py) and accuracy at labelled positions (evaluate.py)."""
+"""Training: one loop for every task (loop.py), what it learns from (examples.py), the files a run folder
+holds (run_files.py), the label convention (labels.py) and accuracy at labelled positions (evaluate.py)."""
 
+from rebased.train.examples import Examples, ExampleTensors
 from rebased.train.labels import IGNORE_INDEX
 from rebased.train.loop import (
     TrainConfig,
@@ -16,6 +17,7 @@ from rebased.train.loop import (
 from rebased.train.run_files import CHECKPOINT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
 
 __all__ = [
-    "CHECKPOINT_FILE", "IGNORE_INDEX", "METRICS_FILE", "TRAIN_CONFIG_FILE", "TrainConfig", "TrainResult", "batch_order",
-    "labelled_logits", "labelled_positions", "lr_at", "takes_select", "total_steps", "train",
+    "CHECKPOINT_FILE", "Examples", "ExampleTensors", "IGNORE_INDEX", "METRICS_FILE", "TRAIN_CONFIG_FILE",
+    "TrainConfig", "TrainResult", "batch_order", "labelled_logits", "labelled_positions", "lr_at", "takes_select",
+    "total_steps", "train",
 ]  # fmt: skip

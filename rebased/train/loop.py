@@ -2,9 +2,9 @@
 
 Loss: cross-entropy over the labelled positions (labels != -100) of a global batch, divided by their count in
 the whole global batch, so micro-batches and ranks add up to exactly the gradient of one big batch.
-The data position is (epoch, batch): each epoch's order is a permutation from a generator seeded by
-(seed, epoch), so resuming needs no data-loader state. What run_dir holds, and how it is written and
-checked on resume: rebased.train.run_files.
+The data position is (epoch, batch): each epoch's order is a permutation of the examples from a generator
+seeded by (seed, epoch), so resuming needs no data-loader state (rebased.train.examples). What run_dir holds,
+and how it is written and checked on resume: rebased.train.run_files.
 Under `torchrun --nproc_per_node N` every rank takes its slice of each global batch (PyTorch DDP).
 """
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rebased.model import select_positions
+from rebased.train.examples import Examples, ExampleTensors
 from rebased.train.labels import IGNORE_INDEX
 from rebased.train.run_files import RunFiles, RunState
 
@@ -161,18 +162,16 @@ def _setup_distributed(config: TrainConfig) -> _Dist:
     return _Dist(rank, world, device, owns)
 
 
-def _check_data(train_data: tuple[Tensor, Tensor], config: TrainConfig, world: int) -> tuple[Tensor, Tensor]:
-    inputs, labels = train_data
-    if inputs.dim() != 2 or inputs.shape != labels.shape:
-        raise ValueError(f"train_data must be two [N, L] tensors, got {tuple(inputs.shape)}, {tuple(labels.shape)}")
-    if len(inputs) < config.batch_size:
-        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(inputs)} training examples")
+def _check_data(train_data: Examples | tuple[Tensor, Tensor], config: TrainConfig, world: int) -> Examples:
+    examples = ExampleTensors(*train_data) if isinstance(train_data, tuple) else train_data
+    if len(examples) < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the {len(examples)} training examples")
     parts = world * config.grad_accumulation
     if config.batch_size % parts:
         raise ValueError(
             f"batch_size={config.batch_size} must divide into {world} ranks x {parts // world} micro-batches"
         )
-    return inputs.long(), labels.long()
+    return examples
 
 
 class _Engine:
@@ -182,8 +181,8 @@ class _Engine:
         self.config, self.env, self.evaluate, self.progress = config, env, evaluate, progress
         self.stop_at, self.interrupted = stop_at, False
         self.files = RunFiles(run_dir, config)
-        self.inputs, self.labels = _check_data(train_data, config, env.world)
-        self.steps_per_epoch = len(self.inputs) // config.batch_size
+        self.examples = _check_data(train_data, config, env.world)
+        self.steps_per_epoch = len(self.examples) // config.batch_size
         self.model = model.to(env.device)
         self.select = takes_select(model)
         matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -215,13 +214,12 @@ class _Engine:
             logits = labelled_logits(self.forward, x, positions, self.select)  # [M, V]
         return F.cross_entropy(logits.float(), targets, reduction="sum")
 
-    def micro_batch(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Inputs, labelled positions and their labels for these example rows, on the device. The positions
+    def micro_batch(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inputs, labelled positions and their labels of these examples, on the device. The positions
         are found on the host, where the labels live, and copied from pinned memory without blocking, so the
         data path adds no host-device synchronisation (a boolean mask on the device made the host wait for
         the GPU to count it; a pageable copy waits for the stream): the host can queue work ahead."""
-        x = self.inputs[rows]
-        positions, targets = labelled_positions(self.labels[rows])
+        positions, targets = labelled_positions(labels)
         if self.env.device.type != "cuda":
             return x, positions, targets
         return tuple(t.pin_memory().to(self.env.device, non_blocking=True) for t in (x, positions, targets))
@@ -230,11 +228,13 @@ class _Engine:
         """One step on a global batch of example indices; returns its mean loss over labelled positions and
         whether the step was skipped (a non-finite loss or gradient norm), both on the device."""
         env, device = self.env, self.env.device
-        count = max(1, int((self.labels[indices] != IGNORE_INDEX).sum()))  # whole global batch, all ranks
-        micro = indices.tensor_split(env.world)[env.rank].tensor_split(self.config.grad_accumulation)
+        inputs, labels = self.examples[indices]  # the whole global batch, on the host
+        count = max(1, int((labels != IGNORE_INDEX).sum()))  # over all ranks and micro-batches
+        rows = torch.arange(len(indices)).tensor_split(env.world)[env.rank]
+        micro = rows.tensor_split(self.config.grad_accumulation)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for i, part in enumerate(micro):
-            x, positions, targets = self.micro_batch(part)
+            x, positions, targets = self.micro_batch(inputs[part], labels[part])
             last = i == len(micro) - 1
             with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 loss = self.labelled_loss(x, positions, targets) / count
@@ -328,7 +328,7 @@ class _Engine:
     def run_epoch(self, state: RunState, bar: tqdm, start: float) -> None:
         config, steps = self.config, self.steps_per_epoch
         total = total_steps(config, steps)
-        order = batch_order(len(self.inputs), config.batch_size, config.seed, state.epoch)
+        order = batch_order(len(self.examples), config.batch_size, config.seed, state.epoch)
         while state.batch < steps and state.step < total:
             state.lr = lr_at(config, state.step, state.epoch, steps)
             loss, skipped = self.optimizer_step(order[state.batch], state.lr)
@@ -425,7 +425,7 @@ class _Engine:
 
 def train(
     model: nn.Module,
-    train_data: tuple[Tensor, Tensor],
+    train_data: Examples | tuple[Tensor, Tensor],
     config: TrainConfig,
     run_dir: str | Path | None = None,
     *,
@@ -433,7 +433,8 @@ def train(
     progress: bool = True,
     stop_at: float | None = None,
 ) -> TrainResult:
-    """Train `model` in place on (inputs [N, L], labels [N, L] with -100 where unlabelled).
+    """Train `model` in place on examples: (inputs [N, L], labels [N, L] with -100 where unlabelled) or any
+    rebased.train.examples.Examples (such as windows read from token shards).
 
     With run_dir, the run checkpoints there and resumes from its checkpoint.pt if one exists (a finished run
     is not retrained: its stored result is returned and the model gets its final weights). Under torchrun
