@@ -1,10 +1,14 @@
 """Where the chunk-states kernels' time goes: GPU time per kernel (torch.profiler) for one forward+backward of
 the op suite's workload (65,536 tokens x 16 heads, q/k 16, v 64, bf16, ReBased), per (chunk length, T); and
-the LayerNorm's kernels, torch's against the fused ones, at an MQAR micro-batch's shape.
+the LayerNorm's kernels, torch's against the fused ones, at an MQAR micro-batch's shape (65,536 x 192).
 
     PYTHONPATH=. python benchmarks/chunk_states_profile_gpu.py [--cases 256:4096,256:65536] [--no-layer-norm]
-        [--configs "output=64:4:3d dq=128:8"]  # TILE_CONFIGS to profile, one set per argument, each entry
-                                               # features:warps[:sel|:3d] (GroupTiles.parse_set); none: the code's
+        [--configs "" "output=64:4:3d dq=128:8"]
+
+--configs profiles other tile sets: one set per argument, each entry NAME=FEATURES:WARPS[:sel|:3d] replacing
+that kernel's entry of chunk_states.TILE_CONFIGS for this process (the form as in the code where left out);
+"" is the code's set. A set that has not passed the chunk GPU tests (`pytest -m gpu tests/ -k chunk` with it
+in the code) can be fast and wrong: Triton 3.6 mis-compiled some 3D-tile sets.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 from torch.profiler import ProfilerActivity, profile
 
 import rebased.ops.triton.chunk_states as CS
@@ -41,9 +46,24 @@ def kernel_table(step, title: str) -> None:
     print(markdown_table(["kernel", "calls", "ms", "share"], rows), flush=True)
 
 
+def tile_set(text: str) -> dict:
+    """DEFAULT_CONFIGS with the entries of "sums=256:8:sel dq=64:4:3d" replaced."""
+    configs = dict(DEFAULT_CONFIGS)
+    for item in text.split():
+        name, _, value = item.partition("=")
+        if name not in configs:
+            raise ValueError(f"no tiled kernel {name!r}; known: {', '.join(configs)}")
+        features, warps, *form = value.split(":")
+        if form not in ([], ["sel"], ["3d"]):
+            raise ValueError(f"{item!r}: the form is 'sel' or '3d'")
+        selectors = configs[name].selectors if not form else form == ["sel"]
+        configs[name] = configs[name]._replace(features=int(features), warps=int(warps), selectors=selectors)
+    return configs
+
+
 def chunk_states_case(chunk: int, length: int, configs: str) -> None:
     CS.CHUNK = chunk
-    CS.TILE_CONFIGS = CS.GroupTiles.parse_set(configs, DEFAULT_CONFIGS)
+    CS.TILE_CONFIGS = tile_set(configs)
     kernel = Polynomial.rebased(16)
     batch = 65536 // length
     q, k = (torch.randn(batch, length, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qk")
@@ -54,7 +74,9 @@ def chunk_states_case(chunk: int, length: int, configs: str) -> None:
         o = CS.chunk_states_linear_attention(q, k, v, kernel=kernel, **options)[0]
         o.float().sum().backward()
 
-    knobs = "tiles " + " ".join(f"{name}={config}" for name, config in CS.TILE_CONFIGS.items())
+    knobs = "tiles " + " ".join(
+        f"{name}={c.features}:{c.warps}:{'sel' if c.selectors else '3d'}" for name, c in CS.TILE_CONFIGS.items()
+    )
     kernel_table(step, f"chunk-states C {chunk}, T {length}, fwd+bwd, {knobs}")
 
 
@@ -73,11 +95,11 @@ def layer_norm_case(backend: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="256:4096,256:65536,128:65536")
-    parser.add_argument("--configs", nargs="*", default=[""])
-    parser.add_argument("--no-layer-norm", action="store_true")
+    parser.add_argument("--cases", default="256:4096,256:65536,128:65536", help="chunk length:T,... to profile")
+    parser.add_argument("--configs", nargs="*", default=[""], help="tile sets, one per argument; '' is the code's")
+    parser.add_argument("--no-layer-norm", action="store_true", help="skip the LayerNorm profile")
     args = parser.parse_args()
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
     for configs in args.configs:
         for case in args.cases.split(","):
             chunk, length = map(int, case.split(":"))

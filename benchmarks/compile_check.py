@@ -1,14 +1,14 @@
 """Compile Triton kernels for the H200 (sm_90a) on a machine without a GPU; report registers and spills.
 
-    python benchmarks/compile_check.py            # the chunk kernels at their TILE_CONFIGS and the parallel ones
-    python benchmarks/compile_check.py --configs "sums=128:8:3d output=256:8:sel"   # entries as GroupTiles.parse_set
+    python benchmarks/compile_check.py            # every kernel as the code launches it at the suite's dims
     python benchmarks/compile_check.py --dims 32x64,32x128 --dtypes bf16,fp32 --kernels output,parallel
 
 Catches what only the compiler sees (the interpreter runs kernels as Python: loop-carried type changes,
 unsupported ops) before device time is spent, and reads the cubin's registers and stack (where spills go)
 for ReBased at the suite's shapes (bf16, q/k dim 16, v dim 64) or those --dims and --dtypes name, with
 each kernel's shared memory against the H200's limit (a launch over it steps down on the GPU: launch_fitting).
-The local triton may differ from the device's (3.6.0 there): a clean compile here is evidence, not proof.
+Each kernel compiles at its first rung (chunk_states.tile_launch, parallel.GPU_CONFIGS). The local triton may
+differ from the device's (rebased.ops.triton.versions): a clean compile here is evidence, not proof.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from triton.compiler import ASTSource
 import rebased.ops.triton.chunk_states as CS
 import rebased.ops.triton.parallel as P
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.functions import _Poly
+from rebased.ops.triton.inputs import PolynomialArgs
+from rebased.ops.triton.launch import dot_precision
 from rebased.tables import markdown_table
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -69,25 +70,25 @@ SHARED_LIMIT = 232448  # bytes of shared memory one H200 block may use (Triton's
 def gpu_layout(head_dim: int, value_dim: int) -> CS.Layout:
     """ReBased's chunk-states layout as the GPU launches it (Layout.of takes the interpreter's sizes under
     TRITON_INTERPRET, so the GPU's chunk and block are spelled out here)."""
-    layout = CS.Layout.of(head_dim, value_dim, _Poly.of(Polynomial.rebased(head_dim)))
+    layout = CS.Layout.of(head_dim, value_dim, PolynomialArgs.of(Polynomial.rebased(head_dim)))
     return dataclasses.replace(layout, chunk=CS.CHUNK, block=64)
 
 
 def cases(head_dim: int, value_dim: int, dtype: torch.dtype) -> list[tuple]:
     """name, kernel, constexprs, fp32 pointers, i32 args, launch options: every kernel as the code launches it
-    for ReBased at these dims and input dtype (read when called: main sets the knobs)."""
+    for ReBased at these dims and input dtype."""
     layout = gpu_layout(head_dim, value_dim)
-    bd, bv, prec = layout.bd, layout.bv, CS._dot_precision(dtype)
+    bd, bv, prec = layout.bd, layout.bv, dot_precision(dtype, CS.CHUNK_FP32_DOTS)
     tiles = dict(**layout.constexprs(), BM=layout.block, BN=layout.block, HAS0=False, HAS1=False, PREC=prec)
 
     def tile_config(name: str) -> tuple[dict, dict]:
-        launch = CS._tile_config(name, layout, dtype)
+        launch = CS.tile_launch(name, layout, dtype).options()
         return launch, dict(num_warps=launch.pop("num_warps"))
 
     def parallel(kernel: int) -> tuple[dict, dict]:
-        launch = P._launch(P.GPU_CONFIGS[kernel], head_dim, value_dim)
+        launch = P.GPU_CONFIGS[kernel].options(head_dim, value_dim)
         options = dict(num_warps=launch.pop("num_warps"), num_stages=launch.pop("num_stages"))
-        return dict(**launch, HAS0=False, HAS1=False, PREC=P._precision(dtype)), options
+        return dict(**launch, HAS0=False, HAS1=False, PREC=dot_precision(dtype, P.PARALLEL_FP32_DOTS)), options
 
     sums, sums_options = tile_config("sums")
     scan = dict(BD=bd, BV=bv, SV=CS.SCAN_SLICE, U=CS.SCAN_UNROLL)
@@ -133,12 +134,10 @@ def compile_one(kernel, consts: dict, fp32_pointers: set[str], ints: set[str], o
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="", help='TILE_CONFIGS entries, e.g. "dkdv=64:4:3d dq=64:4:sel"')
     parser.add_argument("--dims", default="16x64", help="q/k x v dims, comma-separated: 16x64,32x128")
     parser.add_argument("--dtypes", default="bf16", help="input dtypes, comma-separated: bf16,fp32")
     parser.add_argument("--kernels", default="", help="only kernels whose names contain one of these: output,dq")
     args = parser.parse_args()
-    CS.TILE_CONFIGS = CS.GroupTiles.parse_set(args.configs, CS.TILE_CONFIGS)
     rows = []
     for dims in args.dims.split(","):
         head_dim, value_dim = map(int, dims.split("x"))

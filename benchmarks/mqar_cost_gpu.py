@@ -1,17 +1,21 @@
-"""Seconds per optimizer step (batch 512, the paper's settings) of the MQAR models on this GPU, by op path.
+"""Milliseconds per optimizer step of the MQAR models (batch 512, the paper's settings) on a CUDA GPU, by op path.
 
-Times `rebased.train.train` itself (after a 1-step warm-up that compiles the kernels: max_steps 2, then 8;
-the difference over 6 steps), so the number includes
-everything a sweep pays per step: host-to-device copies, accumulation, clipping, the fused AdamW.
-One process per op path (a crash in one path does not stop the others); one line per cell.
+Times `rebased.train.train` itself after a 1-step warm-up that compiles the kernels: runs of 2 and of 8 steps,
+the difference over 6 steps, median of 3 such pairs. So the number includes everything a sweep pays per step:
+host-to-device copies, gradient accumulation, clipping, the fused AdamW; and the host's jitter, which at short
+L (a few ms a step) is of the order of a step. One line per (op path, cell); a cell that fails prints its
+error and the next one runs.
 
-    python benchmarks/mqar_cost_gpu.py PATH [PATH ...]     # PATH: MODE-BACKEND, e.g. chunk-torch, parallel-triton
-    CELLS=rebased:64:1024,based:64:2048 python benchmarks/mqar_cost_gpu.py ...   # other (model, d_model, L) cells
+    PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton chunk-torch   # PATH: MODE-BACKEND
+    PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --cells rebased:64:1024,based:64:2048
+
+The op path is set on every mixer that has one (the linear-attention mixers); softmax attention always runs
+SDPA. mqar_profile_gpu.py imports seconds_per_step from here.
 """
 
+import argparse
 import dataclasses
-import os
-import sys
+import statistics
 import time
 
 import torch
@@ -23,14 +27,20 @@ from rebased.tasks.mqar.grids import MQARRun, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
 
-CELLS = [
-    ("rebased", 64, 128), ("rebased", 64, 512), ("rebased", 64, 2048), ("rebased", 128, 2048),
-    ("rebased", 512, 2048), ("based", 64, 2048), ("attention", 64, 2048),
-]  # fmt: skip
+CELLS = (
+    "rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048,rebased:512:2048,based:64:2048,attention:64:2048"
+)
 
 
-if "CELLS" in os.environ:
-    CELLS = [(m, int(d), int(length)) for m, d, length in (c.split(":") for c in os.environ["CELLS"].split(","))]
+def versions() -> str:
+    import triton  # only here: the module imports on a machine without it
+
+    return f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}"
+
+
+def parse_cells(text: str) -> list[tuple[str, int, int]]:
+    """'model:d_model:L,...' -> [(model, d_model, L), ...]"""
+    return [(m, int(d), int(length)) for m, d, length in (cell.split(":") for cell in text.split(","))]
 
 
 def with_op_path(model: LanguageModel, mode: str, backend: str) -> LanguageModel:
@@ -50,11 +60,12 @@ def with_norm_backend(model: LanguageModel, backend: str) -> LanguageModel:
 
 
 def seconds_per_step(
-    run: MQARRun, mode: str, backend: str, compile: bool = False, norm_backend: str | None = None
+    run: MQARRun, mode: str, backend: str, compile: bool = False, norm_backend: str | None = None, repeats: int = 3
 ) -> float:
+    """The median over `repeats` of (time of 8 steps - time of 2 steps) / 6: what a step adds, without start-up."""
     data = make_data(run)
-    timings = []
-    for steps in (1, 2, 8):  # the first only warms up (Triton compiles, cuDNN picks algorithms)
+
+    def timed(steps: int) -> float:
         torch.manual_seed(0)
         model = with_op_path(build_model(run), mode, backend)
         if norm_backend is not None:
@@ -64,14 +75,21 @@ def seconds_per_step(
         start = time.perf_counter()
         train(model, (data.train.inputs, data.train.labels), config, progress=False)
         torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return (timings[2] - timings[1]) / 6
+        return time.perf_counter() - start
+
+    timed(1)  # warm-up: Triton compiles, cuDNN picks algorithms
+    return statistics.median((timed(8) - timed(2)) / 6 for _ in range(repeats))
 
 
 def main() -> None:
-    for path in sys.argv[1:]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="op paths MODE-BACKEND: auto-triton, chunk-torch, ...")
+    parser.add_argument("--cells", default=CELLS, help=f"model:d_model:L,... (default {CELLS})")
+    args = parser.parse_args()
+    print(versions(), flush=True)
+    for path in args.paths:
         mode, backend = path.split("-")
-        for model, d_model, seq_len in CELLS:
+        for model, d_model, seq_len in parse_cells(args.cells):
             if (mode, backend) == ("parallel", "torch") and seq_len > 512:
                 continue  # the T x T scores of a 128-example micro-batch at L 2048 take tens of GB
             run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=8 * 512,

@@ -1,6 +1,6 @@
 """MQAR (multi-query associative recall), the Zoology generator: token sequences and their labels.
 
-One example of length L with N key-value pairs, vocabulary V (PAPER.md section 4):
+One example of length L with N key-value pairs, vocabulary V (docs/paper.md section 4):
 
     keys   k_1..k_N  distinct, from [1, V/2)        values v_1..v_N  distinct, from [V/2, V)
     inputs  = k_1 v_1 k_2 v_2 ... k_N v_N | S = (L - 2N)/2 slots of two tokens, all 0
