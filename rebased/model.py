@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from rebased.config import ModelConfig
 from rebased.mixers import make_mixer
@@ -108,6 +109,9 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # Recompute each block's activations in the backward pass instead of keeping them: less memory for
+        # about one more forward pass. A training setting, not part of the model's config.
+        self.checkpoint_layers = False
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
         positions = cfg.max_position_embeddings
         self.position_embedding = nn.Embedding(positions, cfg.d_model) if positions > 0 else None
@@ -155,8 +159,9 @@ class LanguageModel(nn.Module):
         mask [B, T] or the flat indices b * T + t of the positions (an index tensor: on the GPU a boolean
         mask makes the host wait for the device to count its True entries, an index does not)."""
         x = self._embed(ids, 0)
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x)
+            x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         return self._logits(x if select is None else select_positions(x, select))
 
     def prefill(self, ids: Tensor) -> tuple[Tensor, ModelState]:

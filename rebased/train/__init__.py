@@ -4,6 +4,7 @@ holds (run_files.py), the label convention (labels.py) and accuracy at labelled 
 from rebased.train.examples import Examples, ExampleTensors
 from rebased.train.labels import IGNORE_INDEX
 from rebased.train.loop import (
+    Meter,
     TrainConfig,
     TrainResult,
     batch_order,
@@ -17,7 +18,7 @@ from rebased.train.loop import (
 from rebased.train.run_files import CHECKPOINT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
 
 __all__ = [
-    "CHECKPOINT_FILE", "Examples", "ExampleTensors", "IGNORE_INDEX", "METRICS_FILE", "TRAIN_CONFIG_FILE",
+    "CHECKPOINT_FILE", "Examples", "ExampleTensors", "IGNORE_INDEX", "METRICS_FILE", "Meter", "TRAIN_CONFIG_FILE",
     "TrainConfig", "TrainResult", "batch_order", "labelled_logits", "labelled_positions", "lr_at", "takes_select",
     "total_steps", "train",
 ]  # fmt: skip

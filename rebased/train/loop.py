@@ -68,6 +68,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "fp32" | "bf16"
     compile: bool = False
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    eval_every_steps: int = 0  # > 0: also evaluate every this many optimizer steps (long epochs: language models)
     early_stop_metric: str | None = "accuracy"  # higher is better
     early_stop_threshold: float = 0.99  # stop once the metric is above this
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends only
@@ -84,8 +85,27 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accumulation", "eval_every", "max_skipped_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"eval_every_steps must be >= 0, got {self.eval_every_steps}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class Meter:
+    """What one optimizer step is worth, for the progress bar and the metrics: tokens/s, and model FLOPs
+    utilisation where the FLOPs of a step and the hardware's peak are known."""
+
+    tokens_per_step: int
+    flops_per_step: float = 0.0
+    peak_flops: float = 0.0  # the devices' peak FLOP/s, all ranks together; 0: MFU not shown
+
+    def rates(self, steps: int, seconds: float) -> dict[str, float]:
+        tokens_per_s = steps * self.tokens_per_step / max(seconds, 1e-9)
+        rates = {"tokens_per_s": tokens_per_s}
+        if self.flops_per_step and self.peak_flops:
+            rates["mfu"] = steps * self.flops_per_step / max(seconds, 1e-9) / self.peak_flops
+        return rates
 
 
 @dataclass
@@ -177,8 +197,9 @@ def _check_data(train_data: Examples | tuple[Tensor, Tensor], config: TrainConfi
 class _Engine:
     """The state of one call to train(): model, optimizer, data, and where the run is."""
 
-    def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist, stop_at: float | None):
-        self.config, self.env, self.evaluate, self.progress = config, env, evaluate, progress
+    def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist, stop_at, meter):
+        self.config, self.env, self.evaluate, self.progress, self.meter = config, env, evaluate, progress, meter
+        self.windows: dict[str, tuple[int, float]] = {}  # (step, time) where each rate measurement began
         self.stop_at, self.interrupted = stop_at, False
         self.files = RunFiles(run_dir, config)
         self.examples = _check_data(train_data, config, env.world)
@@ -306,12 +327,14 @@ class _Engine:
         return state
 
     def record_evaluation(self, state: RunState, seconds: float) -> None:
+        rates = self.rates(state, "metrics")
         metrics = self.run_evaluation()
+        self.restart_rates(state)
         counted = state.loss_count - int(state.skipped_since_eval)
         train_loss = (state.loss_sum / counted).item() if counted else math.nan
         entry = {"epoch": state.epoch, "step": state.step, "lr": state.lr, "train_loss": train_loss}
         entry["skipped_steps"] = int(state.skipped_steps)
-        entry.update(seconds=round(seconds, 3), **metrics)
+        entry.update(seconds=round(seconds, 3), **rates, **metrics)
         state.history.append(entry)
         state.loss_sum.zero_()
         state.skipped_since_eval.zero_()
@@ -340,7 +363,12 @@ class _Engine:
                 if self.diverged(state):
                     break
                 if self.progress:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", refresh=False)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", **self.rate_text(state),
+                                    refresh=False)  # fmt: skip
+            if config.eval_every_steps and state.step % config.eval_every_steps == 0 and state.batch < steps:
+                self.record_evaluation(state, time.perf_counter() - start)
+                if state.stopped_early:
+                    break
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.batch < steps:
                 state.seconds = time.perf_counter() - start
                 self.save(state)
@@ -352,11 +380,32 @@ class _Engine:
         if state.batch == steps:
             state.epoch, state.batch = state.epoch + 1, 0
         last = state.step >= total or state.epoch >= config.epochs or self.diverged(state)
-        if last or (state.batch == 0 and state.epoch % config.eval_every == 0):
+        evaluated = bool(state.history) and state.history[-1]["step"] == state.step
+        if not evaluated and (last or (state.batch == 0 and state.epoch % config.eval_every == 0)):
             self.record_evaluation(state, time.perf_counter() - start)
         state.done = last or state.stopped_early
         state.seconds = time.perf_counter() - start
         self.save(state)
+
+    def rates(self, state: RunState, window: str) -> dict[str, float]:
+        """tokens/s (and MFU) over the steps since this window's last reading."""
+        now = time.perf_counter()
+        step, began = self.windows.get(window, (state.step, now))
+        self.windows[window] = (state.step, now)
+        if self.meter is None or state.step == step:
+            return {}
+        return {name: round(value, 4) for name, value in self.meter.rates(state.step - step, now - began).items()}
+
+    def restart_rates(self, state: RunState) -> None:
+        """Evaluating is not training: the rates start again after it."""
+        self.windows = dict.fromkeys(("bar", "metrics"), (state.step, time.perf_counter()))
+
+    def rate_text(self, state: RunState) -> dict[str, str]:
+        rates = self.rates(state, "bar")
+        text = {"tok/s": f"{rates['tokens_per_s']:,.0f}"} if rates else {}
+        if "mfu" in rates:
+            text["mfu"] = f"{100 * rates['mfu']:.1f}%"
+        return text
 
     @staticmethod
     def count_step(state: RunState, loss: Tensor, skipped: Tensor) -> None:
@@ -414,6 +463,7 @@ class _Engine:
         hide = not self.progress or self.env.rank != 0
         bar = tqdm(total=total, initial=state.step, disable=hide, desc="train", unit="step", dynamic_ncols=True)
         start = time.perf_counter() - state.seconds
+        self.restart_rates(state)
         self.model.train()
         while not state.done:
             self.run_epoch(state, bar, start)  # saves a checkpoint at every epoch end
@@ -432,6 +482,7 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     progress: bool = True,
     stop_at: float | None = None,
+    meter: Meter | None = None,
 ) -> TrainResult:
     """Train `model` in place on examples: (inputs [N, L], labels [N, L] with -100 where unlabelled) or any
     rebased.train.examples.Examples (such as windows read from token shards).
@@ -441,13 +492,14 @@ def train(
     (WORLD_SIZE > 1) the process group is initialised here (gloo on CPU, nccl on CUDA) when not already.
     stop_at (a time.monotonic() value): once it has passed, the run checkpoints after the current optimizer
     step and returns with finished=False; train() again with the same run_dir continues exactly from there
-    (how a sweep fits runs longer than one time-boxed call).
+    (how a sweep fits runs longer than one time-boxed call). meter: tokens/s and MFU in the progress bar and
+    in each metrics entry.
     """
     torch.set_flush_denormal(True)  # denormal activations made the LM-head backward 50x slower on CPU
     env = _setup_distributed(config)
     try:
         torch.manual_seed(config.seed + env.rank)  # the only seeding: dropout streams differ across ranks
-        engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env, stop_at)
+        engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env, stop_at, meter)
         result = engine.run()
         if env.owns_group:  # no rank tears its connections down while a peer's last collective is in flight
             dist.barrier()
