@@ -42,6 +42,7 @@ class FeatureMap(nn.Module):
 
     kernel: Polynomial | None = None
     normalize: bool = True  # divide by the normaliser; False for maps whose similarity can be negative
+    heads_fixed: bool = False  # parameters per head (or over all heads jointly): inputs must have num_heads heads
     eps: float = DEFAULT_EPS
     backend: str = "auto"  # for the maps' LayerNorms (rebased.ops.norm); the mixer sets its own backend here
 
@@ -55,6 +56,19 @@ class FeatureMap(nn.Module):
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         """q, k [B, T, H, D] -> the op's inputs; offset is the position of the first token (cosformer)."""
         raise NotImplementedError
+
+    def check_inputs(self, q: Tensor, k: Tensor) -> None:
+        """ValueError unless q and k end in [..., D] with this map's head_dim (its kernel's scale, its
+        parameters and feature_dim are built for it) and, where the map's parameters are per head or span all
+        heads, in [..., H, D] with its num_heads."""
+        for name, x in (("q", q), ("k", k)):
+            if x.dim() < 2 or x.shape[-1] != self.head_dim or (self.heads_fixed and x.shape[-2] != self.num_heads):
+                dims = f"{self.num_heads}, {self.head_dim}" if self.heads_fixed else f"{self.head_dim}"
+                expected = f"[..., {dims}]"
+                raise ValueError(
+                    f"{type(self).__name__}(head_dim={self.head_dim}, num_heads={self.num_heads}) takes {name} "
+                    f"{expected} (heads, head dim), got {name} of shape {list(x.shape)}"
+                )
 
     def forward(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
         """Explicit features phi(q), phi(k): [B, T, H, F]."""
@@ -99,6 +113,7 @@ class QuadraticMap(FeatureMap):
         if scope not in ("joint", "per_head"):
             raise ValueError(f"scope must be 'joint' or 'per_head', got {scope!r}")
         self.scope = scope
+        self.heads_fixed = scope == "joint" and (normalise or gamma or beta)  # the norm / affine spans H * D
         self.kernel = Polynomial.rebased(head_dim)
         self.feature_dim = self.kernel.feature_dim(head_dim)
         shape = (num_heads * head_dim,) if scope == "joint" else (head_dim,)
@@ -106,6 +121,7 @@ class QuadraticMap(FeatureMap):
         self.k_norm = _ScaleShift(shape, normalise, gamma, beta) if scope == "joint" else self.q_norm
 
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        self.check_inputs(q, k)
         if self.scope == "per_head":
             return self.q_norm(q, self.backend), self.k_norm(k, self.backend)
         q = self.q_norm(q.flatten(-2), self.backend).unflatten(-1, q.shape[-2:])
@@ -125,6 +141,7 @@ class PolynomialMap(FeatureMap):
         self.normalize = self.kernel.non_negative
 
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        self.check_inputs(q, k)
         return q, k
 
 
@@ -136,6 +153,7 @@ class ElementwiseMap(FeatureMap):
         self.activation = {"relu": F.relu, "elu_plus_one": lambda x: F.elu(x) + 1.0}[activation]
 
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        self.check_inputs(q, k)
         return self.activation(q), self.activation(k)
 
 
@@ -161,6 +179,7 @@ class CosFormerMap(FeatureMap):
         return torch.cat([x * angle.sin().to(x.dtype), x * angle.cos().to(x.dtype)], dim=-1)
 
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        self.check_inputs(q, k)
         return self._features(q, offset), self._features(k, offset)
 
 
@@ -191,6 +210,7 @@ class PerformerMap(FeatureMap):
         return exponent.exp() * self.feature_dim**-0.5
 
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        self.check_inputs(q, k)
         return self._features(q), self._features(k)
 
 
@@ -211,6 +231,8 @@ class HedgehogMap(FeatureMap):
     Separate maps for q and k, initialised to the identity. Features are positive and sum to 2.
     """
 
+    heads_fixed = True  # a linear map per head
+
     def __init__(self, head_dim: int, num_heads: int = 1):
         super().__init__(head_dim, num_heads)
         self.feature_dim = 2 * head_dim
@@ -227,6 +249,7 @@ class HedgehogMap(FeatureMap):
         return torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1)
 
     def prepare(self, q: Tensor, k: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
+        self.check_inputs(q, k)
         return self._features(q, self.q_weight, self.q_bias), self._features(k, self.k_weight, self.k_bias)
 
 

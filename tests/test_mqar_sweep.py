@@ -7,6 +7,7 @@ import pytest
 
 from rebased.tasks.mqar.grids import EXPERIMENTS, MQARRun, experiment, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, load_results, plot_summary, summarise, summary_markdown
+from rebased.testing import assert_close
 
 
 def test_paper_fig1_grid_matches_the_paper():
@@ -50,9 +51,21 @@ def test_unknown_experiment_suggests_a_name():
 
 
 def test_models_build_for_every_experiment_name():
-    for name in ("rebased", "based", "attention", "square", "gamma_square"):
-        model = build_model(MQARRun(name, 24, 64, 8, 1e-3, vocab_size=64))
-        assert model.num_params() > 0
+    """Hand count at d_model 24, L 64, vocab 64 (the layout of test_model's Table 6 count):
+
+    embeddings 64*24 + positions 64*24 = 3,072; block 1: norms 2*48 + BaseConv (24*24+24) + (24*3+24) = 792;
+    final norm 48: shared 3,912. Block 2: norms 96 + the mixer:
+      linear attention, 12 heads of 16: q, k 2*24*192 = 9,216; v, out 24*24 each (value head dim 2) = 1,152
+        -> 14,376 for based, square and norm_square (no parameters in the map);
+        gamma_square + gamma for q and k 2*192 = 14,760; rebased and affine_square + gamma, beta 4*192 = 15,144
+      attention, 1 head with biases: qkv 24*72+72, out 24*24+24 = 2,400 -> 6,408
+    """
+    expected = {
+        "based": 14_376, "square": 14_376, "norm_square": 14_376, "gamma_square": 14_760,
+        "affine_square": 15_144, "rebased": 15_144, "attention": 6_408,
+    }  # fmt: skip
+    counts = {name: build_model(MQARRun(name, 24, 64, 8, 1e-3, vocab_size=64)).num_params() for name in expected}
+    assert counts == expected
 
 
 def test_ablation_kernel_model_uses_its_feature_map():
@@ -91,8 +104,8 @@ def test_summary_marks_cells_with_runs_pending_and_compares_only_finished_cells(
     assert paper_comparison(list(cells.values()), paper) == ""  # both cells still have runs to come
     finished = summarise(fake_results())
     table = paper_comparison(finished, paper)
-    assert "| rebased | 256 | 64      | 0.950 | 0.97" in table and "-0.020" in table
-    assert "| based   | 256 | 64      | 0.750 | 0.99  | -0.240       | differs by more than 0.05 |" in table
+    assert "| ReBased | 256 | 64      | 0.950 | 0.97" in table and "-0.020" in table
+    assert "| Based   | 256 | 64      | 0.750 | 0.99  | -0.240       | differs by more than 0.05 |" in table
 
 
 def test_results_file_round_trips_and_plot_is_written(tmp_path):
@@ -109,7 +122,7 @@ def test_select_gives_the_logits_of_the_selected_positions():
     model = build_model(MQARRun("rebased", 24, 64, 8, 1e-3, vocab_size=64)).eval()
     ids = torch.randint(0, 64, (3, 64), generator=torch.Generator().manual_seed(0))
     select = torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) < 0.2
-    assert torch.allclose(model(ids, select=select), model(ids)[select], atol=1e-6)
+    assert_close(model(ids, select=select), model(ids)[select], rel_rms=1e-6, name="selected logits")
 
 
 def tiny_runs():
@@ -186,3 +199,171 @@ def test_results_of_the_same_run_id_with_other_settings_are_refused(tmp_path):
     run_sweep(smoke, tmp_path, progress=False)
     with pytest.raises(ValueError, match="train_examples=128 \\(now 256\\)"):
         run_sweep(tiny_runs(), tmp_path, progress=False)
+
+
+# Display names, one seed, plots
+
+
+def test_one_seed_shows_no_spread_and_tables_show_display_names_in_order():
+    from rebased.tasks.mqar.grids import DISPLAY_NAMES
+    from rebased.tasks.mqar.sweep import summary_caption
+
+    rows = [dict(run_id=f"{m}-s0", model=m, d_model=64, seq_len=32, lr=3e-3, seed=0, accuracy=a)
+            for m, a in (("attention", 1.0), ("based", 0.5), ("rebased", 0.9))]  # fmt: skip
+    cells = summarise(rows)
+    assert [c.text() for c in cells] == ["0.900 (lr 0.003)", "0.500 (lr 0.003)", "1.000 (lr 0.003)"]
+    table = summary_markdown(cells)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["ReBased", "Based", "ConvAttention"]
+    assert "±" not in table and "one seed" in summary_caption(cells)
+    assert "mean ± std over 2 seeds" in summary_caption(summarise(fake_results()))
+    assert DISPLAY_NAMES["attention"] == "ConvAttention" and DISPLAY_NAMES["affine_square"] == "(gamma x + beta)^2"
+
+
+def write_metrics(runs_dir, run_id, steps, accuracy, loss):
+    folder = runs_dir / run_id
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"epoch": i + 1, "step": s, "train_loss": l, "accuracy": a, "loss": l})
+             for i, (s, a, l) in enumerate(zip(steps, accuracy, loss))]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def one_cell_results(runs_dir):
+    """Three models x two seeds at lr 3e-3 with metrics; one run at a worse lr that the plot must leave out."""
+    rows = []
+    for m, model in enumerate(("attention", "rebased", "based")):
+        for seed in (0, 1):
+            run_id = f"{model}-d64-L32-N4-lr0.003-s{seed}"
+            steps, accuracy = [100, 200, 300], [0.25, 0.5 + 0.1 * m, 0.9 + 0.01 * seed]
+            write_metrics(runs_dir, run_id, steps, accuracy, [3.0, 1.0, 0.1])
+            rows.append(dict(run_id=run_id, model=model, d_model=64, seq_len=32, lr=3e-3, seed=seed, accuracy=0.9))
+    write_metrics(runs_dir, "rebased-d64-L32-N4-lr0.01-s0", [100], [0.1], [5.0])
+    rows.append(dict(run_id="rebased-d64-L32-N4-lr0.01-s0", model="rebased", d_model=64, seq_len=32, lr=1e-2,
+                     seed=0, accuracy=0.1))  # fmt: skip
+    return rows
+
+
+def test_one_cell_plots_learning_curves_of_its_best_lr_runs(tmp_path):
+    from rebased.tasks.mqar.sweep import learning_curves, summary_figure
+
+    results = one_cell_results(tmp_path / "runs")
+    cells = summarise(results)
+    curves = learning_curves(results, cells, tmp_path / "runs")
+    assert [(c.model, c.seed) for c in curves] == [(m, s) for m in ("rebased", "based", "attention") for s in (0, 1)]
+    assert curves[0].steps == [100, 200, 300] and curves[0].accuracy == [0.25, 0.6, 0.9]
+    figure = summary_figure(cells, results, tmp_path / "runs")
+    accuracy_ax, loss_ax = figure.axes
+    assert accuracy_ax.get_xlabel() == "step" and accuracy_ax.get_ylabel() == "test accuracy"
+    lines = {line.get_gid(): line for line in accuracy_ax.get_lines() if line.get_gid()}
+    assert sorted(lines) == sorted(f"{m}/s{s}" for m in ("rebased", "based", "attention") for s in (0, 1))
+    assert list(lines["based/s1"].get_xdata()) == [100, 200, 300]
+    assert list(lines["based/s1"].get_ydata()) == [0.25, 0.7, 0.91]
+    assert lines["based/s0"].get_color() == lines["based/s1"].get_color() != lines["rebased/s0"].get_color()
+    assert len([line for line in loss_ax.get_lines() if line.get_gid()]) == 6
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["ReBased (2 seeds)", "Based (2 seeds)", "ConvAttention (2 seeds)", "early stop (0.99)"]
+
+
+def test_several_d_models_plot_accuracy_panels_and_one_cell_without_metrics_falls_back(tmp_path):
+    from rebased.tasks.mqar.sweep import summary_figure
+
+    rows = [dict(run_id=f"{m}{d}{length}{s}", model=m, d_model=d, seq_len=length, lr=1e-3, seed=s,
+                 accuracy=d / 1000 + length / 10000 + s / 100)
+            for m in ("based", "rebased") for d in (64, 128) for length in (128, 256) for s in (0, 1)]  # fmt: skip
+    figure = summary_figure(summarise(rows), rows, tmp_path)  # runs_dir given: still the panels
+    assert [ax.get_title() for ax in figure.axes] == ["L = 128", "L = 256"]
+    assert {ax.get_xlabel() for ax in figure.axes} == {"d_model"}
+    lines = {line.get_gid(): line for line in figure.axes[1].get_lines() if line.get_gid()}
+    assert sorted(lines) == ["based", "rebased"]
+    assert list(lines["rebased"].get_xdata()) == [64, 128]
+    assert list(lines["rebased"].get_ydata()) == pytest.approx([0.0896 + 0.005, 0.1536 + 0.005])
+    assert [t.get_text() for t in figure.axes[1].get_legend().get_texts()] == ["ReBased", "Based"]
+    one_cell = [r for r in rows if r["d_model"] == 64 and r["seq_len"] == 128]
+    fallback = summary_figure(summarise(one_cell), one_cell, tmp_path / "no-runs")
+    assert [ax.get_xlabel() for ax in fallback.axes] == ["d_model"]
+    across_lengths = summary_figure(summarise([r for r in rows if r["d_model"] == 64]))
+    assert [ax.get_xlabel() for ax in across_lengths.axes] == ["sequence length L"]
+
+
+# Stopping: a StopRequest (Ctrl-C), a results line cut short
+
+
+def test_stop_request_counts_as_a_passed_deadline_and_ctrl_c_twice_raises():
+    import math
+
+    from rebased.tasks.mqar.sweep import Deadline, StopRequest, interrupt_handler
+
+    stop = StopRequest()
+    deadline = Deadline(math.inf, stop)
+    assert not deadline.passed()
+    told = []
+    handler = interrupt_handler(stop, lambda: told.append(True))
+    handler(2, None)  # the first Ctrl-C: a request, no exception
+    assert stop.is_set() and told == [True]
+    assert deadline.passed()  # what train() asks at every step
+    with pytest.raises(KeyboardInterrupt):
+        handler(2, None)
+
+
+def stop_once_a_run_trains(stop, runs_dir):
+    """A thread that sets `stop` once a run has started training (its train_config.json is written)."""
+    import threading
+    import time
+
+    def wait_then_stop():
+        while not list(runs_dir.glob("*/train_config.json")):
+            time.sleep(0.02)
+        stop.set()
+
+    threading.Thread(target=wait_then_stop, daemon=True).start()
+
+
+def test_a_stop_request_checkpoints_the_running_run_and_starts_no_other(tmp_path):
+    import math
+
+    from rebased.tasks.mqar.sweep import Deadline, StopRequest, make_data, run_one, run_sweep, stopped_runs
+
+    long_runs = [dataclasses.replace(run, epochs=400) for run in tiny_runs()]  # 1,600 steps: running when stopped
+    stop = StopRequest()
+    stop.set()
+    assert run_sweep(long_runs, tmp_path / "a", progress=False, stop=stop) == []
+    assert not (tmp_path / "a" / "runs").exists()  # no run started
+    stop = StopRequest()
+    stop_once_a_run_trains(stop, tmp_path / "b" / "runs")
+    assert run_sweep(long_runs, tmp_path / "b", progress=False, stop=stop) == []
+    assert stopped_runs(long_runs, [], tmp_path / "b") == long_runs[:1]  # checkpointed mid-way
+    assert not (tmp_path / "b" / "runs" / long_runs[1].run_id).exists()  # the next run did not start
+    # A run stopped after its first step and resumed by the next sweep equals an uninterrupted run.
+    run = dataclasses.replace(tiny_runs()[0], epochs=2)
+    whole = run_one(run, make_data(run), tmp_path / "whole")
+    stopped = run_one(
+        run, make_data(run), tmp_path / "c" / "runs" / run.run_id, stop_when=Deadline(math.inf, stop).passed
+    )
+    assert stopped is None
+    (resumed,) = run_sweep([run], tmp_path / "c", progress=False)
+    assert resumed["steps"] == whole["steps"] == 8 and resumed["loss"] == whole["loss"]
+
+
+def test_a_stop_request_reaches_the_worker_processes(tmp_path):
+    """Workers see the parent's flag: a run stops at its next step with a checkpoint, queued runs do not start."""
+    from rebased.tasks.mqar.sweep import StopRequest, run_sweep, stopped_runs
+
+    runs = [dataclasses.replace(run, epochs=400) for run in tiny_runs()]
+    stop = StopRequest()
+    stop_once_a_run_trains(stop, tmp_path / "runs")
+    assert run_sweep(runs, tmp_path, workers=2, progress=False, stop=stop) == []
+    stopped = stopped_runs(runs, [], tmp_path)
+    assert stopped and all((tmp_path / "runs" / r.run_id).exists() == (r in stopped) for r in runs)
+
+
+def test_a_results_line_cut_short_is_skipped_and_repaired_before_the_next_append(tmp_path):
+    from rebased.tasks.mqar.sweep import _repair_tail
+
+    path = tmp_path / "results.jsonl"
+    rows = fake_results()[:2]
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:30])
+    assert load_results(path) == rows[:1]
+    _repair_tail(path)
+    assert path.read_text() == json.dumps(rows[0]) + "\n"
+    path.write_text(json.dumps(rows[0]))  # complete, only its newline missing: kept
+    _repair_tail(path)
+    assert load_results(path) == rows[:1] and path.read_text().endswith("}\n")

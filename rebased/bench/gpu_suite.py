@@ -36,6 +36,28 @@ class SuiteConfig:
     max_scores_bytes: float = 10e9  # skip a quadratic op whose fp32 scores alone would exceed this
     seed: int = 0
 
+    def __post_init__(self):
+        """Fail on a bad setting before the suite compiles or times anything."""
+        from rebased.bench.ops import check_polynomial
+        from rebased.ops import MODES
+        from rebased.ops.common import check_choice
+
+        for name in ("tokens", "heads", "head_dim", "value_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lengths or any(length < 1 for length in self.lengths):
+            raise ValueError(f"lengths must be one or more integers >= 1, got {self.lengths}")
+        if max(self.lengths) > self.tokens:
+            raise ValueError(f"lengths up to {max(self.lengths)} need at least that many tokens per call, "
+                             f"got tokens={self.tokens} (batch = tokens // T)")  # fmt: skip
+        for entry in self.entries:
+            mode, _, backend = entry.partition("/")
+            if entry != "chunk_states/triton" and (mode not in MODES or backend not in ("torch", "triton")):
+                raise ValueError(f"entry {entry!r}: expected MODE/BACKEND with MODE one of {', '.join(MODES)} and "
+                                 "BACKEND torch or triton, or chunk_states/triton")  # fmt: skip
+        check_choice("dtype", self.dtype, DTYPES)
+        check_polynomial(self.feature_map, self.head_dim, self.heads)
+
 
 @dataclass
 class SuiteRow:
@@ -67,7 +89,7 @@ def _suite_entries(config: SuiteConfig, kernel, normalize: bool) -> dict[str, tu
     """name -> (fn(q, k, v) -> o, is_quadratic). q, k are [B, T, H, D]; SDPA gets D = V, as in a softmax layer."""
     entries: dict[str, tuple[Callable, bool]] = {}
     for entry in config.entries:
-        if entry == "chunk_states/triton":  # the chunk-states kernels, not yet the registered chunk pair
+        if entry == "chunk_states/triton":  # chunk/triton's kernels called directly, without linear_attention
             from rebased.ops.triton.chunk_states import chunk_states_linear_attention
 
             options = dict(initial_state=None, output_final_state=False, eps=DEFAULT_EPS, chunk_size=64)

@@ -2,13 +2,16 @@
 
 On the CPU this is the quick demonstration behind `rebased bench`; on a GPU the same code times the
 Triton backend. Times are medians of `repeats` runs after one warm-up. The GPU suite beside the peers
-(`rebased bench --suite`) is rebased/gpu_suite.py.
+(`rebased bench --suite`) is rebased/bench/gpu_suite.py. A config is checked when it is made, so a bad
+one fails before anything is computed.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -16,11 +19,38 @@ from dataclasses import dataclass
 
 import torch
 
-from rebased.feature_maps import make_feature_map
+from rebased.feature_maps import FEATURE_MAPS, make_feature_map
 from rebased.ops import MODES, linear_attention, linear_attention_reference
+from rebased.ops.common import check_choice
 from rebased.testing import error_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+BENCH_BACKENDS = ("torch", "triton")
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device `name` (cpu, cuda, cuda:1) if this machine has it, else ValueError saying why."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {name!r}: not a device name (cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {name!r}: {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def check_triton(device: str) -> None:
+    """The triton backend needs the triton package and CUDA tensors (or the interpreter, TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend 'triton' needs the triton package (pip install triton), which is not installed")
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend 'triton' runs on CUDA tensors, not on {device!r} (or set TRITON_INTERPRET=1)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +69,31 @@ class OpBenchConfig:
     check_length: int = 65  # awkward on purpose: one past a chunk
     max_recurrent_length: int = 1024  # the recurrent scan is a Python loop over time: skip it past this
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("batch", "heads", "head_dim", "value_dim", "repeats", "check_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lengths or any(length < 1 for length in self.lengths):
+            raise ValueError(f"lengths must be one or more integers >= 1, got {self.lengths}")
+        for mode in self.modes:
+            check_choice("mode", mode, MODES)
+        for backend in self.backends:
+            check_choice("backend", backend, BENCH_BACKENDS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_device(self.device)
+        if "triton" in self.backends:
+            check_triton(self.device)
+        check_polynomial(self.feature_map, self.head_dim, self.heads)
+
+
+def check_polynomial(feature_map: str, head_dim: int, heads: int) -> None:
+    """The benchmarks time the ops' kernel-trick path, so the map must have a polynomial kernel."""
+    if make_feature_map(feature_map, head_dim, heads).kernel is None:
+        polynomial = ", ".join(n for n, make in FEATURE_MAPS.items() if make(head_dim, heads).kernel is not None)
+        raise ValueError(
+            f"feature map {feature_map!r} has no polynomial kernel, which the op benchmark needs: choose {polynomial}"
+        )
 
 
 @dataclass
@@ -65,8 +120,6 @@ def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _inputs(config: OpBenchConfig, length: int, generator: torch.Generator, requires_grad: bool):
     fmap = make_feature_map(config.feature_map, config.head_dim, config.heads)
-    if fmap.kernel is None:
-        raise ValueError(f"feature_map must have a polynomial kernel for the op benchmark, got {config.feature_map!r}")
     shape = (config.batch, length, config.heads)
     make = lambda dim: torch.randn(*shape, dim, generator=generator)  # noqa: E731
     q, k, v = make(config.head_dim), make(config.head_dim), make(config.value_dim)

@@ -5,36 +5,38 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rebased.cli import verb
+from rebased.cli import device, names, positive_int, positive_ints, verb
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-map", default="rebased", help="polynomial feature map (rebased, taylor, square...)")
-    parser.add_argument(
-        "--lengths", default=None, help="comma-separated sequence lengths (default 256,1024,4096; suite 1k..64k)"
-    )
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=None, help="default 4 (suite: 16)")
-    parser.add_argument("--head-dim", type=int, default=16)
-    parser.add_argument("--value-dim", type=int, default=64)
+    parser.add_argument("--lengths", type=positive_ints, default=None,
+                        help="comma-separated sequence lengths (default 256,1024,4096; suite 1k..64k)")  # fmt: skip
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=None, help="default 4 (suite: 16)")
+    parser.add_argument("--head-dim", type=positive_int, default=16)
+    parser.add_argument("--value-dim", type=positive_int, default=64)
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32 (suite: bfloat16)"
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backends", default="torch", help="comma-separated: torch, triton")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", type=device, default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--backends", type=names, default=("torch",), help="comma-separated: torch, triton")
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
         "--suite",
         action="store_true",
         help="GPU suite: fixed tokens per call (--tokens), every mode beside SDPA and fla, and the decode step",
     )
-    parser.add_argument("--tokens", type=int, default=65536, help="suite: tokens per call (batch = tokens // T)")
+    parser.add_argument("--tokens", type=positive_int, default=65536,
+                        help="suite: tokens per call (batch = tokens // T)")  # fmt: skip
     parser.add_argument(
         "--entries",
-        default="chunk/triton,parallel/triton,chunk/torch,parallel/torch",
+        type=names,
+        default=("chunk/triton", "parallel/triton", "chunk/torch", "parallel/torch"),
         help="suite: mode/backend pairs, or chunk_states/triton (the chunk-states kernels)",
     )
-    parser.add_argument("--decode-contexts", default="1024,4096,16384,65536", help="suite: SDPA KV-cache lengths")
+    parser.add_argument("--decode-contexts", type=positive_ints, default=(1024, 4096, 16384, 65536),
+                        help="suite: SDPA KV-cache lengths")  # fmt: skip
     parser.add_argument("--out", default=None, help="suite: write DIR/bench.md and DIR/bench.json")
 
 
@@ -51,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     config = OpBenchConfig(
         feature_map=args.feature_map,
         batch=args.batch,
-        heads=args.heads or 4,
+        heads=4 if args.heads is None else args.heads,
         head_dim=args.head_dim,
         value_dim=args.value_dim,
-        lengths=tuple(int(t) for t in (args.lengths or "256,1024,4096").split(",")),
-        backends=tuple(args.backends.split(",")),
+        lengths=args.lengths or (256, 1024, 4096),
+        backends=args.backends,
         dtype=args.dtype or "float32",
         device=args.device,
         repeats=args.repeats,
@@ -97,12 +99,11 @@ def _suite(args: argparse.Namespace) -> int:
     from rebased.bench.ops import OpBenchConfig, check_modes
 
     if not torch.cuda.is_available():
-        raise ValueError("--suite needs a CUDA GPU")
+        raise ValueError("--suite needs a CUDA GPU; without one, `rebased bench` (no --suite) times the torch ops")
     config = SuiteConfig(
-        feature_map=args.feature_map, tokens=args.tokens, heads=args.heads or 16, head_dim=args.head_dim,
-        value_dim=args.value_dim, entries=tuple(args.entries.split(",")), dtype=args.dtype or "bfloat16",
-        lengths=tuple(int(t) for t in args.lengths.split(",")) if args.lengths else SuiteConfig.lengths,
-        decode_contexts=tuple(int(c) for c in args.decode_contexts.split(",")),
+        feature_map=args.feature_map, tokens=args.tokens, heads=16 if args.heads is None else args.heads,
+        head_dim=args.head_dim, value_dim=args.value_dim, entries=args.entries, dtype=args.dtype or "bfloat16",
+        lengths=args.lengths or SuiteConfig.lengths, decode_contexts=args.decode_contexts,
     )  # fmt: skip
     check = OpBenchConfig(
         feature_map=config.feature_map, batch=2, heads=4, head_dim=config.head_dim, value_dim=config.value_dim,

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rebased.cli import verb
+from rebased.cli import device, verb
 
 TOKENIZER = "tokenizer.json"
 
@@ -23,8 +23,16 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop", default="", help="comma-separated stop token ids")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stop", type=_token_ids, default=(), help="comma-separated stop token ids")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu (default) or cuda")
+
+
+def _token_ids(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated token ids."""
+    try:
+        return tuple(int(word) for word in text.split(",") if word.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
 class _IdCodec:
@@ -63,6 +71,23 @@ def _codec(run_dir: Path):
     return _IdCodec()
 
 
+def _check_fits(model, prompts: list[list[int]], max_new_tokens: int, stop: tuple[int, ...]) -> None:
+    """Token ids inside the model's vocabulary, and prompt + new tokens inside its learned positions, checked
+    before the first token is printed."""
+    vocab = model.cfg.vocab_size
+    for ids in [*prompts, stop]:
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad} are outside the model's vocabulary [0, {vocab})")
+    positions = model.cfg.max_position_embeddings
+    prompt = max(len(ids) for ids in prompts)
+    if positions and prompt + max_new_tokens - 1 > positions:  # the last new token is never fed back
+        raise ValueError(
+            f"a {prompt}-token prompt and --max-new-tokens {max_new_tokens} go past the model's {positions} learned "
+            f"positions: ask for at most {positions - prompt + 1} new tokens"
+        )
+
+
 @verb("generate", "sample from a saved model, streaming tokens as they come", _arguments)
 def run(args: argparse.Namespace) -> int:
     import torch
@@ -74,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(run_dir, device=args.device)
     codec = _codec(run_dir)
     prompts = [codec.encode(text) for text in args.prompt]
+    _check_fits(model, prompts, args.max_new_tokens, args.stop)
     stream = len(prompts) == 1  # one prompt: print each token as it arrives
 
     def show(row: int, token: int) -> None:
@@ -87,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         generator=torch.Generator(device=args.device).manual_seed(args.seed),
-        stop_tokens=[int(t) for t in args.stop.split(",") if t.strip()],
+        stop_tokens=list(args.stop),
         on_token=show if stream else None,
     )
     if stream:

@@ -1,114 +1,245 @@
-"""`rebased mqar [EXPERIMENT]`: train and evaluate an MQAR grid, print the table, save results and a plot."""
+"""`rebased mqar [EXPERIMENT]`: train and evaluate an MQAR grid, print the table, save results and a plot.
+
+Everything the command line asks for is checked before the first run starts. Ctrl-C stops the sweep the
+way --time-limit does: finished runs are in results.jsonl, the runs still training checkpoint after their
+current step, and the command prints how to resume; a second Ctrl-C quits at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from rebased.cli import verb
+from rebased.cli import INTERRUPTED, names, positive_float, positive_int, positive_ints, verb
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", default="quick", help="quick (default), paper-fig1, "
                         "paper-ablation, length-gen")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default: runs/mqar-<experiment>)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the experiment's)")
-    parser.add_argument("--models", default=None, help="comma-separated subset of the experiment's models")
-    parser.add_argument("--lengths", default=None, help="comma-separated subset of the experiment's seq_len values")
-    parser.add_argument("--d-models", default=None, help="comma-separated subset of the experiment's d_model values")
+    parser.add_argument("--seeds", type=positive_int, default=None, help="seeds per cell (default: the experiment's)")
+    parser.add_argument("--models", type=names, default=None, help="comma-separated subset of the experiment's "
+                        "models, by CLI name: rebased (ReBased), based (Based), attention (ConvAttention), mamba, "
+                        "rwkv, or a kernel of paper-ablation")  # fmt: skip
+    parser.add_argument("--lengths", type=positive_ints, default=None,
+                        help="comma-separated subset of the experiment's seq_len values")  # fmt: skip
+    parser.add_argument("--d-models", type=positive_ints, default=None,
+                        help="comma-separated subset of the experiment's d_model values")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a run field for every run, e.g. --set epochs=2 (repeatable)")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=1, help="runs trained at once, in separate processes")
-    parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+    parser.add_argument("--workers", type=positive_int, default=1,
+                        help="runs trained at once, in separate processes")  # fmt: skip
+    parser.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
                         help="then start no new run and checkpoint the running ones; run again to resume")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: rewrite the table, summary.md, plot from --out's results")  # fmt: skip
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a name", "bool": "true or false"}
+_MIX_TYPE = "tuple[tuple[int, int], ...]"
+
+
 def parse_overrides(pairs: list[str]) -> dict:
+    """--set FIELD=VALUE pairs -> {field: value of the MQARRun field's type}; ValueError naming the field
+    and the type it takes. train_mix and test_mix take L:N pairs, e.g. 64:8,128:16."""
     from rebased.tasks.mqar.grids import MQARRun
 
     types = {f.name: f.type for f in dataclasses.fields(MQARRun)}
     overrides = {}
     for pair in pairs:
-        name, _, value = pair.partition("=")
-        if name not in types or not value:
-            raise ValueError(f"--set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}")
-        overrides[name] = float(value) if types[name] == "float" else int(value) if types[name] == "int" else value
+        name, equals, text = pair.partition("=")
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--set {pair!r}: unknown field {name!r}{hint} (fields: {', '.join(types)})")
+        if not equals or not text:
+            raise ValueError(f"--set {pair!r}: expected {name}=VALUE")
+        overrides[name] = _parse_value(pair, name, types[name], text)
     return overrides
 
 
-def keep_runs(runs: list, field: str, wanted: str | None, kind: type, flag: str, experiment: str) -> list:
-    """The runs whose `field` is one of the comma-separated `wanted` values (all runs when wanted is None)."""
+def _parse_value(pair: str, name: str, kind: str, text: str):
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "bool":
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+        if kind == _MIX_TYPE:
+            mix = tuple(tuple(int(x) for x in segment.split(":")) for segment in text.split(","))
+            if any(len(segment) != 2 for segment in mix):
+                raise ValueError(text)
+            return mix
+    except (ValueError, KeyError):
+        what = "L:N pairs, e.g. 64:8,128:16" if kind == _MIX_TYPE else _TYPE_WORDS[kind]
+        raise ValueError(f"--set {pair!r}: {name} takes {what}, got {text!r}") from None
+    return text
+
+
+def keep_runs(runs: list, field: str, wanted: tuple | None, flag: str, experiment: str) -> list:
+    """The runs whose `field` is one of `wanted` (all runs when wanted is None); ValueError naming any wanted
+    value the experiment does not have, with the values it has."""
+    from rebased.tasks.mqar.grids import DISPLAY_NAMES, display_name
+
     if wanted is None:
         return runs
-    values = {kind(value) for value in wanted.split(",")}
-    kept = [r for r in runs if getattr(r, field) in values]
-    if not kept:
-        raise ValueError(f"{flag} {wanted!r}: none of them is in experiment {experiment!r}")
-    return kept
+    have = list(dict.fromkeys(getattr(r, field) for r in runs))
+    unknown = [value for value in wanted if value not in have]
+    if unknown:
+        listed = ", ".join(f"{v} ({display_name(v)})" if field == "model" else str(v) for v in have)
+        message = f"{flag} {','.join(map(str, wanted))}: {', '.join(map(str, unknown))} not in experiment "
+        message += f"{experiment!r}, which has {listed}"
+        keys = {display.lower(): key for key, display in DISPLAY_NAMES.items()}
+        named = [f"{v!r} is {keys[str(v).lower()]!r}" for v in unknown if str(v).lower() in keys]
+        if field == "model" and named:
+            message += f" ({'; '.join(named)} on the command line)"
+        raise ValueError(message)
+    return [r for r in runs if getattr(r, field) in wanted]
+
+
+def command_line(args: argparse.Namespace, out: Path | None = None) -> str:
+    """The command that trains these runs (never --dry-run or --report), with --out when given or `out`."""
+    words = ["rebased", "mqar", args.experiment]
+    if args.out or out:
+        words += ["--out", str(args.out or out)]
+    if args.seeds is not None:
+        words += ["--seeds", str(args.seeds)]
+    for flag, values in (("--models", args.models), ("--lengths", args.lengths), ("--d-models", args.d_models)):
+        if values:
+            words += [flag, ",".join(map(str, values))]
+    for pair in args.set:
+        words += ["--set", pair]
+    if args.workers != 1:
+        words += ["--workers", str(args.workers)]
+    if args.time_limit is not None:
+        words += ["--time-limit", f"{args.time_limit:g}"]
+    return shlex.join(words)
 
 
 @verb("mqar", "train and evaluate an MQAR grid; print the table, write results.jsonl, summary.md, a plot", _arguments)
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from rebased.tasks.mqar.grids import experiment
-    from rebased.tasks.mqar.paper_values import PAPER_VALUES
     from rebased.tasks.mqar.sweep import (
-        paper_comparison,
+        StopRequest,
+        check_runs,
         pending_runs,
-        plot_summary,
         run_sweep,
+        stop_on_interrupt,
+        stopped_runs,
         stored_results,
-        summarise,
-        summary_markdown,
     )
 
     runs = experiment(args.experiment, args.seeds, **parse_overrides(args.set))
-    for flag, field, kind in (("models", "model", str), ("lengths", "seq_len", int), ("d_models", "d_model", int)):
-        runs = keep_runs(runs, field, getattr(args, flag), kind, f"--{flag.replace('_', '-')}", args.experiment)
+    for flag, field in (("models", "model"), ("lengths", "seq_len"), ("d_models", "d_model")):
+        runs = keep_runs(runs, field, getattr(args, flag), f"--{flag.replace('_', '-')}", args.experiment)
+    check_runs(runs)
     out = Path(args.out or f"runs/mqar-{args.experiment}")
-    print(f"rebased mqar {args.experiment}: {len(runs)} runs -> {out}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
+    results_path = out / "results.jsonl"
+    if args.report:
+        if not results_path.exists():
+            raise ValueError(f"--report: no results.jsonl in {out}: nothing was trained there; train with "
+                             f"`{command_line(args)}`")  # fmt: skip
+        results = stored_results(runs, results_path)
+        if not results:
+            raise ValueError(f"--report: {results_path} holds none of these {len(runs)} runs (were they trained "
+                             "with other --set, --seeds or --models?)")  # fmt: skip
+        print(f"\n{len(results)} of {len(runs)} runs done; wrote {_write_outputs(args, runs, results, out)}")
+        return 0
+    done = stored_results(runs, results_path)
+    pending = pending_runs(runs, done)
+    resumed = len(stopped_runs(runs, done, out))
+    from_checkpoints = f", {resumed} of them from their checkpoints" if resumed else ""
+    print(f"rebased mqar {args.experiment}: {len(runs)} runs -> {out} ({len(done)} done, {len(pending)} to train"
+          f"{from_checkpoints})")  # fmt: skip
     if args.dry_run:
-        pending = pending_runs(runs, stored_results(runs, out / "results.jsonl"))
-        print(f"{len(runs) - len(pending)} done in {out / 'results.jsonl'}; {len(pending)} to train, in this order:")
+        print(f"to train, in this order ({results_path} holds the finished ones):")
         for r in pending:
             print(f"  {r.run_id}")
         return 0
     started = time.perf_counter()
 
-    def report(result: dict, done: int, total: int) -> None:
-        print(f"  [{done}/{total}] {result['run_id']}: accuracy {result['accuracy']:.3f} "
-              f"({result['seconds']:.0f} s, {result['steps']} steps)", flush=True)  # fmt: skip
+    def report(result: dict, done: int, total: int) -> None:  # tqdm.write: above the progress bar, if one is shown
+        tqdm.write(f"  [{done}/{total}] {result['run_id']}: accuracy {result['accuracy']:.3f} "
+                   f"({result['seconds']:.0f} s, {result['steps']} steps)", file=sys.stdout)  # fmt: skip
 
+    def first_interrupt() -> None:
+        print("\nCtrl-C: stopping; each run still training checkpoints after its current step "
+              "(Ctrl-C again to quit at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+    stop = StopRequest()
     limit = None if args.time_limit is None else 60 * args.time_limit
-    if args.report:
-        results = stored_results(runs, out / "results.jsonl")
-    else:
-        results = run_sweep(
-            runs, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit, on_result=report
-        )
-    if not results:
-        print("no run finished (time limit?); run the same command again to continue")
-        return 1
+    try:
+        with stop_on_interrupt(stop, first_interrupt):
+            results = run_sweep(runs, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit,
+                                stop=stop, on_result=report)  # fmt: skip
+    except KeyboardInterrupt:
+        results = stored_results(runs, results_path)
+        print(f"\nrebased mqar: quit at once (second Ctrl-C). {_where_things_are(runs, results, out, args)}",
+              file=sys.stderr)  # fmt: skip
+        return INTERRUPTED
+    minutes = (time.perf_counter() - started) / 60
+    if results:
+        wrote = _write_outputs(args, runs, results, out)
+        print(f"\n{len(results)} of {len(runs)} runs done ({minutes:.1f} min this call); wrote {wrote}")
+    if stop.is_set():
+        print(f"\nrebased mqar: stopped by Ctrl-C. {_where_things_are(runs, results, out, args)}", file=sys.stderr)
+        return INTERRUPTED
+    if len(results) < len(runs):  # the time limit
+        print(f"\nTime limit reached. {_where_things_are(runs, results, out, args)}")
+    return 0
+
+
+def _where_things_are(runs, results, out: Path, args: argparse.Namespace) -> str:
+    """Where the finished and the stopped runs are, and the command that continues them."""
+    from rebased.tasks.mqar.sweep import stopped_runs
+
+    stopped = stopped_runs(runs, results, out)
+    left = len(runs) - len(results) - len(stopped)
+    lines = [f"finished runs, in {out / 'results.jsonl'}: {len(results)} of {len(runs)}"]
+    if stopped:
+        ids = ", ".join(run.run_id for run in stopped)
+        lines.append(f"checkpointed, to continue from {out / 'runs'}/RUN_ID/checkpoint.pt: {ids}")
+    if left:
+        lines.append(f"not started: {left}")
+    if len(results) < len(runs):
+        lines.append(f"resume with: {command_line(args, out)}")
+    return "\n".join(lines)
+
+
+def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
+    """Print the table; write summary.md and the plot. Returns what was written."""
+    from rebased.tasks.mqar.grids import display_name
+    from rebased.tasks.mqar.paper_values import PAPER_VALUES
+    from rebased.tasks.mqar.sweep import paper_comparison, plot_summary, summarise, summary_caption, summary_markdown
+
     cells = summarise(results, runs)
     table = summary_markdown(cells)
-    minutes = (time.perf_counter() - started) / 60
-    words = sys.argv[2:] if sys.argv[1:2] == ["mqar"] else [args.experiment]
-    command = " ".join(["rebased", "mqar", *words])
     left = len(runs) - len(results)
-    again = "the same command without --report" if args.report else "the same command again"
-    state = f"{left} of {len(runs)} runs still to train: run {again}" if left else "complete"
+    command = command_line(args)
+    state = f"{left} of {len(runs)} runs still to train: run it again" if left else "complete"
+    models = ", ".join(f"{display_name(m)} = `{m}`" for m in dict.fromkeys(c.model for c in cells))
     comparison = paper_comparison(cells, PAPER_VALUES.get(args.experiment, {}))
-    beside = f"\nBeside the paper (PAPER.md):\n\n{comparison}\n" if comparison else ""
-    (out / "summary.md").write_text(
-        f"# MQAR: {args.experiment}\n\nCommand: `{command}` ({state})\n\nBest test accuracy per run, mean ± std "
-        f"over seeds at the best learning rate per cell.\n\n{table}\n{beside}"
+    beside = (
+        f"\nBeside the paper (Aksenov et al., ACL 2024, arXiv 2402.10644; its settings and values are in "
+        f"docs/paper.md of the rebased repository):\n\n{comparison}\n"
+        if comparison
+        else ""
     )
-    plot = plot_summary(cells, out / "accuracy.png")
-    print(f"\n{table}\n\n{len(results)} runs ({state}) in {minutes:.1f} min; wrote {out / 'results.jsonl'}, "
-          f"{out / 'summary.md'}" + (f", {plot}" if plot else ""))  # fmt: skip
-    return 0
+    (out / "summary.md").write_text(
+        f"# MQAR: {args.experiment}\n\nCommand: `{command}` ({state})\n\n{summary_caption(cells)} Models "
+        f"(command-line names): {models}.\n\n{table}\n{beside}"
+    )
+    print(f"\n{table}")
+    plot = plot_summary(cells, out / "accuracy.png", results, out / "runs")
+    return ", ".join(str(p) for p in (out / "results.jsonl", out / "summary.md", plot) if p)

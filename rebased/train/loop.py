@@ -197,10 +197,11 @@ def _check_data(train_data: Examples | tuple[Tensor, Tensor], config: TrainConfi
 class _Engine:
     """The state of one call to train(): model, optimizer, data, and where the run is."""
 
-    def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist, stop_at, meter):
+    def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist, stop_when, meter):
         self.config, self.env, self.evaluate, self.progress, self.meter = config, env, evaluate, progress, meter
+        self.stop_when = stop_when  # () -> bool, asked after every optimizer step; None: never
         self.windows: dict[str, tuple[int, float]] = {}  # (step, time) where each rate measurement began
-        self.stop_at, self.interrupted = stop_at, False
+        self.interrupted = False
         self.files = RunFiles(run_dir, config)
         self.examples = _check_data(train_data, config, env.world)
         self.steps_per_epoch = len(self.examples) // config.batch_size
@@ -431,10 +432,10 @@ class _Engine:
         return True
 
     def past_deadline(self) -> bool:
-        """stop_at has passed, on any rank (a collective under DDP, so every rank stops at the same step)."""
-        if self.stop_at is None:
+        """The run was asked to stop, on any rank (a collective under DDP, so every rank stops at the same step)."""
+        if self.stop_when is None:
             return False
-        late = time.monotonic() > self.stop_at
+        late = bool(self.stop_when())
         if self.env.world > 1:
             flag = torch.tensor([float(late)], device=self.env.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -473,6 +474,14 @@ class _Engine:
         return self.result(state)
 
 
+def _stop_rule(stop_at: float | None, stop_when: Callable[[], bool] | None) -> Callable[[], bool] | None:
+    if stop_at is None:
+        return stop_when
+    if stop_when is None:
+        return lambda: time.monotonic() > stop_at
+    return lambda: time.monotonic() > stop_at or stop_when()
+
+
 def train(
     model: nn.Module,
     train_data: Examples | tuple[Tensor, Tensor],
@@ -482,6 +491,7 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     progress: bool = True,
     stop_at: float | None = None,
+    stop_when: Callable[[], bool] | None = None,
     meter: Meter | None = None,
 ) -> TrainResult:
     """Train `model` in place on examples: (inputs [N, L], labels [N, L] with -100 where unlabelled) or any
@@ -492,14 +502,16 @@ def train(
     (WORLD_SIZE > 1) the process group is initialised here (gloo on CPU, nccl on CUDA) when not already.
     stop_at (a time.monotonic() value): once it has passed, the run checkpoints after the current optimizer
     step and returns with finished=False; train() again with the same run_dir continues exactly from there
-    (how a sweep fits runs longer than one time-boxed call). meter: tokens/s and MFU in the progress bar and
-    in each metrics entry.
+    (how a sweep fits runs longer than one time-boxed call). stop_when() returning True does the same (a
+    Ctrl-C the caller caught, say); it is asked after every optimizer step. meter: tokens/s and MFU in the
+    progress bar and in each metrics entry.
     """
     torch.set_flush_denormal(True)  # denormal activations made the LM-head backward 50x slower on CPU
     env = _setup_distributed(config)
     try:
         torch.manual_seed(config.seed + env.rank)  # the only seeding: dropout streams differ across ranks
-        engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env, stop_at, meter)
+        engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env, _stop_rule(stop_at, stop_when),
+                         meter)  # fmt: skip
         result = engine.run()
         if env.owns_group:  # no rank tears its connections down while a peer's last collective is in flight
             dist.barrier()

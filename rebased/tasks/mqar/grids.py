@@ -1,10 +1,13 @@
 """MQAR experiments: each a function returning the grid of runs (models x d_model x L x lr x seeds).
 
-quick             the CPU default: ReBased, Based and attention on a small task, about 5 minutes on 2 cores
-paper-fig1        PAPER.md section 4: L 128..2048 (N = 16 at L = 128, else L / 4), d_model 64..512,
-                  lr {5e-4, 1e-3, 3e-3, 1e-2}, 100k train / 3k test, 64 epochs, batch 512
-paper-ablation    paper Table 1: the six kernels, 32 pairs, d_model 16/24/32/48, L 256 and 2048
+quick             the CPU default: ReBased, Based and ConvAttention on a small task, about 5 minutes on 2 cores
+paper-fig1        the paper's Fig. 1 (docs/paper.md): L 128..2048 (N = 16 at L = 128, else L / 4), d_model
+                  64..512, lr {5e-4, 1e-3, 3e-3, 1e-2}, 100k train / 3k test, 64 epochs, batch 512
+paper-ablation    the paper's Table 1: the six kernels, 32 pairs, d_model 16/24/32/48, L 256 and 2048
 length-gen        train on a mixture of short lengths, test on longer ones (no absolute positions)
+
+Runs, files and the command line name models by their registry keys (rebased, based, attention, ...);
+tables, plots and summaries show DISPLAY_NAMES.
 """
 
 from __future__ import annotations
@@ -18,13 +21,44 @@ from rebased.ops.common import check_choice
 PAPER_LRS = (5e-4, 1e-3, 3e-3, 1e-2)
 # Table 1's kernels, as MQAR model names: the linear-attention mixer with that feature map.
 ABLATION_KERNELS = ("based", "square", "norm_square", "gamma_square", "affine_square", "rebased")
+# The name each MQAR model goes by in tables, plots and summaries, in the order they are listed. An MQAR model
+# is two blocks of [BaseConv, mixer] (Mamba and RWKV: of the mixer alone; rebased.presets.mqar_model), as in
+# the paper: softmax attention there is the paper's ConvAttention (BaseConv + attention), and Based and ReBased
+# keep their names (the short convolution is part of their architecture). The square kernels are Table 1's.
+DISPLAY_NAMES = {
+    "rebased": "ReBased",
+    "based": "Based",
+    "attention": "ConvAttention",
+    "mamba": "Mamba",
+    "rwkv": "RWKV",
+    "square": "x^2",
+    "norm_square": "norm(x)^2",
+    "gamma_square": "(gamma x)^2",
+    "affine_square": "(gamma x + beta)^2",
+    "linear_attention": "BaseConv + linear attention",
+    "sliding_window": "BaseConv + sliding window",
+    "base_conv": "BaseConv",
+    "gated_base_conv": "BaseConv + gated BaseConv",
+    "hyena": "BaseConv + Hyena",
+}
+
+
+def display_name(model: str) -> str:
+    """The name tables, plots and summaries give the MQAR model `model` (a registry key)."""
+    return DISPLAY_NAMES.get(model, model)
+
+
+def model_order(model: str) -> tuple[int, str]:
+    """Sort key: the order of DISPLAY_NAMES, then other names alphabetically."""
+    keys = list(DISPLAY_NAMES)
+    return (keys.index(model) if model in keys else len(keys), model)
 
 
 @dataclass(frozen=True)
 class MQARRun:
     """One training run: a model on one MQAR task with one learning rate and seed."""
 
-    model: str  # rebased, based, attention, mamba, rwkv, or a feature-map name (kernel ablation)
+    model: str  # rebased, based, attention, mamba, rwkv, or a kernel of ABLATION_KERNELS (see DISPLAY_NAMES)
     d_model: int
     seq_len: int
     num_kv_pairs: int
@@ -49,21 +83,45 @@ class MQARRun:
         return (self.model, self.d_model, self.seq_len)
 
     def validate(self) -> None:
-        """Fail before any training on an unknown model or a task that cannot be generated."""
+        """Fail before any training on an unknown model, a task that cannot be generated, or a training
+        setting the loop would refuse later (messages name the MQARRun field)."""
         from rebased.config import MIXER_CONFIGS
 
         check_choice("MQAR model", self.model, sorted({*MIXER_CONFIGS, *ABLATION_KERNELS}))
-        for length, pairs in self.train_mix or ((self.seq_len, self.num_kv_pairs),):
+        for name in ("d_model", "seq_len", "epochs", "batch_size", "train_examples", "test_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.num_kv_pairs < 1:
+            raise ValueError(f"num_kv_pairs={self.num_kv_pairs}: must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr}: must be > 0")
+        if self.seed < 0 or self.data_seed < 0:
+            raise ValueError(f"seed={self.seed}, data_seed={self.data_seed}: seeds must be >= 0")
+        train_mix = self.train_mix or ((self.seq_len, self.num_kv_pairs),)
+        for length, pairs in train_mix:
             _check_task(length, pairs, self.vocab_size)
         for length, pairs in self.test_mix:
             _check_task(length, pairs, self.vocab_size)
+        train_examples = self.train_examples // len(train_mix) * len(train_mix)  # each segment gets an equal share
+        if train_examples < self.batch_size:
+            raise ValueError(
+                f"train_examples={self.train_examples}: fewer than one batch (batch_size={self.batch_size})"
+            )
+        test_mix = self.test_mix or train_mix
+        if self.test_examples < len(test_mix):
+            raise ValueError(f"test_examples={self.test_examples}: fewer than the {len(test_mix)} test lengths")
 
 
 def _check_task(seq_len: int, num_kv_pairs: int, vocab_size: int) -> None:
     if seq_len % 2:
         raise ValueError(f"seq_len={seq_len}: must be even (the queries fill (L - 2N) / 2 slots)")
+    if num_kv_pairs < 1:
+        raise ValueError(f"num_kv_pairs={num_kv_pairs}: must be >= 1")
     if 4 * num_kv_pairs > seq_len:
-        raise ValueError(f"num_kv_pairs={num_kv_pairs}: 4N must be <= seq_len={seq_len}")
+        raise ValueError(
+            f"num_kv_pairs={num_kv_pairs}: 4N must be <= seq_len={seq_len} (N keys and values, then N queries "
+            f"in (L - 2N) / 2 slots); at most {seq_len // 4} pairs fit"
+        )
     if num_kv_pairs > vocab_size // 2 - 1:
         raise ValueError(f"vocab_size={vocab_size}: too small for {num_kv_pairs} distinct keys")
 
@@ -124,9 +182,17 @@ EXPERIMENTS: dict[str, Callable[..., list[MQARRun]]] = {
 def experiment(name: str, seeds: int | None = None, **overrides) -> list[MQARRun]:
     """The runs of a named experiment, with optional field overrides (e.g. epochs=2 for a smoke test)."""
     check_choice("experiment", name, EXPERIMENTS)
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds={seeds}: must be >= 1 (no run would be planned)")
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(MQARRun)})
+    if unknown:
+        raise ValueError(f"unknown MQARRun fields {unknown}")
     runs = EXPERIMENTS[name]() if seeds is None else EXPERIMENTS[name](seeds=seeds)
     runs = [dataclasses.replace(run, **overrides) for run in runs]
     for run in runs:
-        run.validate()
+        try:
+            run.validate()
+        except ValueError as error:
+            raise ValueError(f"run {run.run_id}: {error}") from None
     # An override can fold grid points together (--set d_model=32): keep each run once, in grid order.
     return list({run.run_id: run for run in reversed(runs)}.values())[::-1]

@@ -1,8 +1,9 @@
-"""The paper's MQAR numbers (ReBased, Aksenov et al. 2024, as PAPER.md records them), to set ours beside.
+"""The paper's MQAR numbers (ReBased, Aksenov et al., ACL 2024, arXiv 2402.10644; docs/paper.md), to set
+ours beside.
 
 FIG1: approximate values read off Fig. 1 (best lr, mean over 5 seeds), by (model, L) -> d_model -> accuracy.
 TABLE1: the kernel ablation (32 pairs, mean over 5 seeds), by (kernel, L) -> d_model -> accuracy; kernel
-names are the MQAR model names of experiments.mqar.ABLATION_KERNELS.
+names are the MQAR model names of rebased.tasks.mqar.grids.ABLATION_KERNELS.
 """
 
 from __future__ import annotations
@@ -37,4 +38,4 @@ TABLE1: dict[tuple[str, int], dict[int, float]] = {
 }
 
 PAPER_VALUES = {"paper-fig1": FIG1, "paper-ablation": TABLE1}
-CLOSE = 0.05  # the README flags a cell whose difference from the paper is larger than this
+CLOSE = 0.05  # summary.md flags a cell whose difference from the paper is larger than this

@@ -2,42 +2,48 @@
 
 A run's score is its best test accuracy over epochs (as the paper reports); a cell (model, d_model, L)
 takes the learning rate with the best mean over seeds, and reports that mean and its standard deviation.
-results.jsonl holds one line per finished run; a sweep that stops resumes by skipping those.
+results.jsonl holds one line per finished run; a sweep that stops (a time limit, or a StopRequest such as
+Ctrl-C) checkpoints the runs still training and resumes by skipping the finished ones and continuing those.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import multiprocessing
 import os
+import signal
 import statistics
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from rebased import checkpoint
-from rebased.config import mixer_config
+from rebased.config import ModelConfig, mixer_config
 from rebased.model import LanguageModel
 from rebased.presets import mqar_model
 from rebased.tables import markdown_table
 from rebased.tasks.mqar.data import MQARSplits, make_mqar_splits
-from rebased.tasks.mqar.grids import ABLATION_KERNELS, MQARRun
+from rebased.tasks.mqar.grids import ABLATION_KERNELS, MQARRun, display_name, model_order
 from rebased.train import TrainConfig, train
 from rebased.train.evaluate import accuracy_by_slice
+from rebased.train.run_files import CHECKPOINT_FILE, METRICS_FILE, atomic_write
 
 log = logging.getLogger(__name__)
 MICRO_BATCH_TOKENS = 512 * 512  # gradient accumulation keeps a micro-batch at or under this many tokens
 
 
-def build_model(run: MQARRun) -> LanguageModel:
+def model_config(run: MQARRun) -> ModelConfig:
     """Named mixers use their MQAR preset; the other kernel-ablation names are linear attention with that map."""
     max_len = max((length for length, _ in run.train_mix + run.test_mix), default=run.seq_len)
     positions = max_len if run.position_embeddings else 0
@@ -47,7 +53,27 @@ def build_model(run: MQARRun) -> LanguageModel:
         cfg = cfg.replace(mixers={"linear_attention": mixer})
     else:
         cfg = mqar_model(run.model, run.d_model, max_len)
-    return LanguageModel(cfg.replace(vocab_size=run.vocab_size, max_position_embeddings=positions))
+    return cfg.replace(vocab_size=run.vocab_size, max_position_embeddings=positions)
+
+
+def build_model(run: MQARRun) -> LanguageModel:
+    return LanguageModel(model_config(run))
+
+
+def check_runs(runs: Sequence[MQARRun]) -> None:
+    """ValueError naming the run, before anything is trained, for a run whose task, model or training
+    settings would fail later (a model that does not fit its d_model, say)."""
+    seen = set()
+    for run in runs:
+        try:
+            run.validate()
+            key = (run.model, run.d_model, run.seq_len, run.vocab_size, run.train_mix, run.test_mix)
+            if key not in seen:  # one model config per distinct shape: configs validate, modules are not built
+                model_config(run)
+                seen.add(key)
+            train_config(run)
+        except ValueError as error:
+            raise ValueError(f"run {run.run_id}: {error}") from None
 
 
 def make_data(run: MQARRun) -> MQARSplits:
@@ -61,7 +87,8 @@ def make_data(run: MQARRun) -> MQARSplits:
 
 
 def train_config(run: MQARRun) -> TrainConfig:
-    """PAPER.md: AdamW, weight decay 0.1, cosine decay per epoch, no warmup, early stop above 0.99."""
+    """The paper's recipe (docs/paper.md): AdamW, weight decay 0.1, cosine decay per epoch, no warmup, early
+    stop above 0.99; gradient accumulation keeps a micro-batch within MICRO_BATCH_TOKENS."""
     longest = max([run.seq_len, *(length for length, _ in run.train_mix)])
     accumulation = max(1, math.ceil(run.batch_size * longest / MICRO_BATCH_TOKENS))
     while run.batch_size % accumulation:
@@ -75,10 +102,11 @@ def train_config(run: MQARRun) -> TrainConfig:
 
 def run_one(
     run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, progress: bool = False,
-    stop_at: float | None = None,
+    stop_at: float | None = None, stop_when: Callable[[], bool] | None = None,
 ) -> dict | None:  # fmt: skip
-    """Train and evaluate one run; its result line, or None when it stopped at stop_at (time.monotonic()),
-    checkpointed in run_dir, where the next call with the same run_dir resumes it."""
+    """Train and evaluate one run; its result line, or None when it stopped at stop_at (time.monotonic())
+    or once stop_when() said so, checkpointed in run_dir, where the next call with the same run_dir resumes
+    it."""
     torch.manual_seed(run.seed)  # the model's initial weights
     model = build_model(run)
     test = data.test
@@ -87,7 +115,9 @@ def run_one(
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
     evaluate = lambda m: accuracy_by_slice(m, test.inputs, test.labels, slices, device=device)  # noqa: E731
     train_data = (data.train.inputs, data.train.labels)
-    result = train(model, train_data, config, run_dir, evaluate=evaluate, progress=progress, stop_at=stop_at)
+    result = train(
+        model, train_data, config, run_dir, evaluate=evaluate, progress=progress, stop_at=stop_at, stop_when=stop_when
+    )
     if not result.finished:
         return None
     if run_dir is not None:  # the final weights, loadable by `rebased generate` and the analyses
@@ -111,9 +141,44 @@ def run_one(
 
 
 def load_results(path: Path) -> list[dict]:
+    """The result lines of results.jsonl ([] when there is none). A last line without its newline that is
+    not JSON is a write cut short (the process was killed mid-line): it is skipped, and its run is trained
+    again or read back from its finished checkpoint. Any other line that is not a result is an error."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")
+    results = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log.warning("%s: skipping its last line, cut short: %.60s", path, line)
+                continue
+            raise ValueError(f"{path}, line {number}: not a JSON result line; repair or delete that line") from None
+        if not isinstance(result, dict) or "run_id" not in result:
+            raise ValueError(f"{path}, line {number}: a result line needs a run_id; repair or delete that line")
+        results.append(result)
+    return results
+
+
+def _repair_tail(path: Path) -> None:
+    """Before appending: end results.jsonl with a newline, dropping a last line cut short mid-write, so the
+    next line is not glued to it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+        tail = data + b"\n"
+    except json.JSONDecodeError:
+        tail = data[:cut]
+    atomic_write(path, lambda handle: handle.write(tail))
 
 
 def stored_results(runs: Sequence[MQARRun], path: Path) -> list[dict]:
@@ -147,33 +212,115 @@ def pending_runs(runs: Sequence[MQARRun], results: Sequence[dict]) -> list[MQARR
     return sorted((run for run in runs if run.run_id not in done), key=lambda run: (longest(run), run.d_model))
 
 
-def _train_in_worker(run: MQARRun, run_dir: Path, threads: int, stop_at: float | None) -> dict | None:
+class StopRequest:
+    """Asks a sweep to stop early, as its time limit does: no run starts once it is set, and every run still
+    training stops after its current optimizer step, checkpointed, for the next call to resume. The flag is
+    a byte in shared memory: a signal handler may set it (no lock to deadlock on) and worker processes,
+    which get it when they start, see it."""
+
+    def __init__(self) -> None:
+        self._flag = multiprocessing.get_context("spawn").RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the sweep's runs stop: a time.monotonic() instant (inf: none), or once `stop` is set."""
+
+    instant: float
+    stop: StopRequest
+
+    def passed(self) -> bool:
+        return self.stop.is_set() or time.monotonic() > self.instant
+
+
+def interrupt_handler(stop: StopRequest, on_first: Callable[[], None] = lambda: None) -> Callable:
+    """A SIGINT handler: the first Ctrl-C sets `stop` (the runs checkpoint and the sweep returns) and calls
+    on_first(); a second raises KeyboardInterrupt at once, and a run interrupted that way resumes from its
+    last checkpoint (an epoch end)."""
+    count = 0
+
+    def handler(signum, frame) -> None:
+        nonlocal count
+        count += 1
+        stop.set()
+        if count > 1:
+            raise KeyboardInterrupt
+        on_first()
+
+    return handler
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(stop: StopRequest, on_first: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Within: Ctrl-C goes to interrupt_handler(stop, on_first) (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupt_handler(stop, on_first))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_WORKER_STOP: StopRequest | None = None  # the parent's StopRequest, in a worker process
+
+
+def _start_worker(stop: StopRequest) -> None:
+    """A worker's initializer: the parent's StopRequest, and Ctrl-C (which the terminal sends to every
+    process of the sweep) handled as in the parent, rather than killing the worker mid-step."""
+    global _WORKER_STOP
+    _WORKER_STOP = stop
+    signal.signal(signal.SIGINT, interrupt_handler(stop))
+
+
+def _train_in_worker(run: MQARRun, run_dir: Path, threads: int, deadline: float) -> dict | None:
     """One run in a worker process: its own data (the fast generator takes seconds) and CPU threads.
-    time.monotonic() is system-wide on Linux, so the parent's deadline means the same instant here."""
+    time.monotonic() is system-wide on Linux, so the parent's deadline means the same instant here. A run
+    handed over after the sweep was stopped returns at once."""
+    stop_at = Deadline(deadline, _WORKER_STOP or StopRequest())
+    if stop_at.passed():
+        return None
     torch.set_num_threads(threads)
-    return run_one(run, make_data(run), run_dir, stop_at=stop_at)
+    return run_one(run, make_data(run), run_dir, stop_when=stop_at.passed)
 
 
 def run_sweep(
     runs: Sequence[MQARRun], out_dir: str | Path, *, workers: int = 1, progress: bool = True,
-    time_limit: float | None = None,
+    time_limit: float | None = None, stop: StopRequest | None = None,
     on_result: Callable[[dict, int, int], None] = lambda result, done, total: None,
 ) -> list[dict]:  # fmt: skip
     """Train every run not yet in out_dir/results.jsonl and return the results of `runs`.
 
-    Runs go cheapest first (by L, then d_model). workers > 1 trains that many runs at once in separate
-    processes (on one H200 at the paper's batch this gained 1.0-1.4x: benchmarks/results/h200_mqar). With
-    one worker, data is generated once per distinct task. time_limit (seconds): start no run after it has
-    passed, and stop a run still training then at its next optimizer step, checkpointed in
-    out_dir/runs/RUN_ID; the next call skips the runs in results.jsonl and resumes the checkpointed ones.
+    Every run is checked first (check_runs), so a bad one fails before anything is trained. Runs go
+    cheapest first (by L, then d_model). workers > 1 trains that many runs at once in separate processes
+    (worth it where one run leaves the device idle; benchmarks/results/h200_mqar has the measurements).
+    With one worker, data is generated once per distinct task. time_limit (seconds) or `stop` (once set):
+    start no run, and stop each run still training at its next optimizer step, checkpointed in
+    out_dir/runs/RUN_ID; the next call skips the runs in results.jsonl and resumes the checkpointed ones
+    (stopped_runs lists them). An exception in this process or a worker (a failed run, a second Ctrl-C
+    under stop_on_interrupt) sets `stop`, so the other workers checkpoint, and is raised once they have.
     """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    check_runs(runs)
+    stop = stop or StopRequest()
     deadline = math.inf if time_limit is None else time.monotonic() + time_limit
-    stop_at = None if time_limit is None else deadline
+    stop_at = Deadline(deadline, stop)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder for the sweep's results")
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.jsonl"
     results = stored_results(runs, results_path)
     todo = pending_runs(runs, results)
+    _repair_tail(results_path)
 
     def record(result: dict) -> None:
         with results_path.open("a") as handle:  # one line per finished run: the sweep's resume point
@@ -181,40 +328,48 @@ def run_sweep(
         results.append(result)
         on_result(result, len(results), len(runs))
 
-    if workers <= 1:
+    if workers == 1:
         data_cache: dict[tuple, MQARSplits] = {}
         for run in todo:
-            if time.monotonic() > deadline:
+            if stop_at.passed():
                 break
             if _data_key(run) not in data_cache:
                 data_cache.clear()  # one task's data in memory at a time
                 data_cache[_data_key(run)] = make_data(run)
             run_dir = out_dir / "runs" / run.run_id
-            result = run_one(run, data_cache[_data_key(run)], run_dir, progress=progress, stop_at=stop_at)
+            result = run_one(run, data_cache[_data_key(run)], run_dir, progress=progress, stop_when=stop_at.passed)
             if result is not None:
                 record(result)
-        _log_left(runs, results)
         return results
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into workers
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads, stop_at) for run in todo]
-        for future in as_completed(futures):
-            if future.cancelled():
-                continue
-            if (result := future.result()) is not None:
-                record(result)
-            if time.monotonic() > deadline:  # runs not started yet are dropped; running ones checkpoint
-                for pending in futures:
-                    pending.cancel()
-    _log_left(runs, results)
+    bar = tqdm(total=len(todo), desc=f"runs, {workers} at once", unit="run", disable=not progress or not todo)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(stop,)) as pool:
+        futures = [pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads, deadline) for run in todo]
+        try:
+            for future in as_completed(futures):
+                if future.cancelled():
+                    continue
+                bar.update(1)
+                if (result := future.result()) is not None:
+                    record(result)
+                if stop_at.passed():  # runs not started yet are dropped; running ones checkpoint
+                    for pending in futures:
+                        pending.cancel()
+        except BaseException:  # Ctrl-C, or a run that failed: the other runs checkpoint and stop
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
     return results
 
 
-def _log_left(runs: Sequence[MQARRun], results: Sequence[dict]) -> None:
-    if len(results) < len(runs):
-        log.warning("%d runs left for the next call (a run stopped by the time limit resumes from its checkpoint)",
-                    len(runs) - len(results))  # fmt: skip
+def stopped_runs(runs: Sequence[MQARRun], results: Sequence[dict], out_dir: str | Path) -> list[MQARRun]:
+    """The runs without a result that have a checkpoint in out_dir/runs/RUN_ID: the next sweep resumes them."""
+    return [
+        run for run in pending_runs(runs, results) if (Path(out_dir) / "runs" / run.run_id / CHECKPOINT_FILE).exists()
+    ]
 
 
 @dataclass
@@ -224,18 +379,19 @@ class CellSummary:
     seq_len: int
     best_lr: float
     mean: float
-    std: float
+    std: float  # over seeds; 0.0 for one seed, which has no spread to show
     seeds: int
     missing: int = 0  # planned runs of this cell (any lr, any seed) not finished yet: the best lr may change
 
     def text(self) -> str:
-        pending = f", {self.missing} runs pending" if self.missing else ""
-        return f"{self.mean:.3f} ± {self.std:.3f} (lr {self.best_lr:g}{pending})"
+        spread = f" ± {self.std:.3f}" if self.seeds > 1 else ""
+        pending = f", {self.missing} run{'s' if self.missing > 1 else ''} pending" if self.missing else ""
+        return f"{self.mean:.3f}{spread} (lr {self.best_lr:g}{pending})"
 
 
 def summarise(results: Sequence[dict], planned: Sequence[MQARRun] = ()) -> list[CellSummary]:
     """Best lr per cell (by mean over seeds), its mean and std; `planned` (the sweep's runs) lets a cell say
-    how many of its runs are still missing."""
+    how many of its runs are still missing. Sorted by model (DISPLAY_NAMES order), L, d_model."""
     by_cell: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_cell[(r["model"], r["d_model"], r["seq_len"])][r["lr"]].append(r["accuracy"])
@@ -249,18 +405,31 @@ def summarise(results: Sequence[dict], planned: Sequence[MQARRun] = ()) -> list[
         std = statistics.stdev(scores) if len(scores) > 1 else 0.0
         mean, pending = statistics.fmean(scores), missing[(model, d_model, seq_len)]
         cells.append(CellSummary(model, d_model, seq_len, lr, mean, std, len(scores), pending))
-    return sorted(cells, key=lambda c: (c.model, c.seq_len, c.d_model))
+    return sorted(cells, key=lambda c: (model_order(c.model), c.seq_len, c.d_model))
+
+
+def summary_caption(cells: Sequence[CellSummary]) -> str:
+    """What the numbers of summary_markdown are, in one sentence."""
+    seeds = sorted({c.seeds for c in cells})
+    if seeds == [1]:
+        return "Best test accuracy of one seed per cell, at the best learning rate per cell."
+    one = " (no spread where a cell has one seed)" if 1 in seeds else ""
+    return (
+        f"Best test accuracy per run, mean ± std over {'/'.join(map(str, seeds))} seeds at the best learning "
+        f"rate per cell{one}."
+    )
 
 
 def summary_markdown(cells: Sequence[CellSummary]) -> str:
-    """Rows (model, L), columns d_model: mean accuracy +- std over seeds at the best lr."""
+    """Rows (model, L), columns d_model: mean accuracy ± std over seeds at the best lr."""
     d_models = sorted({c.d_model for c in cells})
     rows: dict[tuple, dict[int, CellSummary]] = defaultdict(dict)
     for c in cells:
         rows[(c.model, c.seq_len)][c.d_model] = c
     table = []
-    for (model, seq_len), by_d in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
-        table.append([model, seq_len, *("-" if by_d.get(d) is None else by_d[d].text() for d in d_models)])
+    for (model, seq_len), by_d in sorted(rows.items(), key=lambda item: (item[0][1], model_order(item[0][0]))):
+        cells_text = ("-" if by_d.get(d) is None else by_d[d].text() for d in d_models)
+        table.append([display_name(model), seq_len, *cells_text])
     return markdown_table(["model", "L", *(f"d_model {d}" for d in d_models)], table)
 
 
@@ -270,56 +439,156 @@ def paper_comparison(cells: Sequence[CellSummary], paper: dict[tuple[str, int], 
     from rebased.tasks.mqar.paper_values import CLOSE
 
     rows = []
-    for c in sorted(cells, key=lambda c: (c.seq_len, c.model, c.d_model)):
+    for c in sorted(cells, key=lambda c: (c.seq_len, model_order(c.model), c.d_model)):
         theirs = paper.get((c.model, c.seq_len), {}).get(c.d_model)
         if theirs is not None and not c.missing:
             diff = c.mean - theirs
             flag = f"differs by more than {CLOSE}" if abs(diff) > CLOSE else ""
-            rows.append([c.model, c.seq_len, c.d_model, f"{c.mean:.3f}", f"{theirs:.2f}", f"{diff:+.3f}", flag])
+            row = [display_name(c.model), c.seq_len, c.d_model, f"{c.mean:.3f}", f"{theirs:.2f}", f"{diff:+.3f}", flag]
+            rows.append(row)
     if not rows:
         return ""
     return markdown_table(["model", "L", "d_model", "ours", "paper", "ours - paper", ""], rows)
 
 
-def plot_summary(cells: Sequence[CellSummary], path: str | Path) -> Path | None:
-    """Accuracy against d_model, one panel per L, one line per model (the paper's Fig. 1 layout)."""
-    try:
-        import matplotlib
+@dataclass
+class Curve:
+    """One run's evaluations, from its metrics.jsonl: test accuracy and mean training loss at each step."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    model: str
+    seed: int
+    steps: list[int]
+    accuracy: list[float]
+    train_loss: list[float]
+
+
+def learning_curves(results: Sequence[dict], cells: Sequence[CellSummary], runs_dir: str | Path) -> list[Curve]:
+    """The curves of each cell's runs at its best lr (the runs its table entry averages), read from
+    runs_dir/RUN_ID/metrics.jsonl, by model (DISPLAY_NAMES order) and seed; runs without the file are left out."""
+    best = {(c.model, c.d_model, c.seq_len): c.best_lr for c in cells}
+    curves = []
+    for r in results:
+        if best.get((r["model"], r["d_model"], r["seq_len"])) != r["lr"]:
+            continue
+        path = Path(runs_dir) / r["run_id"] / METRICS_FILE
+        if not path.exists():
+            continue
+        entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        entries = [e for e in entries if "accuracy" in e and "step" in e]
+        steps, accuracy, loss = ([e[k] for e in entries] for k in ("step", "accuracy", "train_loss"))
+        curves.append(Curve(r["model"], r["seed"], steps, accuracy, loss))
+    return sorted(curves, key=lambda c: (model_order(c.model), c.seed))
+
+
+def plot_summary(
+    cells: Sequence[CellSummary], path: str | Path, results: Sequence[dict] = (), runs_dir: str | Path | None = None
+) -> Path | None:
+    """summary_figure() written to `path`; None without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
         log.warning("matplotlib is not installed: no plot")
         return None
-    lengths = sorted({c.seq_len for c in cells})
-    models = sorted({c.model for c in cells})
-    colours = {model: f"C{i}" for i, model in enumerate(models)}  # one colour per model in every panel
-    fig, axes = plt.subplots(1, len(lengths), figsize=(3.2 * len(lengths), 3.0), sharey=True, squeeze=False)
-    for ax, length in zip(axes[0], lengths):
-        for model in models:
-            points = sorted(
-                (c.d_model, c.mean, c.std, c.missing) for c in cells if c.model == model and c.seq_len == length
-            )
-            if not points:
+    summary_figure(cells, results, runs_dir).savefig(path, dpi=120)
+    return Path(path)
+
+
+def summary_figure(cells: Sequence[CellSummary], results: Sequence[dict] = (), runs_dir: str | Path | None = None):
+    """The figure that says most about these cells: for one (d_model, L) cell, where accuracy at one x
+    position would repeat the table, its learning curves (curves_figure, from runs_dir's metrics.jsonl when
+    there); for several d_models, accuracy against d_model per L (the paper's Fig. 1 layout); for one
+    d_model at several L, accuracy against L."""
+    if len({(c.d_model, c.seq_len) for c in cells}) == 1 and runs_dir is not None:
+        curves = learning_curves(results, cells, runs_dir)
+        if curves:
+            return curves_figure(curves, cells)
+    several_d = len({c.d_model for c in cells}) > 1 or len({c.seq_len for c in cells}) == 1
+    return accuracy_figure(cells, "d_model" if several_d else "seq_len")
+
+
+def _plain(value: float, position=None) -> str:
+    return f"{value:g}"
+
+
+def _colours(models: Sequence[str]) -> dict[str, str]:
+    """One colour per model, the same in every panel, in DISPLAY_NAMES order."""
+    return {model: f"C{i}" for i, model in enumerate(sorted(set(models), key=model_order))}
+
+
+def curves_figure(curves: Sequence[Curve], cells: Sequence[CellSummary]):
+    """Test accuracy (left) and mean training loss since the previous evaluation (right, log scale) against
+    the optimizer step: one line per run, one colour per model, labelled once. Lines carry gid MODEL/sSEED."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    colours = _colours([c.model for c in curves])
+    figure = Figure(figsize=(10.0, 3.4), layout="constrained")
+    accuracy_ax, loss_ax = figure.subplots(1, 2)
+    for curve in curves:
+        style = dict(color=colours[curve.model], marker="o", markersize=3, alpha=0.85)
+        style["gid"] = f"{curve.model}/s{curve.seed}"
+        accuracy_ax.plot(curve.steps, curve.accuracy, **style)
+        loss_ax.plot(curve.steps, curve.train_loss, **style)
+    accuracy_ax.axhline(0.99, color="grey", lw=0.8, ls=":")  # the early stop: a run ends once above it
+    accuracy_ax.set(xlabel="step", ylabel="test accuracy", ylim=(-0.02, 1.02))
+    loss_ax.set(xlabel="step", ylabel="train loss", yscale="log")
+    loss_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    loss_ax.yaxis.set_major_formatter(_plain)
+    loss_ax.yaxis.set_minor_formatter(NullFormatter())
+    for ax in (accuracy_ax, loss_ax):
+        ax.grid(alpha=0.3)
+    seeds = {model: sum(c.model == model for c in curves) for model in colours}
+    handles = [Line2D([], [], color=colours[m], marker="o", label=f"{display_name(m)} ({seeds[m]} seeds)"
+                      if seeds[m] > 1 else display_name(m)) for m in colours]  # fmt: skip
+    handles.append(Line2D([], [], color="grey", lw=0.8, ls=":", label="early stop (0.99)"))
+    figure.legend(handles=handles, fontsize=8, loc="outside right upper")
+    cell = cells[0]
+    lrs = sorted({c.best_lr for c in cells})
+    lr = f"lr {lrs[0]:g}" if len(lrs) == 1 else "each model at its best lr"
+    figure.suptitle(f"MQAR, L {cell.seq_len}, d_model {cell.d_model} ({lr}): one line per seed", fontsize=10)
+    return figure
+
+
+def accuracy_figure(cells: Sequence[CellSummary], x: str = "d_model"):
+    """Accuracy against x ("d_model": one panel per L, as the paper's Fig. 1; "seq_len": one panel), one line
+    per model (gid MODEL), ± std over seeds where a cell has more than one; hollow markers on cells with runs
+    still pending."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    panels = sorted({c.seq_len for c in cells}) if x == "d_model" else [None]
+    colours = _colours([c.model for c in cells])
+    figure = Figure(figsize=(3.2 * len(panels) if x == "d_model" else 4.5, 3.0))
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, length in zip(axes, panels):
+        for model in colours:
+            mine = [c for c in cells if c.model == model and (length is None or c.seq_len == length)]
+            if not mine:
                 continue
-            d, mean, std, missing = zip(*points)
-            ax.errorbar(d, mean, yerr=std, marker="o", capsize=2, color=colours[model], label=model)
-            pending = [(x, y) for x, y, m in zip(d, mean, missing) if m]
+            mine.sort(key=lambda c: getattr(c, x))
+            xs, means = [getattr(c, x) for c in mine], [c.mean for c in mine]
+            spread = [c.std if c.seeds > 1 else 0.0 for c in mine] if any(c.seeds > 1 for c in mine) else None
+            line = ax.errorbar(xs, means, yerr=spread, marker="o", capsize=2, color=colours[model]).lines[0]
+            line.set_gid(model)  # the means' line (not its caps)
+            pending = [(c_x, c.mean) for c_x, c in zip(xs, mine) if c.missing]
             if pending:  # hollow marker: this cell still has runs to train, its best lr may change
                 ax.plot(*zip(*pending), "o", markersize=9, markerfacecolor="white", color=colours[model])
         ax.set_xscale("log", base=2)
-        ax.set_title(f"L = {length}")
-        ax.set_xlabel("d_model")
+        ax.set_xticks(sorted({getattr(c, x) for c in cells}), minor=False)
+        ax.xaxis.set_major_formatter(_plain)
+        ax.minorticks_off()
+        if length is not None:
+            ax.set_title(f"L = {length}")
+        else:
+            ax.set_title(f"d_model = {', '.join(str(d) for d in sorted({c.d_model for c in cells}))}")
+        ax.set_xlabel("d_model" if x == "d_model" else "sequence length L")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("MQAR accuracy")
-    handles = [plt.Line2D([], [], color=colours[m], marker="o", label=m) for m in models]
+    axes[0].set_ylabel("MQAR accuracy")
+    handles = [Line2D([], [], color=colours[m], marker="o", label=display_name(m)) for m in colours]
     if any(c.missing for c in cells):
-        handles.append(
-            plt.Line2D([], [], color="grey", marker="o", markerfacecolor="white", ls="", label="runs pending")
-        )
-    axes[0][-1].legend(handles=handles, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+        handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white", ls="", label="runs pending"))
+    axes[-1].legend(handles=handles, fontsize=8)
+    figure.tight_layout()
+    return figure
