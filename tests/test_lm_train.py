@@ -138,3 +138,30 @@ def test_flops_per_token_counts_matmuls_and_mixers():
     rebased = pile_150m("rebased")
     matmuls = LanguageModel(rebased).num_params(exclude_embeddings=True) + 768 * rebased.vocab_size
     assert flops_per_token(rebased, 2048) == 3 * (2 * matmuls + 9 * 4 * 256 * 768)  # 9 ReBased layers, F 256
+
+
+def test_generate_takes_and_prints_text(shards, tmp_path, capsys):
+    from rebased.cli import main
+    from rebased.commands.generate import _TextCodec
+    from rebased.generate import generate
+
+    train_lm(tiny_run(shards, steps=2), tmp_path / "run", progress=False)
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "The", "--max-new-tokens", "6",
+                 "--temperature", "0"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    codec = _TextCodec(tmp_path / "run")
+    model = checkpoint.load(tmp_path / "run")
+    (tokens,) = generate(model, [codec.encode("The")], 6, temperature=0)
+    assert codec.encode("The")[0] == 256  # the prompt starts a document, after the end-of-document token
+    assert printed.rstrip("\n") == codec.decode(tokens).rstrip("\ufffd")
+
+
+def test_streamed_text_waits_for_whole_characters(shards):
+    from rebased.commands.generate import _TextCodec
+
+    codec = _TextCodec.__new__(_TextCodec)
+    from rebased.tasks.lm.tokenizers import load_tokenizer
+
+    codec.tokenizer = load_tokenizer(shards)  # the bytes tokenizer: "é" is two tokens
+    text_of = codec.stream()
+    assert [text_of(token) for token in "aé!".encode()] == ["a", "", "é", "!"]

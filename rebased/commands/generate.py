@@ -1,18 +1,19 @@
 """`rebased generate RUN_DIR --prompt ...`: load a saved model and stream sampled tokens as they come.
 
-Prompts are text when RUN_DIR holds a tokenizer.json (and the `tokenizers` package is installed), else
-space-separated token ids; the output is printed the same way.
+Prompts are text when RUN_DIR holds a tokenizer.json (a language model of `rebased train`), else
+space-separated token ids (an MQAR model); the output is printed the same way. A text prompt starts after the
+end-of-document token, as every document did in training, so an empty prompt starts a new document.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from rebased.cli import device, verb
 
 TOKENIZER = "tokenizer.json"
+HELD_BACK = "\ufffd"  # what decoding prints for the first bytes of a character still incomplete
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,28 +48,41 @@ class _IdCodec:
     def decode(self, ids: list[int]) -> str:
         return "".join(f" {i}" for i in ids)
 
+    def stream(self):
+        return lambda token: self.decode([token])
+
 
 class _TextCodec:
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
+    """Text through the run's tokenizer; prompts begin after its end-of-document token."""
 
-        self.tokenizer = Tokenizer.from_file(str(path))
+    def __init__(self, run_dir: Path):
+        from rebased.tasks.lm.tokenizers import load_tokenizer
+
+        self.tokenizer = load_tokenizer(run_dir)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        return [self.tokenizer.eos_id, *self.tokenizer.encode(text)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def stream(self):
+        """token -> the text it adds: a token can end inside a character (byte-level BPE), so the text is
+        decoded whole and printed from where the last complete character ended."""
+        ids, shown = [], 0
+
+        def next_text(token: int) -> str:
+            nonlocal shown
+            ids.append(token)
+            text = self.decode(ids).rstrip(HELD_BACK)
+            new, shown = text[shown:], max(shown, len(text))
+            return new
+
+        return next_text
+
 
 def _codec(run_dir: Path):
-    path = run_dir / TOKENIZER
-    if path.is_file():
-        try:
-            return _TextCodec(path)
-        except ImportError:
-            print(f"rebased generate: {TOKENIZER} found but `tokenizers` is not installed; using ids", file=sys.stderr)
-    return _IdCodec()
+    return _TextCodec(run_dir) if (run_dir / TOKENIZER).is_file() else _IdCodec()
 
 
 def _check_fits(model, prompts: list[list[int]], max_new_tokens: int, stop: tuple[int, ...]) -> None:
@@ -101,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
     prompts = [codec.encode(text) for text in args.prompt]
     _check_fits(model, prompts, args.max_new_tokens, args.stop)
     stream = len(prompts) == 1  # one prompt: print each token as it arrives
+    text_of = codec.stream()
 
     def show(row: int, token: int) -> None:
-        print(codec.decode([token]), end="", flush=True)
+        print(text_of(token), end="", flush=True)
 
     outputs = generate(
         model,
