@@ -165,3 +165,15 @@ def test_streamed_text_waits_for_whole_characters(shards):
     codec.tokenizer = load_tokenizer(shards)  # the bytes tokenizer: "é" is two tokens
     text_of = codec.stream()
     assert [text_of(token) for token in "aé!".encode()] == ["a", "", "é", "!"]
+
+
+def test_training_throughput_benchmark_writes_its_table(tmp_path, capsys):
+    from rebased.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--train", "--preset", "tiny", "--lengths", "32", "--tokens", "128", "--steps", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = json.loads((out / "train.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["rebased", "based", "attention"]
+    assert all(r["tokens_per_s"] > 0 and r["batch_tokens"] == 128 for r in rows)
+    assert "| attention | 32" in (out / "train.md").read_text()

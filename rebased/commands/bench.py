@@ -1,4 +1,5 @@
-"""`rebased bench`: check every op mode against the float64 reference, then time them across lengths."""
+"""`rebased bench`: check every op mode against the float64 reference, then time them across lengths;
+`--suite`: the GPU suite beside the peers; `--train`: language-model training throughput."""
 
 from __future__ import annotations
 
@@ -37,7 +38,22 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--decode-contexts", type=positive_ints, default=(1024, 4096, 16384, 65536),
                         help="suite: SDPA KV-cache lengths")  # fmt: skip
-    parser.add_argument("--out", default=None, help="suite: write DIR/bench.md and DIR/bench.json")
+    parser.add_argument("--out", default=None, help="suite / train: write DIR/bench.md (train.md) and .json")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="training throughput of whole models (pile_150m by "
+        "default): tokens/s, MFU and peak memory at --lengths (default 2048,8192), --tokens per step",
+    )
+    parser.add_argument(
+        "--models",
+        type=names,
+        default=("rebased", "based", "attention"),
+        help="train: the preset's models (pile_150m: rebased, based, attention)",
+    )
+    parser.add_argument("--preset", default="pile_150m", help="train: model preset")
+    parser.add_argument("--steps", type=positive_int, default=15, help="train: optimizer steps per case")
+    parser.add_argument("--compile", action="store_true", help="train: torch.compile the model")
 
 
 @verb("bench", "check the linear-attention ops against the reference and time every mode", _arguments)
@@ -48,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.suite:
         return _suite(args)
+    if args.train:
+        return _train(args)
     from rebased.tables import markdown_table
 
     config = OpBenchConfig(
@@ -119,6 +137,61 @@ def _suite(args: argparse.Namespace) -> int:
     if args.out:
         _write(args.out, sections, config, rows, decode)
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Training throughput of whole models; prints the table and, with --out, writes train.md and train.json."""
+    import dataclasses
+    import json
+    import os
+
+    from rebased.bench.train_throughput import ThroughputConfig, time_training
+    from rebased.tables import markdown_table
+
+    option = "kind" if args.preset == "pile_150m" else "mixer"
+    config = ThroughputConfig(
+        preset=args.preset, option=option, models=args.models, seq_lens=args.lengths or (2048, 8192),
+        batch_tokens=args.tokens, steps=args.steps, compile=args.compile,
+        device="cuda" if args.device == "cpu" and _has_cuda() else args.device,
+    )  # fmt: skip
+    rows = time_training(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    base = {r.seq_len: r for r in rows if r.model == "attention"}
+    table = [
+        [r.model, r.seq_len, r.batch_tokens, f"{r.params / 1e6:.1f}M", round(r.tokens_per_s), r.step_ms, r.mfu,
+         r.peak_gib, r.tokens_per_s / base[r.seq_len].tokens_per_s if r.seq_len in base else float("nan")]
+        for r in rows
+    ]  # fmt: skip
+    headers = ["model", "seq len", "tokens/step", "params", "tokens/s", "step ms", "MFU", "peak GiB", "x attention"]
+    text = _train_header(config) + "\n\n" + markdown_table(headers, table)
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "train.md"), "w") as f:
+            f.write(text + "\n")
+        payload = {"command": "rebased " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(config),
+                   "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
+        with open(os.path.join(args.out, "train.json"), "w") as f:
+            json.dump(payload, f, indent=1)
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train_header(config) -> str:
+    import platform
+
+    import torch
+
+    where = torch.cuda.get_device_name() if config.device.startswith("cuda") else "CPU"
+    return (
+        f"# rebased bench --train\n\ncommand: `rebased {' '.join(sys.argv[1:])}`\n\n{where}; python "
+        f"{platform.python_version()}; torch {torch.__version__}; {config.preset}, bf16 autocast on CUDA, AdamW, "
+        f"{config.steps} steps a case, the rate of the last third; compile {config.compile}"
+    )
 
 
 def _emit(sections: list[str], text: str, out: str | None) -> None:
