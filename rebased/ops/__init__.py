@@ -10,7 +10,7 @@ any mode continues in any other.
 Modes: "parallel" (masked quadratic), "chunk" (linear in T), "recurrent" (a scan), "auto" (parallel up
 to PARALLEL_MAX_LENGTH, chunk beyond). Backends: "torch" (any device), "triton" (CUDA; fused kernels,
 imported only when asked for), "auto" (triton for CUDA tensors where it implements the pair and covers the
-inputs, else torch). Explicit backends never fall back.
+inputs, on a Triton version the GPU tests passed on; else torch). Explicit backends never fall back.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("parallel", "chunk", "recurrent")  # the concrete forms; mode="auto" resolves to one of them
 BACKENDS = ("torch", "triton", "auto")
-# mode="auto": the parallel form up to this length, the chunk form beyond. Measured fwd+bwd crossovers:
-# torch on the CPU, parallel 2-6x faster at T 128-256, even at 512 (`rebased bench --batch 8 --heads 12
-# --value-dim 5`); triton on the H200 (benchmarks/results/h200/bench_chunk_states.md, one suite, v dim 64):
-# parallel 3.8x faster at T 1k (2.05 vs 7.83 ms), 1.22x at 4k (6.39 vs 7.78 ms), chunk 3.1x faster at 16k
-# (7.84 vs 24.1 ms); 8k was not measured, so the switch sits at the last length measured faster.
+# mode="auto": the parallel form up to this length, the chunk form beyond: the measured fwd+bwd crossovers.
+# torch on the CPU: parallel 2-6x faster at T 128-256, even at 512 (`rebased bench --batch 8 --heads 12
+# --value-dim 5`). triton on the H200 (benchmarks/results/h200/bench_sums256_3d.md: bf16, q/k 16, v 64): the
+# chunk kernels take about 6.4 ms at every T from 1k to 64k, the parallel ones grow with T; they tie at T 4096
+# (6.38 ms), parallel faster below, chunk beyond.
 PARALLEL_MAX_LENGTH = {"torch": 256, "triton": 4096}
 
 # (mode, backend) -> implementation; every entry has the same keyword signature.
@@ -71,14 +71,34 @@ def _load_triton() -> bool:
     return True
 
 
+def _triton_versions():
+    return importlib.import_module(f"{_TRITON_MODULE}.versions")
+
+
+def auto_picks_triton(x: Tensor) -> bool:
+    """backend="auto" (here and in rebased.ops.norm): the Triton kernels for CUDA tensors when triton is
+    installed at a version the GPU tests passed on (rebased.ops.triton.versions); on another version torch,
+    with one warning."""
+    return x.is_cuda and _load_triton() and _triton_versions().check_trusted("backend='auto' runs torch")
+
+
+def require_triton(what: str, x: Tensor) -> None:
+    """An explicit backend="triton": NotImplementedError without the package; for CUDA tensors (where the
+    compiled kernels run) one warning on a Triton version the GPU tests did not pass on: they run anyway."""
+    if not _load_triton():
+        raise NotImplementedError(f"{what} needs the triton package, which is not installed")
+    if x.is_cuda:
+        _triton_versions().check_trusted("backend='triton' runs the kernels anyway")
+
+
 def resolve_backend(mode: str, backend: str, q: Tensor) -> Callable:
     """The implementation for (mode, backend), or NotImplementedError naming the pair."""
     if backend == "auto":
-        if q.is_cuda and _load_triton() and (mode, "triton") in IMPLEMENTATIONS:
+        if auto_picks_triton(q) and (mode, "triton") in IMPLEMENTATIONS:
             return IMPLEMENTATIONS[(mode, "triton")]
         return IMPLEMENTATIONS[(mode, "torch")]
-    if backend == "triton" and not _load_triton():
-        raise NotImplementedError(f"(mode={mode!r}, backend='triton') needs the triton package, which is not installed")
+    if backend == "triton":
+        require_triton(f"(mode={mode!r}, backend='triton')", q)
     if (mode, backend) not in IMPLEMENTATIONS:
         raise NotImplementedError(f"(mode={mode!r}, backend={backend!r}) is not implemented")
     return IMPLEMENTATIONS[(mode, backend)]
@@ -88,7 +108,7 @@ def pick_mode(q: Tensor, backend: str, initial_state: LinearAttentionState | Non
     """mode="auto": parallel up to PARALLEL_MAX_LENGTH for the backend that will run, else chunk. The fused
     parallel kernel takes no initial state, so a call with one goes to the chunk kernels instead.
     length: the sequence length to decide by (default q's T; the longest sequence of a packed batch)."""
-    fused = backend != "torch" and q.is_cuda and _load_triton()
+    fused = auto_picks_triton(q) if backend == "auto" else backend == "triton" and q.is_cuda and _load_triton()
     if fused and initial_state is not None:
         return "chunk"
     length = q.shape[1] if length is None else length
@@ -151,8 +171,10 @@ def _packed(q, k, v, cu_seqlens, *, mode, backend, initial_state, **options) -> 
     bounds, state = validate_packed(q, k, v, cu_seqlens, initial_state, options["kernel"], options["eps"])
     if mode == "auto":
         mode = pick_mode(q, backend, state, length=max(b - a for a, b in zip(bounds, bounds[1:])))
-    wants_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
-    native = VARLEN_IMPLEMENTATIONS.get((mode, "triton")) if wants_triton and _load_triton() else None
+    if backend == "triton":
+        require_triton(f"(mode={mode!r}, backend='triton')", q)
+    wants_triton = backend == "triton" or (backend == "auto" and auto_picks_triton(q))
+    native = VARLEN_IMPLEMENTATIONS.get((mode, "triton")) if wants_triton else None
     if native is not None:
         try:
             return native(q, k, v, cu_seqlens, initial_state=state, **options)
@@ -196,8 +218,7 @@ def linear_attention_step(
         if backend == "torch":  # (the triton step adds in place, so it must get the caller's own tensors)
             state = LinearAttentionState(state.kv.to(dtype), state.k_sum.to(dtype))
     if backend == "triton":
-        if not _load_triton():
-            raise NotImplementedError("linear_attention_step(backend='triton') needs the triton package")
+        require_triton("linear_attention_step(backend='triton')", q)
         step_ = importlib.import_module(_TRITON_MODULE).step_
         return step_(q, k, v, state, kernel=kernel, normalize=normalize, eps=eps), state
     o, new_state = step_unchecked(q, k, v, state, kernel, normalize, eps)

@@ -5,7 +5,8 @@
 backend "torch" is F.layer_norm (the reference); "triton" normalises, applies the affine and writes y in the
 dtype the next op takes (autocast's dtype under autocast, else x's) in one pass, with a backward that sums
 the weight/bias gradients per program (rebased/ops/triton/layer_norm.py says why); "auto" takes triton for
-CUDA tensors when triton is installed and covers the row, else torch. Explicit backends never fall back.
+CUDA tensors when triton is installed, at a version the GPU tests passed on (rebased.ops.triton.versions), and
+covers the row, else torch. Explicit backends never fall back.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from rebased.ops.common import check_choice
 
 NORM_BACKENDS = ("torch", "triton", "auto")
+_FUSED_MODULE = "rebased.ops.triton.layer_norm"
 
 
 def _output_dtype(x: Tensor) -> torch.dtype:
@@ -29,20 +31,16 @@ def _output_dtype(x: Tensor) -> torch.dtype:
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, backend: str = "auto") -> Tensor:
     check_choice("backend", backend, NORM_BACKENDS)
-    if backend == "auto":
-        from rebased.ops import _load_triton  # (rebased.ops imports this module)
+    from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
 
-        fused = x.is_cuda and _load_triton()
-        if fused:
-            fused = x.shape[-1] <= importlib.import_module("rebased.ops.triton.layer_norm").MAX_FEATURES
+    if backend == "auto":
+        fused = auto_picks_triton(x) and x.shape[-1] <= importlib.import_module(_FUSED_MODULE).MAX_FEATURES
         backend = "triton" if fused else "torch"
+    elif backend == "triton":
+        require_triton("layer_norm(backend='triton')", x)
     if backend == "torch":
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    try:
-        module = importlib.import_module("rebased.ops.triton.layer_norm")
-    except ImportError:
-        raise NotImplementedError("layer_norm(backend='triton') needs the triton package") from None
-    return module.fused_layer_norm(x, weight, bias, eps, _output_dtype(x))
+    return importlib.import_module(_FUSED_MODULE).fused_layer_norm(x, weight, bias, eps, _output_dtype(x))
 
 
 class LayerNorm(nn.LayerNorm):

@@ -9,15 +9,20 @@ kernels run on CPU tensors (fixed launch configs), which is how CI checks their 
     step_     one decoding token, the state updated in place                  rebased.ops.triton.step_
                                                                               (linear_attention_step(backend="triton"))
 
-chunk is the chunk-states kernels (chunk_states.py: per-chunk state sums, a scan over the chunk states,
-then output and gradient kernels on the parallel kernel's tiles). Covered: polynomial kernels (any c0, c1,
-c2, scale); chunk and parallel: q/k and v dims <= 128 with any polynomial; step_: q/k dim <= 32 when there
-is a quadratic term (<= 128 without one); any T, any batch; float32, bfloat16, float16. Anything else
-raises NotImplementedError before doing work, and backend="auto" then runs torch. Variable-length batches
-(cu_seqlens): both the chunk and the parallel kernels walk the offsets themselves (one launch per kernel for
-all sequences; a dense batch is the same kernels on B sequences of T). The ReBased LayerNorm and affine run
-as one fused pass of their own (layer_norm.py, through rebased.ops.norm): the official norm spans all
-heads, so it cannot sit in a per-head program's loads. Measurements and what bounds them:
+Modules: chunk_states.py (per-chunk state sums, a scan over the chunk states, then output and gradient
+kernels on the parallel kernel's tiles), parallel.py, step.py (the decode step), layer_norm.py (LayerNorm +
+affine + cast in one pass, through rebased.ops.norm); the jit tiles they share (tiles.py); what they take and
+refuse (inputs.py); the per-program tables over dense or packed sequences (sequences.py); how they are
+launched (launch.py: interpreter or compiled, dot precision, the step down to a launch that fits); the Triton
+versions they are trusted on (versions.py).
+
+Covered: polynomial kernels (any c0, c1, c2, scale); chunk and parallel: q/k and v dims <= 128 with any
+polynomial; step_: q/k dim <= 32 when there is a quadratic term (<= 128 without one); any T, any batch;
+float32, bfloat16, float16. Anything else raises NotImplementedError before doing work, and backend="auto"
+then runs torch. Variable-length batches (cu_seqlens): both the chunk and the parallel kernels walk the
+offsets themselves (one launch per kernel for all sequences; a dense batch is the same kernels on B
+sequences of T). The ReBased LayerNorm and affine run as one fused pass of their own: the official norm
+spans all heads, so it cannot sit in a per-head program's loads. Measurements and what bounds them:
 benchmarks/results/h200/README.md.
 """
 
@@ -27,8 +32,8 @@ import triton  # noqa: F401  (ImportError here tells the dispatcher the backend 
 
 from rebased.ops import IMPLEMENTATIONS, VARLEN_IMPLEMENTATIONS
 from rebased.ops.triton.chunk_states import chunk_states_linear_attention, packed_chunk_states_linear_attention
-from rebased.ops.triton.functions import step_
 from rebased.ops.triton.parallel import packed_parallel_linear_attention, parallel_linear_attention
+from rebased.ops.triton.step import step_
 
 IMPLEMENTATIONS[("chunk", "triton")] = chunk_states_linear_attention
 IMPLEMENTATIONS[("parallel", "triton")] = parallel_linear_attention

@@ -4,9 +4,8 @@
     S_c = S_0 + sum_{t < c C} phi(k_t) v_t^T       (the state chunk c's queries read)
 
 A kernel that walks a sequence's chunks in one program must hold the whole state [F, BV] and a chunk's
-features [C, F] in registers; with F = 256 that spilled (the first chunk kernel, 255 registers plus kilobytes
-of spills, 12-13 ms forward+backward: benchmarks/results/h200/README.md). Here the states live in memory and
-phi splits into NB blocks of BD rows, each a scalar times a D-vector:
+features [C, F] in registers; with F = 256 that spills. Here the states live in memory and phi splits into NB
+blocks of BD rows, each a scalar times a D-vector:
 
     block j < NQ (= BD with a square term):  a2 x_j x      block NQ (with a linear term):  a1 x
     the last block (with a constant term):    a0 e_0       (NB = NQ + [c1 > 0] + [c0 > 0])
@@ -26,22 +25,19 @@ one at a time). Five kernels, O(T) work; all but the scan over chunk slots are i
                 dq += d phi(q)^T (S_c g + z_c dd r),  dv += phi(k) dS_c,  dk += d phi(k)^T (dS_c v + dz_c)
 
 The chunk states cost memory and bandwidth: NB x BD x BV fp32 per chunk and head, at C = 256 (ReBased, D 16,
-V 64) 256 bytes a token and head; a longer chunk halves that and doubles the intra-chunk tiles
-(benchmarks/sweep_chunk_states.py times the trade: C 256 beat 64, 128 and 512). States are laid out
-[slots, H, NB, BD, BV] (padded, so no masks): sequence n owns count_n + 1 slots (its initial state, then the
-state after each chunk). Programs find their chunk or row block, and their sequence's slots, in a Plan's
-tables, so a dense batch (B sequences of T) and a packed cu_seqlens one run the same kernels, one launch
-each. The caller converts initial and final states from and to LinearAttentionState's feature rows.
+V 64) 256 bytes a token and head; a longer chunk halves that and doubles the intra-chunk tiles, and C = 256
+is where that trade was fastest on the H200 (CHUNK). States are laid out [slots, H, NB, BD, BV] (padded, so
+no masks): sequence n owns count_n + 1 slots (its initial state, then the state after each chunk). Programs
+find their chunk or row block, and their sequence's slots, in a Plan's tables (sequences.py), so a dense
+batch (B sequences of T) and a packed cu_seqlens one run the same kernels, one launch each. The caller
+converts initial and final states from and to LinearAttentionState's feature rows.
 
-Measured on the H200 (benchmarks/results/h200/bench_sums256_3d.md, 65,536 tokens x 16 heads, bf16): about
-2.3 ms forward and 6.4 ms forward+backward at every T from 1k to 64k; where the time goes, kernel by kernel,
-is in chunk_tiles_mixed.log. Shape letters: C chunk, BM, BN row blocks (C a multiple of both), BD, BV the
-padded q/k and value dims, NB feature blocks, G square blocks per dot.
+Shape letters: C chunk, BM, BN row blocks (C a multiple of both), BD, BV the padded q/k and value dims, NB
+feature blocks, G square blocks per dot.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -52,21 +48,11 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, feature_dim
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.functions import (
-    _Poly,
-    check_dtype_and_device,
-    check_head_dims,
-    interpreting,
-    launch_fitting,
-)
-from rebased.ops.triton.parallel import (
-    _for_backward,
-    _poly_args,
-    _query_terms,
-    _score_grads,
-    backward_row_terms,
-)
-from rebased.ops.triton.tiles import _rows, _scores
+from rebased.ops.triton.inputs import PolynomialArgs, check_dtype_and_device, check_head_dims, wants_gradients
+from rebased.ops.triton.launch import dot_precision, interpreting, launch_fitting
+from rebased.ops.triton.parallel import backward_row_terms
+from rebased.ops.triton.sequences import Sequences, cached_when_dense, program_table
+from rebased.ops.triton.tiles import load_tile, masked_scores, query_terms, score_grads
 
 
 @triton.jit
@@ -135,7 +121,7 @@ def _group_feature_grad(g, xg, x, first, a2, R: tl.constexpr, G: tl.constexpr, B
 @triton.jit
 def _group_columns(x, base, t, first, T, stride, D, G: tl.constexpr):
     """x[t, first .. first + G - 1] as fp32 [len(t), G] (columns past D read 0)."""
-    return _rows(x + base, t, first + tl.arange(0, G), T, stride, D).to(tl.float32)
+    return load_tile(x + base, t, first + tl.arange(0, G), T, stride, D).to(tl.float32)
 
 
 @triton.jit
@@ -173,8 +159,8 @@ def _entry(table):
 def _sum_terms(x, y, r, dd, x_base, y_base, row_base, t, cd, cv, T, H, D, V, GRAD: tl.constexpr):
     """Rows t of a chunk for chunk_sums, fp32: x [R, BD]; y [R, BV] (v, or do r); w [R] (1, or dd r; 0 past
     T), what phi(x) is summed against."""
-    xt = _rows(x + x_base, t, cd, T, H * D, D).to(tl.float32)
-    yt = _rows(y + y_base, t, cv, T, H * V, V).to(tl.float32)
+    xt = load_tile(x + x_base, t, cd, T, H * D, D).to(tl.float32)
+    yt = load_tile(y + y_base, t, cv, T, H * V, V).to(tl.float32)
     w = (t < T).to(tl.float32)
     if GRAD:
         rt = tl.load(r + row_base + t * H, mask=t < T, other=0.0)
@@ -263,14 +249,14 @@ def output_kernel(q, k, v, s, z, o, o32, den, table, H, D, V, scale, c0, c1, c2,
     rows = m * BM + tl.arange(0, BM)
     c = (m * BM) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    qt = _rows(q + qk_base, rows, cd, T, H * D, D)
+    qt = load_tile(q + qk_base, rows, cd, T, H * D, D)
     acc = tl.zeros([BM, BV], tl.float32)
     dn = tl.zeros([BM], tl.float32)
     for start in range(c * C, tl.minimum((m + 1) * BM, T), BN):  # this chunk's keys up to the diagonal
         cols = start + tl.arange(0, BN)
-        kt = _rows(k + qk_base, cols, cd, T, H * D, D)
-        vt = _rows(v + v_base, cols, cv, T, H * V, V)
-        p, _ = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        kt = load_tile(k + qk_base, cols, cd, T, H * D, D)
+        vt = load_tile(v + v_base, cols, cv, T, H * V, V)
+        p, _ = masked_scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
         p = p.to(vt.dtype)  # the normaliser sums the same rounded scores (parallel.py says why)
         dn += tl.sum(p.to(tl.float32), 1)
         acc += tl.dot(p, vt, input_precision=PREC)
@@ -307,15 +293,15 @@ def dkdv_kernel(q, k, v, do, r, dd, ds, dz, dk, dv, table, H, D, V, scale, c0, c
     cols = n * BN + tl.arange(0, BN)
     c = (n * BN) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    kt = _rows(k + qk_base, cols, cd, T, H * D, D)
-    vt = _rows(v + v_base, cols, cv, T, H * V, V)
+    kt = load_tile(k + qk_base, cols, cd, T, H * D, D)
+    vt = load_tile(v + v_base, cols, cv, T, H * V, V)
     dkt = tl.zeros([BN, BD], tl.float32)
     dvt = tl.zeros([BN, BV], tl.float32)
     for start in range((n * BN // BM) * BM, tl.minimum((c + 1) * C, T), BM):  # this chunk's queries from the diagonal
         rows = start + tl.arange(0, BM)
-        qt, dot, rt, ddt = _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
-        p, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
-        da = _score_grads(dot, vt, rt, ddt, PREC)
+        qt, dot, rt, ddt = query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
+        p, dp = masked_scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        da = score_grads(dot, vt, rt, ddt, PREC)
         dvt += tl.dot(tl.trans((p * rt[:, None]).to(dot.dtype)), dot, input_precision=PREC)
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
     kf, vf = kt.to(tl.float32), vt.to(tl.float32)
@@ -349,14 +335,14 @@ def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, scale, c0, c1, c2, a
     rows = m * BM + tl.arange(0, BM)
     c = (m * BM) // C
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    qt, dot, rt, ddt = _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
+    qt, dot, rt, ddt = query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
     dqt = tl.zeros([BM, BD], tl.float32)
     for start in range(c * C, tl.minimum((m + 1) * BM, T), BN):
         cols = start + tl.arange(0, BN)
-        kt = _rows(k + qk_base, cols, cd, T, H * D, D)
-        vt = _rows(v + v_base, cols, cv, T, H * V, V)
-        _, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
-        da = _score_grads(dot, vt, rt, ddt, PREC)
+        kt = load_tile(k + qk_base, cols, cd, T, H * D, D)
+        vt = load_tile(v + v_base, cols, cv, T, H * V, V)
+        _, dp = masked_scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        da = score_grads(dot, vt, rt, ddt, PREC)
         dqt += tl.dot((da * dp).to(kt.dtype), kt, input_precision=PREC)
     qf = qt.to(tl.float32)
     g = dot.to(tl.float32) * rt[:, None]
@@ -376,6 +362,11 @@ def dq_kernel(q, k, v, do, r, dd, s, z, dq, table, H, D, V, scale, c0, c1, c2, a
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
 
 
+CHUNK = 256  # tokens per chunk state on the GPU (see the module docstring for the trade)
+SCAN_SLICE = 16  # value columns per scan program (BV is a power of two >= 16)
+SCAN_UNROLL = 8  # state slots per step of the scan's sequential walk
+
+
 @dataclass(frozen=True)
 class Layout:
     """Block sizes and the feature-block split of one call."""
@@ -388,7 +379,7 @@ class Layout:
     num_blocks: int  # NB
 
     @classmethod
-    def of(cls, head_dim: int, value_dim: int, poly: _Poly) -> Layout:
+    def of(cls, head_dim: int, value_dim: int, poly: PolynomialArgs) -> Layout:
         chunk, block = (32, 16) if interpreting() else (CHUNK, 64)
         bd, bv = max(16, triton.next_power_of_2(head_dim)), max(16, triton.next_power_of_2(value_dim))
         square = bd if poly.c2 > 0 else 0
@@ -407,82 +398,59 @@ class GroupTiles(NamedTuple):
     warps: int
     selectors: bool
 
-    @classmethod
-    def parse_set(cls, text: str, base: dict[str, GroupTiles]) -> dict[str, GroupTiles]:
-        """base with entries replaced: "sums=256:8:sel dq=64:4:3d" (the form may be left out: base's)."""
-        configs = dict(base)
-        for item in text.split():
-            name, _, value = item.partition("=")
-            if name not in configs:
-                raise ValueError(f"no tiled kernel {name!r}; known: {', '.join(configs)}")
-            features, warps, *form = value.split(":")
-            if form not in ([], ["sel"], ["3d"]):
-                raise ValueError(f"{item!r}: the form is 'sel' or '3d'")
-            selectors = configs[name].selectors if not form else form == ["sel"]
-            configs[name] = cls(int(features), int(warps), selectors)
-        return configs
-
-    def __str__(self) -> str:
-        return f"{self.features}:{self.warps}:{'sel' if self.selectors else '3d'}"
-
 
 # Per tiled kernel, for 16-bit inputs. The square blocks go G = features / BD at a time: one [rows, G BD] x
 # [G BD, BV] dot against the state; G changes only each kernel's loop, not the states' layout. Only sets the
 # GPU tests passed with go here: Triton 3.6 mis-compiles some [rows, G, BD] 3D tiles (dkdv and dq at 64:4 in
-# the 3D form gave bf16 dq 17-37% off: benchmarks/results/h200/pytest_gpu_chunk_registered.log), and the interpreter
-# cannot see that. In the selector form all four sets tried passed every chunk GPU test
-# (chunk_tiles_selectors.log); 256:8 / 64:4 was the fastest of them, 7.86 ms GPU time forward+backward at
-# T 4096 against 9.13 for 128:8 everywhere (chunk_tiles_profile.log). chunk_sums alone back in the 3D form
-# (its 2D selector dots cost it 2.56 ms against 1.43 at 128:8) passes all 26 chunk GPU tests at 64:4, 128:4,
-# 128:8 and 256:8, and takes the whole to 6.84, 6.82, 6.72 and 6.41 ms (chunk_tiles_mixed.log): the last.
+# the 3D form gave bf16 dq 17-37% off), and the interpreter cannot see that. output, dkdv and dq build their
+# square features from selector dots; chunk_sums keeps the 3D form, where its selector dots cost it more than
+# the rest of the kernel. Of the sets that passed, this one was the fastest on the H200.
 TILE_CONFIGS = {
     "sums": GroupTiles(256, 8, selectors=False),
     "output": GroupTiles(256, 8, selectors=True),
     "dkdv": GroupTiles(64, 4, selectors=True),
     "dq": GroupTiles(64, 4, selectors=True),
 }
-# fp32 inputs: one square block per dot (G = 1, pure 2D), "ieee" dots, 4 warps, the form measured 3e-7 off
-# float64 (chunk_states_fp32.log); Triton 3.6's tf32x3 at 8 warps gave a wrong dq there. fp32 is the accurate
+# fp32 inputs: one square block per dot (G = 1, pure 2D), "ieee" dots (CHUNK_FP32_DOTS), 4 warps: the form the
+# GPU tests passed at 1e-4 of float64; Triton 3.6's tf32x3 at 8 warps gave a wrong dq. fp32 is the accurate
 # path, not the fast one.
 FP32_WARPS = 4
+CHUNK_FP32_DOTS = "ieee"
 
 
-def _tile_config(name: str, layout: Layout, dtype: torch.dtype) -> dict:
-    """G, SEL and num_warps of one tiled kernel's launch."""
+@dataclass(frozen=True)
+class GroupLaunch:
+    """A tiled kernel's launch options: G square blocks per dot, selector or 3D form, warps."""
+
+    group: int
+    selectors: bool
+    warps: int
+
+    def options(self) -> dict:
+        return dict(G=self.group, SEL=self.selectors, num_warps=self.warps)
+
+    def step_downs(self) -> list[GroupLaunch]:
+        """This launch, then with half as many square blocks per dot, down to one: for dims where the tuned
+        launch needs more shared memory than the GPU has (the output kernel's 256 features a dot at q/k 32 on
+        the H200). G changes only the loop, not the states' layout."""
+        groups = [self.group >> shift for shift in range(self.group.bit_length())]
+        return [GroupLaunch(group, self.selectors and group > 1, self.warps) for group in groups]
+
+
+def tile_launch(name: str, layout: Layout, dtype: torch.dtype) -> GroupLaunch:
+    """Tiled kernel `name`'s launch at this layout and input dtype (TILE_CONFIGS, or fp32's one block a dot)."""
     config = TILE_CONFIGS[name]
     features, warps = (layout.bd, FP32_WARPS) if dtype == torch.float32 else (config.features, config.warps)
     group = min(layout.bd, max(1, features // layout.bd))
-    return dict(G=group, SEL=config.selectors and group > 1, num_warps=warps)
+    return GroupLaunch(group, config.selectors and group > 1, warps)
 
 
 def _launch_tiled(name: str, kernel, grid: tuple, layout: Layout, dtype: torch.dtype, *args, **kwargs) -> None:
-    """Launch tiled kernel `name` at its _tile_config or, where that needs more shared memory than the GPU
-    has, with half as many square blocks per dot, down to one. The tile sets are tuned at q/k 16; at q/k 32
-    the output kernel's 256 features need 270 KB of shared memory (v 64; 467 KB at v 128) of the H200's
-    227 (benchmarks/results/cpu/compile_check_dims.log). G changes only the loop, not the states' layout."""
-    config = _tile_config(name, layout, dtype)
-    ladder = [dict(config, G=group, SEL=config["SEL"] and group > 1) for group in _halvings(config["G"])]
-    key = (name, dtype, layout, tuple((k, v) for k, v in kwargs.items() if not isinstance(v, float)))
-    launch_fitting(key, ladder, lambda rung: kernel[grid](*args, **kwargs, **rung))
-
-
-def _halvings(group: int) -> list[int]:
-    """group, group / 2, ..., 1."""
-    return [group >> shift for shift in range(group.bit_length())]
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: exact fp32 dots (see FP32_WARPS); 16-bit inputs: their own dots, the fp32 state dots in tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-CHUNK = 256  # tokens per chunk state on the GPU (see the module docstring for the trade)
-# The chunk states' storage (kv rows; the normaliser rows stay fp32). bf16 halves the states' memory traffic
-# and rounds each chunk's sums once (2^-9); whether that keeps the 1% gradient bound is a GPU test's to say,
-# so fp32 until then (benchmarks/sweep_chunk_states.py times both).
-STATE_DTYPE = torch.float32
-SCAN_SLICE = 16  # value columns per scan program (BV is a power of two >= 16)
-SCAN_UNROLL = 8  # state slots per step of the scan's sequential walk
+    """Launch tiled kernel `name` at its tile_launch or the first of its step_downs that fits the GPU."""
+    compiled_with = {key: value for key, value in kwargs.items() if not isinstance(value, float)}
+    launch_fitting(name, tile_launch(name, layout, dtype).step_downs(),
+                   lambda rung: kernel[grid](*args, **kwargs, **rung.options()),
+                   dtype=dtype, layout=layout, **compiled_with)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -499,31 +467,23 @@ class Plan:
     last: Tensor  # int64 [N]: each sequence's final-state slot
     slots: int
 
-    @classmethod
-    def of(cls, starts: Tensor, lengths: Tensor, chunk: int, block: int, device: torch.device) -> Plan:
-        """From CPU int64 starts and lengths [N]."""
-        counts = (lengths + chunk - 1) // chunk
-        first = (counts + 1).cumsum(0) - (counts + 1)
-        slots = int((counts + 1).sum())
 
-        def table(size: int) -> Tensor:
-            per = (lengths + size - 1) // size
-            seq = torch.repeat_interleave(torch.arange(len(per)), per)
-            index = torch.arange(len(seq)) - (per.cumsum(0) - per)[seq]
-            rows = torch.stack([starts[seq], lengths[seq], index, first[seq]], 1)
-            return rows.to(device=device, dtype=torch.int32).contiguous()
+@cached_when_dense
+def plan_for(sequences: Sequences, chunk: int, block: int, device: torch.device) -> Plan:
+    """The chunk kernels' Plan for these sequences, on the device."""
+    starts, lengths = sequences.bounds()
+    counts = (lengths + chunk - 1) // chunk
+    first = (counts + 1).cumsum(0) - (counts + 1)
 
-        seqs = torch.stack([first, counts], 1).to(device=device, dtype=torch.int32).contiguous()
-        return cls(table(chunk), table(block), seqs, first.to(device), (first + counts).to(device), slots)
+    def table(size: int) -> Tensor:
+        return program_table(starts, lengths, size, first_slots=first).to(device).contiguous()
+
+    seqs = torch.stack([first, counts], 1).to(device=device, dtype=torch.int32).contiguous()
+    slots = int((counts + 1).sum())
+    return Plan(table(chunk), table(block), seqs, first.to(device), (first + counts).to(device), slots)
 
 
-@functools.lru_cache(maxsize=32)
-def _dense_plan(batch: int, length: int, chunk: int, block: int, device: torch.device) -> Plan:
-    """A dense batch's plan, built once per shape (a training step must not wait to rebuild it)."""
-    return Plan.of(torch.arange(batch) * length, torch.full((batch,), length), chunk, block, device)
-
-
-def _to_blocks(kv: Tensor, ksum: Tensor, d: int, poly: _Poly, layout: Layout) -> tuple[Tensor, Tensor]:
+def _to_blocks(kv: Tensor, ksum: Tensor, d: int, poly: PolynomialArgs, layout: Layout) -> tuple[Tensor, Tensor]:
     """LinearAttentionState's rows [const | linear d | square d*d] -> blocks [N, H, NB, BD, BV], [N, H, NB, BD]."""
     batch, heads, _, value_dim = kv.shape
     s = kv.new_zeros(batch, heads, layout.num_blocks, layout.bd, layout.bv)
@@ -541,7 +501,7 @@ def _to_blocks(kv: Tensor, ksum: Tensor, d: int, poly: _Poly, layout: Layout) ->
     return s, z
 
 
-def _from_blocks(s: Tensor, z: Tensor, head_dim: int, value_dim: int, poly: _Poly) -> tuple[Tensor, Tensor]:
+def _from_blocks(s: Tensor, z: Tensor, head_dim: int, value_dim: int, poly: PolynomialArgs) -> tuple[Tensor, Tensor]:
     """The inverse of _to_blocks: [N, H, NB, BD, BV], [N, H, NB, BD] -> kv [N, H, F, V], k_sum [N, H, F] (fp32)."""
     kv, ksum, block = [], [], s.shape[2] - 1
     if poly.c0 > 0:
@@ -557,37 +517,31 @@ def _from_blocks(s: Tensor, z: Tensor, head_dim: int, value_dim: int, poly: _Pol
     return torch.cat(kv, 2).float().contiguous(), torch.cat(ksum, 2).float().contiguous()
 
 
-def _feature_coefficients(poly: _Poly) -> dict:
-    """a0, a1, a2 (a_i^2 = c_i scale^i): what phi's blocks are scaled by."""
-    *_, a0, a1, a2 = poly.args()
-    return dict(a0=a0, a1=a1, a2=a2)
-
-
-def _tile_args(poly: _Poly, layout: Layout, prec: str) -> dict:
+def _tile_args(poly: PolynomialArgs, layout: Layout, prec: str) -> dict:
     """The row-block kernels' (output, dq, dkdv) polynomial and block arguments."""
-    return dict(**_poly_args(poly), **_feature_coefficients(poly), **layout.constexprs(), BM=layout.block,
+    return dict(**poly.score_args(), **poly.feature_args(), **layout.constexprs(), BM=layout.block,
                 BN=layout.block, PREC=prec)  # fmt: skip
 
 
 class ChunkStatesFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kv0, ksum0, plan: Plan, poly: _Poly, output_final_state: bool, normalize: bool,
+    def forward(ctx, q, k, v, kv0, ksum0, plan: Plan, poly: PolynomialArgs, output_final_state: bool, normalize: bool,
                 eps: float, for_backward: bool):  # fmt: skip
         """q, k [tokens, H, D], v [tokens, H, V] (the sequences packed); states [N, H, F, V], [N, H, F]."""
         heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
         layout = Layout.of(head_dim, value_dim, poly)
-        nb, prec, sequences = layout.num_blocks, _dot_precision(q.dtype), len(plan.first)
-        s = q.new_empty(plan.slots, heads, nb, layout.bd, layout.bv, dtype=STATE_DTYPE)
+        nb, prec, sequences = layout.num_blocks, dot_precision(q.dtype, CHUNK_FP32_DOTS), len(plan.first)
+        s = q.new_empty(plan.slots, heads, nb, layout.bd, layout.bv, dtype=torch.float32)
         z = q.new_empty(plan.slots, heads, nb, layout.bd, dtype=torch.float32)
         if kv0 is None:  # each sequence's first slot: its initial state; the others: each chunk's own sums,
             s[plan.first], z[plan.first] = 0.0, 0.0  # which the scan turns into the state after each chunk
         else:
             s0, z0 = _to_blocks(kv0, ksum0, head_dim, poly, layout)
-            s[plan.first], z[plan.first] = s0.to(s.dtype), z0
+            s[plan.first], z[plan.first] = s0, z0
         if len(plan.chunks):  # (no r, dd in the forward: v stands in for them)
             _launch_tiled(
                 "sums", chunk_sums_kernel, (len(plan.chunks), heads), layout, q.dtype,
-                k, v, v, v, s, z, plan.chunks, heads, head_dim, value_dim, **_feature_coefficients(poly), SHIFT=1,
+                k, v, v, v, s, z, plan.chunks, heads, head_dim, value_dim, **poly.feature_args(), SHIFT=1,
                 **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=False, PREC=prec,
             )  # fmt: skip
         if sequences:
@@ -617,7 +571,7 @@ class ChunkStatesFunction(torch.autograd.Function):
         q, k, v, o, den, s, z = ctx.saved_tensors
         poly, layout, plan = ctx.poly, ctx.layout, ctx.plan
         heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
-        nb, prec, sequences = layout.num_blocks, _dot_precision(q.dtype), len(plan.first)
+        nb, prec, sequences = layout.num_blocks, dot_precision(q.dtype, CHUNK_FP32_DOTS), len(plan.first)
         do = do.to(v.dtype).contiguous()
         r, dd = backward_row_terms(do, o, den, poly.clamp, ctx.normalize, ctx.eps)
         # each sequence's last slot: the final state's gradient; slot first + c: chunk c's own phi(Q)^T g.
@@ -631,11 +585,11 @@ class ChunkStatesFunction(torch.autograd.Function):
             d_kv = torch.zeros(sequences, heads, feat, value_dim, device=q.device) if d_kv is None else d_kv.float()
             d_ksum = torch.zeros(sequences, heads, feat, device=q.device) if d_ksum is None else d_ksum.float()
             ds_final, dz_final = _to_blocks(d_kv, d_ksum, head_dim, poly, layout)
-            ds[plan.last], dz[plan.last] = ds_final.to(ds.dtype), dz_final
+            ds[plan.last], dz[plan.last] = ds_final, dz_final
         if len(plan.chunks):
             _launch_tiled(
                 "sums", chunk_sums_kernel, (len(plan.chunks), heads), layout, q.dtype,
-                q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **_feature_coefficients(poly),
+                q, do, r, dd, ds, dz, plan.chunks, heads, head_dim, value_dim, **poly.feature_args(),
                 SHIFT=0, **layout.constexprs(), BC=layout.block, HAS1=poly.c1 > 0, GRAD=True, PREC=prec,
             )  # fmt: skip
         if sequences:
@@ -671,9 +625,9 @@ def _run(q, k, v, plan: Plan, kernel, initial_state, output_final_state, normali
     kv0 = ksum0 = None
     if initial_state is not None:
         kv0, ksum0 = (x.float().contiguous() for x in initial_state)
-    for_backward = _for_backward(*(x for x in (q, k, v, kv0, ksum0) if x is not None))
+    for_backward = wants_gradients(*(x for x in (q, k, v, kv0, ksum0) if x is not None))
     o, kv, ksum = ChunkStatesFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), kv0, ksum0, plan, _Poly.of(kernel), output_final_state,
+        q.contiguous(), k.contiguous(), v.contiguous(), kv0, ksum0, plan, PolynomialArgs.of(kernel), output_final_state,
         normalize, eps, for_backward,
     )  # fmt: skip
     return o, (LinearAttentionState(kv, ksum) if output_final_state else None)
@@ -696,8 +650,8 @@ def chunk_states_linear_attention(
     del chunk_size
     _refuse(q, k, v)
     batch, length = q.shape[:2]
-    layout = Layout.of(q.shape[-1], v.shape[-1], _Poly.of(kernel))
-    plan = _dense_plan(batch, length, layout.chunk, layout.block, q.device)
+    layout = Layout.of(q.shape[-1], v.shape[-1], PolynomialArgs.of(kernel))
+    plan = plan_for(Sequences(batch=batch, length=length), layout.chunk, layout.block, q.device)
     o, final = _run(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), plan, kernel, initial_state,
                     output_final_state, normalize, eps)  # fmt: skip
     return o.unflatten(0, (batch, length)), final
@@ -720,8 +674,7 @@ def packed_chunk_states_linear_attention(
     dense batch is B sequences of T). States have N rows."""
     del chunk_size
     _refuse(q, k, v)
-    layout = Layout.of(q.shape[-1], v.shape[-1], _Poly.of(kernel))
-    cu = cu_seqlens.to(device="cpu", dtype=torch.int64)  # (the tables are built on the host)
-    plan = Plan.of(cu[:-1], cu[1:] - cu[:-1], layout.chunk, layout.block, q.device)
+    layout = Layout.of(q.shape[-1], v.shape[-1], PolynomialArgs.of(kernel))
+    plan = plan_for(Sequences(cu_seqlens=cu_seqlens), layout.chunk, layout.block, q.device)
     o, final = _run(q[0], k[0], v[0], plan, kernel, initial_state, output_final_state, normalize, eps)
     return o.unsqueeze(0), final

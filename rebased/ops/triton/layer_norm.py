@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rebased.ops.triton.functions import interpreting
+from rebased.ops.triton.launch import interpreting
 
 MAX_FEATURES = 8192  # one row per tile register block; wider rows go to torch
 

@@ -6,7 +6,7 @@ nothing to overflow, so no rescaling). The T x T scores live only in registers, 
     s = scale q.k,  P = mask(p(s)),  den = P 1,  o = P V / (den + eps)                  (forward)
 
 Backward, with r = 1 / (den + eps) and dd = -(do . o) per query row (one pass over do and the saved o and den,
-parallel_row_terms_kernel; its torch twin is _row_terms):
+parallel_row_terms_kernel; its torch twin is row_terms_torch):
 
     dA = (do V^T + dd 1^T) * r;   dS = dA * p'(s) * scale  (masked);   dq = dS K;   dk = dS^T Q;   dv = (P r)^T do
 
@@ -28,8 +28,6 @@ Shape letters: B batch, T time, H heads, D q/k dim (BD padded), V value dim (BV 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,15 +37,10 @@ from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState, features
 from rebased.ops.kernels import Polynomial
-from rebased.ops.triton.functions import (
-    _Poly,
-    _precision,
-    check_dtype_and_device,
-    check_head_dims,
-    interpreting,
-    launch_fitting,
-)
-from rebased.ops.triton.tiles import _rows, _scores
+from rebased.ops.triton.inputs import PolynomialArgs, check_dtype_and_device, check_head_dims, wants_gradients
+from rebased.ops.triton.launch import dot_precision, interpreting, launch_fitting
+from rebased.ops.triton.sequences import Sequences, cached_when_dense, program_table
+from rebased.ops.triton.tiles import load_tile, masked_scores, query_terms, score_grads
 
 
 @triton.jit
@@ -71,14 +64,14 @@ def parallel_fwd_kernel(q, k, v, o, o32, den, table, H, D, V, scale, c0, c1, c2,
     m, T, qk_base, v_base, row_base = _block(table, H, D, V)
     rows = m * BM + tl.arange(0, BM)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    qt = _rows(q + qk_base, rows, cd, T, H * D, D)
+    qt = load_tile(q + qk_base, rows, cd, T, H * D, D)
     acc = tl.zeros([BM, BV], tl.float32)
     z = tl.zeros([BM], tl.float32)
     for start in range(0, tl.minimum((m + 1) * BM, T), BN):
         cols = start + tl.arange(0, BN)
-        kt = _rows(k + qk_base, cols, cd, T, H * D, D)
-        vt = _rows(v + v_base, cols, cv, T, H * V, V)
-        p, _ = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        kt = load_tile(k + qk_base, cols, cd, T, H * D, D)
+        vt = load_tile(v + v_base, cols, cv, T, H * V, V)
+        p, _ = masked_scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
         p = p.to(vt.dtype)  # 16-bit scores for the tensor cores; the normaliser sums the same rounded values,
         z += tl.sum(p.to(tl.float32), 1)  # so o stays an exact weighted mean of v (o_0 = v_0)
         acc += tl.dot(p, vt, input_precision=PREC)
@@ -93,23 +86,6 @@ def parallel_fwd_kernel(q, k, v, o, o32, den, table, H, D, V, scale, c0, c1, c2,
 
 
 @triton.jit
-def _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V):
-    """A block of query rows' backward inputs: q, do (the inputs' dtype) and the fp32 row terms r, dd."""
-    qt = _rows(q + qk_base, rows, cd, T, H * D, D)
-    dot = _rows(do + v_base, rows, cv, T, H * V, V)
-    rt = tl.load(r + row_base + rows * H, mask=rows < T, other=0.0)
-    ddt = tl.load(dd + row_base + rows * H, mask=rows < T, other=0.0)
-    return qt, dot, rt, ddt
-
-
-@triton.jit
-def _score_grads(dot, vt, rt, ddt, PREC: tl.constexpr):
-    """dA = (do v^T + dd) r for a tile: the do v^T dot takes do and v as they are (exact bf16 products summed
-    in fp32) and r scales only afterwards, so do.(v_j - o) cancels exactly where v_j = o (module docstring)."""
-    return (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
-
-
-@triton.jit
 def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, table, H, D, V, scale, c0, c1, c2,
                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                          HAS0: tl.constexpr, HAS1: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
@@ -117,15 +93,15 @@ def parallel_dkdv_kernel(q, k, v, do, r, dd, dk, dv, table, H, D, V, scale, c0, 
     n, T, qk_base, v_base, row_base = _block(table, H, D, V)
     cols = n * BN + tl.arange(0, BN)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    kt = _rows(k + qk_base, cols, cd, T, H * D, D)
-    vt = _rows(v + v_base, cols, cv, T, H * V, V)
+    kt = load_tile(k + qk_base, cols, cd, T, H * D, D)
+    vt = load_tile(v + v_base, cols, cv, T, H * V, V)
     dkt = tl.zeros([BN, BD], tl.float32)
     dvt = tl.zeros([BN, BV], tl.float32)
     for start in range((n * BN // BM) * BM, T, BM):
         rows = start + tl.arange(0, BM)
-        qt, dot, rt, ddt = _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
-        p, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
-        da = _score_grads(dot, vt, rt, ddt, PREC)
+        qt, dot, rt, ddt = query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
+        p, dp = masked_scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)  # [M, N]
+        da = score_grads(dot, vt, rt, ddt, PREC)
         dvt += tl.dot(tl.trans((p * rt[:, None]).to(dot.dtype)), dot, input_precision=PREC)
         dkt += tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
     mask = cols[:, None] < T
@@ -141,14 +117,14 @@ def parallel_dq_kernel(q, k, v, do, r, dd, dq, table, H, D, V, scale, c0, c1, c2
     m, T, qk_base, v_base, row_base = _block(table, H, D, V)
     rows = m * BM + tl.arange(0, BM)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
-    qt, dot, rt, ddt = _query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
+    qt, dot, rt, ddt = query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V)
     dqt = tl.zeros([BM, BD], tl.float32)
     for start in range(0, tl.minimum((m + 1) * BM, T), BN):
         cols = start + tl.arange(0, BN)
-        kt = _rows(k + qk_base, cols, cd, T, H * D, D)
-        vt = _rows(v + v_base, cols, cv, T, H * V, V)
-        _, dp = _scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
-        da = _score_grads(dot, vt, rt, ddt, PREC)
+        kt = load_tile(k + qk_base, cols, cd, T, H * D, D)
+        vt = load_tile(v + v_base, cols, cv, T, H * V, V)
+        _, dp = masked_scores(qt, kt, rows, cols, T, scale, c0, c1, c2, PREC, HAS0, HAS1)
+        da = score_grads(dot, vt, rt, ddt, PREC)
         dqt += tl.dot((da * dp).to(kt.dtype), kt, input_precision=PREC)
     mask = (rows[:, None] < T) & (cd[None, :] < D)
     tl.store(dq + qk_base + rows[:, None] * (H * D) + cd[None, :], dqt.to(dq.dtype.element_ty), mask=mask)
@@ -182,81 +158,43 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def step_downs(self) -> list[TileConfig]:
+        """This launch, then with fewer software-pipeline stages (each holds a tile set in shared memory), then
+        32 x 32 tiles at one stage: fp32 inputs at v dim 128 need more shared memory at 3 stages than the H200
+        has."""
+        fewer_stages = [replace(self, num_stages=stages) for stages in range(self.num_stages, 0, -1)]
+        smaller_tiles = replace(self, block_m=min(self.block_m, 32), block_n=min(self.block_n, 32), num_stages=1)
+        return [*fewer_stages, smaller_tiles]
 
-# (forward, dk/dv, dq). Fixed, as the interpreter cannot autotune. benchmarks/sweep_parallel.py on the H200
-# (benchmarks/results/h200/sweep_parallel.log): 64 x 64 tiles, 4 warps, 3 stages is fastest or within 4% of
-# it for each kernel on the suite's and MQAR's shapes, except two forwards (64 x 128 at T 4k, 8% faster;
-# 128 x 64 at MQAR's v dim 42, 21% faster): one config for all until autotuning picks per shape.
+    def options(self, head_dim: int, value_dim: int) -> dict:
+        """The kernels' block constexprs and launch options."""
+        return dict(BM=self.block_m, BN=self.block_n, BD=max(16, triton.next_power_of_2(head_dim)),
+                    BV=max(16, triton.next_power_of_2(value_dim)), num_warps=self.num_warps,
+                    num_stages=self.num_stages)  # fmt: skip
+
+
+# (forward, dk/dv, dq) on the GPU: what the GPU tests passed with, and on the H200 the fastest or within a few
+# percent of it for each kernel at the suite's and MQAR's shapes. Fixed rather than autotuned: the interpreter
+# cannot autotune, and a new config must pass the GPU tests first.
 GPU_CONFIGS = (TileConfig(num_stages=3), TileConfig(num_stages=3), TileConfig(num_stages=3))
 # Under the interpreter: 16 x 16 tiles, so tiny test shapes still cross several blocks.
 INTERPRETER_CONFIGS = (TileConfig(16, 16), TileConfig(16, 16), TileConfig(16, 16))
-CONFIG_OVERRIDE: tuple[TileConfig, TileConfig, TileConfig] | None = None  # set by benchmarks and tests
+# fp32 inputs' dots: fp32-accurate (three tf32 products) on the tensor cores; a plain fp32 ("ieee") dot of these
+# tiles spills tens of KiB a thread. The GPU tests bound fp32 at 1e-4 of float64 with it.
+PARALLEL_FP32_DOTS = "tf32x3"
 
 
 def launch_configs() -> tuple[TileConfig, TileConfig, TileConfig]:
-    if CONFIG_OVERRIDE is not None:
-        return CONFIG_OVERRIDE
+    """(forward, dk/dv, dq) launches: the interpreter's small tiles or the GPU's."""
     return INTERPRETER_CONFIGS if interpreting() else GPU_CONFIGS
 
 
-def _fitting_ladder(cfg: TileConfig) -> list[TileConfig]:
-    """cfg, then with fewer software-pipeline stages (each holds a tile set in shared memory), then 32 x 32
-    tiles: fp32 inputs at v dim 128 need up to 263 KB at 3 stages under Triton 3.6, of the H200's 227."""
-    fewer_stages = [replace(cfg, num_stages=stages) for stages in range(cfg.num_stages, 0, -1)]
-    return [*fewer_stages, replace(cfg, block_m=min(cfg.block_m, 32), block_n=min(cfg.block_n, 32), num_stages=1)]
-
-
-def _launch_fitting(name: str, cfg: TileConfig, dtype: torch.dtype, dims: tuple[int, int], flags: dict,
-                    launch: Callable[[TileConfig], None]) -> None:  # fmt: skip
-    """launch(config) at cfg or the first rung of its _fitting_ladder that fits the GPU's shared memory;
-    dims (q/k, v) and flags (the constexprs besides the blocks) decide the compile, so they key the rung."""
-    key = (f"parallel {name}", cfg, dtype, dims, tuple(sorted(flags.items())))
-    launch_fitting(key, _fitting_ladder(cfg), launch)
-
-
-def _launch(cfg: TileConfig, head_dim: int, value_dim: int) -> dict:
-    """The kernels' block constexprs and launch options for one config."""
-    return dict(BM=cfg.block_m, BN=cfg.block_n, BD=max(16, triton.next_power_of_2(head_dim)),
-                BV=max(16, triton.next_power_of_2(value_dim)), num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)  # fmt: skip
-
-
-def _poly_args(poly: _Poly) -> dict:
-    return dict(scale=poly.scale, c0=poly.c0, c1=poly.c1, c2=poly.c2, HAS0=poly.c0 > 0, HAS1=poly.c1 > 0)
-
-
-@dataclass(frozen=True)
-class Sequences:
-    """Where the sequences lie along the token axis of q, k, v: a dense batch (B sequences of T tokens, packed:
-    the memory layout is the same) or cu_seqlens offsets (a device int tensor [N + 1])."""
-
-    batch: int = 0
-    length: int = 0
-    cu_seqlens: Tensor | None = None
-
-    def table(self, block: int, longest_first: bool, device: torch.device) -> Tensor:
-        """One row per program, (sequence start, sequence length, block index), int32 [P, 3], ordered by block
-        index: descending for query blocks (block m walks m + 1 key blocks), ascending for key blocks."""
-        if self.cu_seqlens is None:
-            return _dense_table(self.batch, self.length, block, longest_first, device)
-        cu = self.cu_seqlens.to(device=device, dtype=torch.int64)
-        starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-        blocks = (lengths + block - 1) // block
-        sequence = torch.repeat_interleave(torch.arange(len(blocks), device=device), blocks)  # waits for the GPU
-        index = torch.arange(len(sequence), device=device) - (blocks.cumsum(0) - blocks)[sequence]
-        table = torch.stack([starts[sequence], lengths[sequence], index], dim=1)
-        order = torch.argsort(index, descending=longest_first, stable=True)
-        return table[order].to(torch.int32).contiguous()
-
-
-@functools.lru_cache(maxsize=64)
-def _dense_table(batch: int, length: int, block: int, longest_first: bool, device: torch.device) -> Tensor:
-    """The dense batch's table, built once per shape: a training step must not wait for the GPU to make it."""
-    blocks = triton.cdiv(length, block)
-    index = torch.arange(blocks - 1, -1, -1) if longest_first else torch.arange(blocks)
-    starts = torch.arange(batch) * length
-    table = torch.stack([starts.repeat(blocks), torch.full((batch * blocks,), length), index.repeat_interleave(batch)])
-    return table.t().to(device=device, dtype=torch.int32).contiguous()
+@cached_when_dense
+def block_table(sequences: Sequences, block: int, longest_first: bool, device: torch.device) -> Tensor:
+    """The programs' (sequence start, length, block index) rows for blocks of `block` rows, on the device:
+    longest walks first for query blocks (longest_first), ascending for key blocks."""
+    starts, lengths = sequences.bounds()
+    return program_table(starts, lengths, block, longest_first=longest_first).to(device).contiguous()
 
 
 def _kernel_args(q: Tensor, v: Tensor) -> tuple[int, int, int]:
@@ -265,24 +203,27 @@ def _kernel_args(q: Tensor, v: Tensor) -> tuple[int, int, int]:
 
 class ParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sequences: Sequences, poly: _Poly, normalize: bool, eps: float, for_backward: bool):
-        """for_backward: gradients will be asked for (needs_input_grad cannot tell: it is set under no_grad too)."""
+    def forward(ctx, q, k, v, sequences: Sequences, poly: PolynomialArgs, normalize: bool, eps: float,
+                for_backward: bool):  # fmt: skip
+        """for_backward: gradients will be asked for (inputs.wants_gradients)."""
         heads, head_dim, value_dim = _kernel_args(q, v)
-        fwd = launch_configs()[0]
         o = torch.empty_like(v)
         save32 = for_backward and v.dtype != torch.float32
         o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
         den = q.new_empty(q.shape[0] * q.shape[1], heads, dtype=torch.float32)  # [tokens, H]
-        flags = dict(NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32, PREC=_precision(q.dtype))
+        flags = dict(NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32,
+                     PREC=dot_precision(q.dtype, PARALLEL_FP32_DOTS))  # fmt: skip
 
         def launch(cfg: TileConfig) -> None:
-            table = sequences.table(cfg.block_m, longest_first=True, device=q.device)
+            table = block_table(sequences, cfg.block_m, True, q.device)
             parallel_fwd_kernel[(len(table), heads)](
-                q, k, v, o, o32, den, table, heads, head_dim, value_dim, eps=eps, **_poly_args(poly),
-                **_launch(cfg, head_dim, value_dim), **flags,
+                q, k, v, o, o32, den, table, heads, head_dim, value_dim, eps=eps, **poly.score_args(),
+                **cfg.options(head_dim, value_dim), **flags,
             )  # fmt: skip
 
-        _launch_fitting("fwd", fwd, q.dtype, (head_dim, value_dim), {**poly.flags(), **flags}, launch)
+        fwd = launch_configs()[0]
+        launch_fitting("parallel fwd", fwd.step_downs(), launch, dtype=q.dtype, dims=(head_dim, value_dim),
+                       **poly.flags(), **flags)  # fmt: skip
         ctx.save_for_backward(q, k, v, o32, den)
         ctx.sequences, ctx.poly, ctx.normalize, ctx.eps = sequences, poly, normalize, eps
         return o
@@ -294,32 +235,34 @@ class ParallelFunction(torch.autograd.Function):
         do = do.to(v.dtype).contiguous()
         r, dd = backward_row_terms(do, o, den, ctx.poly.clamp, ctx.normalize, ctx.eps)
         _, dkdv, dqc = launch_configs()
-        args = dict(**_poly_args(ctx.poly), PREC=_precision(q.dtype))
+        prec = dot_precision(q.dtype, PARALLEL_FP32_DOTS)
+        args = dict(**ctx.poly.score_args(), PREC=prec)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        sequences, flags = ctx.sequences, {**ctx.poly.flags(), "PREC": args["PREC"]}
+        sequences = ctx.sequences
 
         def launch_dkdv(cfg: TileConfig) -> None:
-            table = sequences.table(cfg.block_n, longest_first=False, device=q.device)
+            table = block_table(sequences, cfg.block_n, False, q.device)
             parallel_dkdv_kernel[(len(table), heads)](
                 q, k, v, do, r, dd, dk, dv, table, heads, head_dim, value_dim, **args,
-                **_launch(cfg, head_dim, value_dim),
+                **cfg.options(head_dim, value_dim),
             )  # fmt: skip
 
         def launch_dq(cfg: TileConfig) -> None:
-            table = sequences.table(cfg.block_m, longest_first=True, device=q.device)
+            table = block_table(sequences, cfg.block_m, True, q.device)
             parallel_dq_kernel[(len(table), heads)](
                 q, k, v, do, r, dd, dq, table, heads, head_dim, value_dim, **args,
-                **_launch(cfg, head_dim, value_dim),
+                **cfg.options(head_dim, value_dim),
             )  # fmt: skip
 
-        _launch_fitting("dkdv", dkdv, q.dtype, (head_dim, value_dim), flags, launch_dkdv)
-        _launch_fitting("dq", dqc, q.dtype, (head_dim, value_dim), flags, launch_dq)
+        compiled_with = dict(dtype=q.dtype, dims=(head_dim, value_dim), **ctx.poly.flags(), PREC=prec)
+        launch_fitting("parallel dkdv", dkdv.step_downs(), launch_dkdv, **compiled_with)
+        launch_fitting("parallel dq", dqc.step_downs(), launch_dq, **compiled_with)
         return dq, dk, dv, None, None, None, None, None
 
 
-def _row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
+def row_terms_torch(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normalize: bool, eps: float):
     """Per query row, fp32 [tokens, H]: r = 1 / (den + eps) and dd = -(do . o), with o the fp32 output (r = 1,
-    dd = 0 without normalisation; dd = 0 where a clamped denominator had no gradient)."""
+    dd = 0 without normalisation; dd = 0 where a clamped denominator had no gradient). row_terms_fused's twin."""
     if not normalize:
         ones = torch.ones_like(den)
         return ones, torch.zeros_like(ones)
@@ -334,12 +277,12 @@ def backward_row_terms(do: Tensor, o: Tensor, den: Tensor, clamp: bool, normaliz
     """r and dd for the backward kernels (this module's and chunk_states'): one kernel for a normalised
     output, constants otherwise."""
     if normalize:
-        return _row_terms_fused(do, o, den, clamp, eps)
-    return _row_terms(do, o, den, clamp, normalize, eps)
+        return row_terms_fused(do, o, den, clamp, eps)
+    return row_terms_torch(do, o, den, clamp, normalize, eps)
 
 
-def _row_terms_fused(do: Tensor, o: Tensor, den: Tensor, clamp: bool, eps: float):
-    """_row_terms (its reference twin) of a normalised output, in one kernel."""
+def row_terms_fused(do: Tensor, o: Tensor, den: Tensor, clamp: bool, eps: float):
+    """row_terms_torch of a normalised output, in one kernel."""
     rows, value_dim = den.numel(), o.shape[-1]
     r, dd = torch.empty_like(den), torch.empty_like(den)
     bv = max(16, triton.next_power_of_2(value_dim))
@@ -347,10 +290,6 @@ def _row_terms_fused(do: Tensor, o: Tensor, den: Tensor, clamp: bool, eps: float
     parallel_row_terms_kernel[(triton.cdiv(rows, br),)](do, o, den, r, dd, rows, value_dim, eps, BR=br, BV=bv,
                                                         CLAMP=clamp)  # fmt: skip
     return r, dd
-
-
-def _for_backward(*inputs: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
 
 
 def _refuse(q: Tensor, k: Tensor, v: Tensor, initial_state) -> None:
@@ -378,9 +317,9 @@ def parallel_linear_attention(
     del chunk_size
     _refuse(q, k, v, initial_state)
     sequences = Sequences(batch=q.shape[0], length=q.shape[1])
-    poly = _Poly.of(kernel)
+    poly = PolynomialArgs.of(kernel)
     o = ParallelFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps, _for_backward(q, k, v)
+        q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps, wants_gradients(q, k, v)
     )
     if not output_final_state:
         return o, None
@@ -407,9 +346,9 @@ def packed_parallel_linear_attention(
     del chunk_size
     _refuse(q, k, v, initial_state)
     sequences = Sequences(cu_seqlens=cu_seqlens)
-    poly = _Poly.of(kernel)
+    poly = PolynomialArgs.of(kernel)
     o = ParallelFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps, _for_backward(q, k, v)
+        q.contiguous(), k.contiguous(), v.contiguous(), sequences, poly, normalize, eps, wants_gradients(q, k, v)
     )
     if not output_final_state:
         return o, None

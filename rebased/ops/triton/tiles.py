@@ -13,13 +13,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _rows(base, t, c, T, stride, C):
+def load_tile(base, t, c, T, stride, C):
     """x[t, c] as a [len(t), len(c)] tile of a [T, stride] view (one head); out of range reads 0."""
     return tl.load(base + t[:, None] * stride + c[None, :], mask=(t[:, None] < T) & (c[None, :] < C), other=0.0)
 
 
 @triton.jit
-def _scores(q, k, rows, cols, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl.constexpr, HAS1: tl.constexpr):
+def masked_scores(q, k, rows, cols, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl.constexpr,
+                  HAS1: tl.constexpr):  # fmt: skip
     """Causally masked sim(q, k) and its derivative in q.k (p'(s) scale) for a tile of query rows x key
     columns: two fp32 tiles."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
@@ -35,7 +36,25 @@ def _scores(q, k, rows, cols, T, scale, c0, c1, c2, PREC: tl.constexpr, HAS0: tl
 
 
 @triton.jit
-def _feature_rows(D, BD: tl.constexpr, BD2: tl.constexpr):
+def query_terms(q, do, r, dd, qk_base, v_base, row_base, rows, cd, cv, T, H, D, V):
+    """A block of query rows' backward inputs: q, do (the inputs' dtype) and the fp32 row terms r, dd."""
+    qt = load_tile(q + qk_base, rows, cd, T, H * D, D)
+    dot = load_tile(do + v_base, rows, cv, T, H * V, V)
+    rt = tl.load(r + row_base + rows * H, mask=rows < T, other=0.0)
+    ddt = tl.load(dd + row_base + rows * H, mask=rows < T, other=0.0)
+    return qt, dot, rt, ddt
+
+
+@triton.jit
+def score_grads(dot, vt, rt, ddt, PREC: tl.constexpr):
+    """dA = (do v^T + dd) r for a tile: the do v^T dot takes do and v as they are (exact bf16 products summed
+    in fp32) and r scales only afterwards, so do.(v_j - o) cancels exactly where v_j = o (parallel.py's
+    docstring says why that matters)."""
+    return (tl.dot(dot, tl.trans(vt), input_precision=PREC) + ddt[:, None]) * rt[:, None]
+
+
+@triton.jit
+def square_feature_rows(D, BD: tl.constexpr, BD2: tl.constexpr):
     """For the quadratic block: the state row of feature (i, j) = i * D + j, and which (i, j) are real."""
     r2 = tl.arange(0, BD2)
     return (r2 // BD) * D + r2 % BD, ((r2 // BD) < D) & ((r2 % BD) < D)

@@ -1,4 +1,4 @@
-"""One decoding step for polynomial kernels, updating the feature-space state in place.
+"""The decode step: one token, the feature-space state updated in place (inference only, no autograd).
 
     S += phi(k) v^T,   z += phi(k),   o = phi(q) S / (phi(q) z + eps),   phi(x) = [a0, a1 x, a2 vec(x (x) x)]
 
@@ -11,10 +11,15 @@ Shape letters: B batch, H heads, D q/k dim (BD padded), F feature dim, V value d
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from rebased.ops.triton.tiles import _feature_rows
+from rebased.ops.common import LinearAttentionState
+from rebased.ops.kernels import Polynomial
+from rebased.ops.triton.inputs import PolynomialArgs, check_dtype_and_device
+from rebased.ops.triton.tiles import square_feature_rows
 
 
 @triton.jit
@@ -27,7 +32,7 @@ def step_kernel(
     d = tl.arange(0, BD)
     qv = tl.load(q + bh * D + d, mask=d < D, other=0.0).to(tl.float32)
     kv_ = tl.load(k + bh * D + d, mask=d < D, other=0.0).to(tl.float32)
-    row2, m2 = _feature_rows(D, BD, BD2)
+    row2, m2 = square_feature_rows(D, BD, BD2)
     off1 = 1 if HAS0 else 0
     off2 = off1 + (D if HAS1 else 0)
     z_base = k_sum + bh * F
@@ -75,3 +80,54 @@ def step_kernel(
         if NORMALIZE:
             num = num / (den + eps)
         tl.store(o + bh * V + cv, num.to(o.dtype.element_ty), mask=mv)
+
+
+STEP_SQUARE_DIM_LIMIT = 32  # the step's q/k dim limit with a quadratic term (see _check_dims)
+
+
+def _check_dims(q: Tensor, kernel: Polynomial | None, what: str) -> None:
+    """The step's q/k dim limits: 128, or 32 with a quadratic term (a program holds the D^2 square features
+    and a [D^2, BV] state tile; 32, 1024 features, is the largest it is tested at)."""
+    if (kernel is None or kernel.c2 == 0) and q.shape[-1] > 128:
+        raise NotImplementedError(f"{what} takes q, k without a quadratic term up to dim 128, got {q.shape[-1]}")
+    if kernel is not None and kernel.c2 > 0 and q.shape[-1] > STEP_SQUARE_DIM_LIMIT:
+        raise NotImplementedError(
+            f"{what} supports quadratic kernels with q/k dim <= {STEP_SQUARE_DIM_LIMIT}, got {q.shape[-1]}"
+        )
+
+
+def _blocks(head_dim: int, poly: PolynomialArgs) -> tuple[int, int]:
+    bd = max(16, triton.next_power_of_2(head_dim))
+    return bd, (bd * bd if poly.c2 > 0 else 16)  # BD2 is unused without a quadratic term: keep it tiny
+
+
+@torch.no_grad()
+def step_(
+    q: Tensor,  # [B, H, D]
+    k: Tensor,  # [B, H, D]
+    v: Tensor,  # [B, H, V]
+    state: LinearAttentionState,  # fp32, contiguous; updated in place
+    *,
+    kernel: Polynomial | None = None,
+    normalize: bool = True,
+    eps: float = 1e-12,
+) -> Tensor:
+    """One decoding step: adds phi(k) v^T to the state in place, returns o (v's dtype)."""
+    check_dtype_and_device("triton step", q)
+    _check_dims(q, kernel, "triton step")
+    kv, k_sum = state
+    if kv.dtype != torch.float32 or k_sum.dtype != torch.float32 or not (kv.is_contiguous() and k_sum.is_contiguous()):
+        raise ValueError("triton step updates the state in place: it must be contiguous float32")
+    batch, heads, head_dim = q.shape
+    value_dim = v.shape[-1]
+    poly = PolynomialArgs.of(kernel)
+    feat = kv.shape[2]
+    bd, bd2 = _blocks(head_dim, poly)
+    o = torch.empty_like(v)
+    block_v = min(max(16, triton.next_power_of_2(value_dim)), max(16, 8192 // bd2))  # ~64 floats a thread
+    step_kernel[(batch * heads,)](
+        q.contiguous(), k.contiguous(), v.contiguous(), o, kv, k_sum, head_dim, value_dim, feat,
+        **poly.feature_args(), eps=eps, BD=bd, BD2=bd2, BV=block_v, **poly.flags(), NORMALIZE=normalize,
+        CLAMP=poly.clamp, num_warps=4,
+    )  # fmt: skip
+    return o
