@@ -10,5 +10,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout "${TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_ops.py ${TEST_ARGS} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+timeout "${TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_triton_ops.py ${TEST_ARGS} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
 timeout "${SUITE_S:-280}" python3 -m rebased bench --suite --out "$OUT/suite" ${SUITE_ARGS} 2>&1 | tee "$OUT/suite.log"

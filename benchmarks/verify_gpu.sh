@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD REBASED_TRUST_TRITON=1
 log="$OUT/gpu_tests.log"
 {
-    echo "# bash benchmarks/verify_gpu.sh (NEW=\"${NEW:-chunk}\") at $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "# bash benchmarks/verify_gpu.sh (NEW=\"${NEW:-chunk}\") at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$log"
 new="${NEW:-chunk}"  # the tests run first
-timeout "${NEW_S:-220}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -k "$new" 2>&1 | tee -a "$log" | tail -8
-timeout "${REST_S:-330}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -k "not ($new)" 2>&1 | tee -a "$log" | tail -8
+timeout "${NEW_S:-220}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu tests/ -k "$new" 2>&1 | tee -a "$log" | tail -8
+timeout "${REST_S:-330}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu tests/ -k "not ($new)" 2>&1 | tee -a "$log" | tail -8
