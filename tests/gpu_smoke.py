@@ -2,7 +2,8 @@
 
     python tests/gpu_smoke.py [--device cuda]
 
-Per mixer, the mixer alone at d_model 256, T 512, batch 4, x ~ N(0, 1):
+Per mixer (and ReBased again on the torch ops, and in the chunk form), the mixer alone at d_model 256, T 512,
+batch 4, x ~ N(0, 1):
   * bf16 autocast forward + backward: output and every gradient finite; output against the fp32 forward
     (relative RMS, bound 5e-2; bf16 has 8 mantissa bits, so ~1e-2 is expected);
   * fp32 prefill of T - 8 tokens + 8 recurrent steps against the fp32 forward (bound 1e-3 rel-RMS:
@@ -99,8 +100,12 @@ def main() -> int:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     header = ["mixer", "output dtype", "grads finite", "bf16 vs fp32", "prefill+steps vs fwd", "fwd+bwd s", "ok"]
     rows = []
-    # backend "auto" takes the Triton kernels on CUDA where installed; "rebased[torch]" pins the torch ops
-    runs = [(name, name, {}) for name in MIXER_CONFIGS] + [("rebased", "rebased[torch]", {"backend": "torch"})]
+    # backend "auto" takes the Triton kernels on CUDA where installed; "rebased[torch]" pins the torch ops. Mode
+    # "auto" takes the parallel form at T 512, so "rebased[chunk]" reaches the chunk kernels through the mixer.
+    runs = [(name, name, {}) for name in MIXER_CONFIGS] + [
+        ("rebased", "rebased[torch]", {"backend": "torch"}),
+        ("rebased", "rebased[chunk]", {"mode": "chunk"}),
+    ]
     for name, label, extra in runs:
         try:
             rows.append(check_mixer(name, device, label, **extra))

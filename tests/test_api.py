@@ -76,12 +76,20 @@ def test_unimplemented_pair_raises_not_implemented_naming_it(monkeypatch):
         linear_attention(*qkv(), mode="recurrent", backend="torch")
 
 
-def test_triton_backend_on_cpu_tensors_never_falls_back_silently():
-    """backend='triton' either runs the Triton kernels or raises NotImplementedError naming the pair."""
-    try:
-        linear_attention(*qkv(), mode="recurrent", backend="triton")
-    except NotImplementedError as error:
-        assert "backend='triton'" in str(error)
+@pytest.mark.parametrize("mode", ops.MODES)
+def test_triton_backend_on_cpu_tensors_never_falls_back_silently(mode, monkeypatch):
+    """backend='triton' on CPU tensors without the interpreter: recurrent has no Triton pair and the fused
+    kernels need CUDA, so every mode raises NotImplementedError naming the backend, and no torch
+    implementation runs in its place."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def fell_back(*args, **kwargs):
+        raise AssertionError("backend='triton' ran a torch implementation")
+
+    for torch_mode in ops.MODES:
+        monkeypatch.setitem(ops.IMPLEMENTATIONS, (torch_mode, "torch"), fell_back)
+    with pytest.raises(NotImplementedError, match="backend='triton'"):
+        linear_attention(*qkv(), mode=mode, backend="triton")
 
 
 def test_step_validates_shapes():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rebased import ops
 from rebased.config import MIXER_CONFIGS, ModelConfig, mixer_config
 from rebased.mixers import MIXERS, from_fla, make_mixer
 from rebased.mixers.rwkv import RWKV
@@ -126,7 +127,7 @@ def test_sliding_window_matches_a_banded_mask():
         assert (full(x) - mixer(x)).abs().max() > 1e-3, "the window must matter"
 
 
-@pytest.mark.parametrize("name", ["mamba", "rwkv", "rebased"])
+@pytest.mark.parametrize("name", ["mamba", "rwkv"])
 def test_chunk_size_does_not_change_the_output(name):
     mixer, x = build(name), inputs()
     with torch.no_grad():
@@ -134,6 +135,72 @@ def test_chunk_size_does_not_change_the_output(name):
         for size in (1, 4, 64):
             mixer.cfg = mixer.cfg.__class__(**{**mixer.cfg.__dict__, "chunk_size": size})
             assert_close(mixer(x), expected, rel_rms=FP64_TOL, name=f"{name} chunk {size}")
+
+
+LINEAR_MIXERS = ["rebased", "based", "linear_attention"]
+
+
+def record_op_modes(monkeypatch) -> list[tuple[str, int]]:
+    """(mode, chunk_size) of every torch linear-attention call from now on: which form a mixer really ran."""
+    calls = []
+    for mode in ops.MODES:
+
+        def spy(*args, mode=mode, real=ops.IMPLEMENTATIONS[(mode, "torch")], **kwargs):
+            calls.append((mode, kwargs["chunk_size"]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setitem(ops.IMPLEMENTATIONS, (mode, "torch"), spy)
+    return calls
+
+
+def with_mode(name: str, mode: str, chunk_size: int, dtype=torch.float64):
+    """The linear-attention mixer `name` with the op mode and chunk size set through its config."""
+    torch.manual_seed(0)
+    return make_mixer(name, D, **{**OPTIONS[name], "mode": mode, "chunk_size": chunk_size}).to(dtype)
+
+
+@pytest.mark.parametrize("name", LINEAR_MIXERS)
+@pytest.mark.parametrize(("mode", "chunk_size"), [("chunk", 8), ("chunk", 1), ("chunk", 64), ("recurrent", 8)])
+def test_linear_attention_modes_equal_the_parallel_form(name, mode, chunk_size, monkeypatch):
+    """The config's mode reaches the op: chunk (T = 23: two chunks of 8 and a partial one; one token a chunk;
+    one partial chunk) and recurrent give the parallel form's outputs, prefill states and gradients."""
+    parallel, mixer = with_mode(name, "parallel", chunk_size), with_mode(name, mode, chunk_size)
+    x = inputs().requires_grad_()
+    calls = record_op_modes(monkeypatch)
+    expected = parallel(x)
+    assert calls == [("parallel", chunk_size)]
+    calls.clear()
+    y = mixer(x)
+    assert calls == [(mode, chunk_size)], f"the mixer ran {calls}, not its config's mode {mode!r}"
+    assert_close(y, expected, rel_rms=FP64_TOL, name=f"{name} {mode} vs parallel")
+    weights = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, *parallel.parameters()])
+    names = ["dx", *(n for n, _ in mixer.named_parameters())]
+    for grad_name, grad, want in zip(names, grads, expected_grads):
+        assert_close(grad, want, rel_rms=FP64_TOL, name=f"{name} {mode} {grad_name}")
+    with torch.no_grad():
+        y_head, state = mixer.prefill(x[:, :19])
+        want_head, want_state = parallel.prefill(x[:, :19])
+        tail, _ = run_steps(mixer, x[:, 19:], state)
+    assert_close(y_head, want_head, rel_rms=FP64_TOL, name=f"{name} {mode} prefill")
+    assert_close(state.attention.kv, want_state.attention.kv, rel_rms=FP64_TOL, name=f"{name} {mode} state kv")
+    assert_close(state.attention.k_sum, want_state.attention.k_sum, rel_rms=FP64_TOL, name=f"{name} {mode} k_sum")
+    assert_close(tail, expected[:, 19:].detach(), rel_rms=FP64_TOL, name=f"{name} {mode} prefill + steps")
+
+
+def test_auto_mode_takes_the_chunk_form_beyond_the_crossover(monkeypatch):
+    """The mixers' default mode is auto: parallel up to PARALLEL_MAX_LENGTH, the chunk form beyond (the
+    threshold lowered to 16 so that T = 23 crosses it), with the same outputs either way."""
+    mixer = build("rebased")
+    assert mixer.cfg.mode == "auto"
+    calls = record_op_modes(monkeypatch)
+    with torch.no_grad():
+        short = mixer(inputs())
+        monkeypatch.setitem(ops.PARALLEL_MAX_LENGTH, "torch", 16)
+        long = mixer(inputs())
+    assert calls == [("parallel", 8), ("chunk", 8)]
+    assert_close(long, short, rel_rms=FP64_TOL, name="auto: chunk vs parallel")
 
 
 def test_rwkv_is_stable_where_the_naive_form_overflows():

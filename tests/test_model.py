@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -87,6 +88,54 @@ def test_float32_steps_equal_forward(name):
             step_logits, state = model.step(ids[:, t], state)
             logits.append(step_logits[:, None])
     assert_close(torch.cat(logits, dim=1), expected, rel_rms=FP32_TOL, name=f"{name} fp32 prefill + steps")
+
+
+def with_linear_attention_mode(name: str, mode: str, chunk_size: int = 8) -> LanguageModel:
+    """Model `name` with every linear-attention mixer's op mode and chunk size set through the config."""
+    cfg = MODELS[name]
+    mixers = {
+        mixer: dataclasses.replace(sub, mode=mode, chunk_size=chunk_size) if hasattr(sub, "mode") else sub
+        for mixer, sub in cfg.mixers.items()
+    }
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.replace(mixers=mixers)).double().eval()
+    with torch.no_grad():
+        model.embedding.weight.normal_(std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["rebased", "hybrid"])
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_chunk_and_recurrent_modes_equal_the_parallel_form(name, mode, monkeypatch):
+    """Through the model config: T = 21 is two chunks of 8 and a partial one. Logits, parameter gradients and
+    prefill + steps agree with the parallel form, and the op really ran in the configured mode."""
+    from rebased import ops
+
+    calls = []
+    for op_mode in ops.MODES:
+
+        def spy(*args, op_mode=op_mode, real=ops.IMPLEMENTATIONS[(op_mode, "torch")], **kwargs):
+            calls.append(op_mode)
+            return real(*args, **kwargs)
+
+        monkeypatch.setitem(ops.IMPLEMENTATIONS, (op_mode, "torch"), spy)
+    parallel, model = with_linear_attention_mode(name, "parallel"), with_linear_attention_mode(name, mode)
+    ids = token_ids()
+    expected, logits = parallel(ids), model(ids)
+    assert calls == ["parallel", mode], calls  # one linear-attention layer in each model
+    assert_close(logits, expected, rel_rms=FP64_TOL, name=f"{name} {mode} vs parallel")
+    weights = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(parallel.parameters()))
+    for (param_name, _), grad, want in zip(model.named_parameters(), grads, expected_grads):
+        assert_close(grad, want, rel_rms=FP64_TOL, name=f"{name} {mode} d {param_name}")
+    with torch.no_grad():
+        head, state = model.prefill(ids[:, :13])
+        tail = []
+        for t in range(13, T):
+            step_logits, state = model.step(ids[:, t], state)
+            tail.append(step_logits[:, None])
+    assert_close(torch.cat([head, *tail], 1), expected.detach(), rel_rms=FP64_TOL, name=f"{name} {mode} prefill+steps")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

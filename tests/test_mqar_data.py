@@ -26,7 +26,9 @@ MODES = [pytest.param(False, id="fast"), pytest.param(True, id="compat")]
 
 
 def check_examples(inputs: torch.Tensor, labels: torch.Tensor, config: MQARConfig) -> None:
-    """Every property PAPER.md section 4 states about one segment."""
+    """Every property of one MQAR segment: keys from the lower half of the vocabulary and values from the upper,
+    distinct within an example, N key-value pairs first, then each key queried once on an even offset of the
+    query region with its value as the label, zeros (or noise) elsewhere."""
     n, L, N, V = config.num_examples, config.seq_len, config.num_kv_pairs, config.vocab_size
     assert inputs.shape == labels.shape == (n, L)
     assert inputs.dtype == labels.dtype == torch.long

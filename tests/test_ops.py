@@ -105,13 +105,14 @@ def test_state_carry_across_cuts_and_modes(first_mode, second_mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_kernel_trick_equals_explicit_features(mode):
-    """The kernel-trick path on projected q, k equals linear attention on the expanded features."""
+    """The kernel-trick path on projected q, k equals linear attention on the expanded features (chunks of 8
+    at T = 33, so that the chunk form's inter-chunk state term takes part)."""
     generator = torch.Generator().manual_seed(3)
     for kernel in (Polynomial.rebased(D), Polynomial.taylor(D)):
         q, k, v = make_inputs(33, kernel, generator)
-        trick, trick_state = linear_attention(q, k, v, mode=mode, kernel=kernel, output_final_state=True)
+        trick, trick_state = linear_attention(q, k, v, mode=mode, kernel=kernel, output_final_state=True, chunk_size=8)
         explicit, explicit_state = linear_attention(
-            kernel.features(q), kernel.features(k), v, mode=mode, output_final_state=True
+            kernel.features(q), kernel.features(k), v, mode=mode, output_final_state=True, chunk_size=8
         )
         assert_close(trick, explicit, rel_rms=1e-10, name="o")
         assert_close(trick_state.kv, explicit_state.kv, rel_rms=1e-10, name="kv")

@@ -74,8 +74,8 @@ def test_run_of_nonfinite_steps_ends_as_diverged_with_last_good_weights(tmp_path
         result = train(model, make_data(), config, tmp_path, progress=False)
     finally:
         hook.remove()
-    assert result.diverged and result.finished and result.steps < 80
-    assert result.skipped_steps == result.steps - 6 >= 4
+    assert result.diverged and result.finished
+    assert result.steps == 10 and result.skipped_steps == 4  # 6 good steps, then the 4 skipped in a row
     stored = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
     for name, last_good in zip(stored["model"], seen[5]):  # the weights after step 5, the last good one
         assert_close(stored["model"][name], last_good, rel_rms=0.0, name=name)

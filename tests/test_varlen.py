@@ -4,6 +4,7 @@ states, gradients and empty sequences; malformed offsets fail with a clear error
 import pytest
 import torch
 
+from rebased import ops
 from rebased.ops import MODES, LinearAttentionState, Polynomial, linear_attention, linear_attention_reference
 from rebased.testing import assert_close
 
@@ -47,7 +48,7 @@ def per_sequence(q, k, v, cu, state, kernel):
     return torch.cat(outputs, 1), LinearAttentionState(torch.cat(kvs), torch.cat(sums))
 
 
-@pytest.mark.parametrize("mode", [*MODES, "auto"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
 def test_packed_call_equals_one_call_per_sequence(mode, with_state):
     kernel = Polynomial.rebased(4)
@@ -69,6 +70,21 @@ def test_packed_call_equals_one_call_per_sequence(mode, with_state):
     ref_grads = torch.autograd.grad(loss(ref_o, ref_final), leaves)
     for name, g, r in zip(("dq", "dk", "dv", "d kv0", "d k_sum0"), grads, ref_grads):
         assert_close(g, r, rel_rms=1e-10, name=name)
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(70, "parallel"), (69, "chunk")])
+def test_auto_mode_decides_by_the_longest_sequence(limit, expected, monkeypatch):
+    """mode="auto" on a packed batch: parallel while the longest sequence (70) is within the threshold, even
+    though the packed T (109) is beyond it; chunk beyond. Both give the per-sequence outputs."""
+    ran = []
+    real = ops.IMPLEMENTATIONS[(expected, "torch")]
+    monkeypatch.setitem(ops.IMPLEMENTATIONS, (expected, "torch"), lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    monkeypatch.setitem(ops.PARALLEL_MAX_LENGTH, "torch", limit)
+    kernel = Polynomial.rebased(4)
+    q, k, v, cu = packed_inputs(LENGTHS)
+    o, _ = linear_attention(q, k, v, mode="auto", kernel=kernel, cu_seqlens=cu)
+    assert len(ran) == 4  # one call per non-empty sequence, all in the expected mode
+    assert_close(o, per_sequence(q, k, v, cu, None, kernel)[0], rel_rms=1e-10, name=f"auto ({expected})")
 
 
 def test_one_sequence_equals_the_plain_call():
