@@ -82,7 +82,9 @@ def device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rebased", description="ReBased / Based linear attention: ops, models, MQAR")
+    parser = argparse.ArgumentParser(
+        prog="rebased", description="ReBased / Based linear attention: ops, models, MQAR, language models, analyses"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (help_text, add_arguments, _) in VERBS.items():
