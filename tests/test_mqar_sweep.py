@@ -4,7 +4,9 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
+from rebased import checkpoint
 from rebased.tasks.mqar.grids import EXPERIMENTS, MQARRun, experiment, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, load_results, plot_summary, summarise, summary_markdown
 from rebased.testing import assert_close
@@ -46,7 +48,7 @@ def test_invalid_tasks_fail_before_training(changes, message):
 def test_unknown_experiment_suggests_a_name():
     with pytest.raises(ValueError, match="did you mean 'quick'"):
         experiment("quik")
-    assert set(EXPERIMENTS) == {"quick", "paper-fig1", "paper-ablation", "length-gen"}
+    assert set(EXPERIMENTS) == {"quick", "paper-fig1", "paper-ablation", "paper-similarity", "length-gen"}
     assert paper_pairs(128) == 16 and paper_pairs(1024) == 256
 
 
@@ -367,3 +369,25 @@ def test_a_results_line_cut_short_is_skipped_and_repaired_before_the_next_append
     path.write_text(json.dumps(rows[0]))  # complete, only its newline missing: kept
     _repair_tail(path)
     assert load_results(path) == rows[:1] and path.read_text().endswith("}\n")
+
+
+def test_shift_conv_makes_the_first_layer_a_frozen_previous_token_shift(tmp_path):
+    """paper-similarity's first layer: y_t = u_{t-1} + u_t, unchanged by training; the run has its own id."""
+    run = dataclasses.replace(tiny_runs()[0], shift_conv=True, epochs=1)
+    assert run.run_id.endswith("-shift-lr0.003-s0")
+    model = build_model(run)
+    mixer = model.layers[0].mixer
+    u = torch.randn(2, 9, run.d_model)
+    expected = u + torch.nn.functional.pad(u, (0, 0, 1, 0))[:, :-1]  # u_t + u_{t-1}, u_{-1} = 0
+    assert_close(mixer(u), expected, rel_rms=1e-6)
+    before = {name: p.clone() for name, p in mixer.named_parameters()}
+    from rebased.tasks.mqar.sweep import make_data, run_one
+
+    result = run_one(run, make_data(run), tmp_path / run.run_id)
+    trained = checkpoint.load(tmp_path / run.run_id)
+    assert result["steps"] > 0
+    for name, p in trained.layers[0].mixer.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with pytest.raises(ValueError, match="plain BaseConv"):
+        build_model(dataclasses.replace(run, model="mamba"))
+    assert {r.model for r in experiment("paper-similarity")} == {"rebased", "based", "attention"}

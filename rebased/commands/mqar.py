@@ -20,7 +20,7 @@ from rebased.cli import INTERRUPTED, names, positive_float, positive_int, positi
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", nargs="?", default="quick", help="quick (default), paper-fig1, "
-                        "paper-ablation, length-gen")  # fmt: skip
+                        "paper-ablation, paper-similarity, length-gen")  # fmt: skip
     parser.add_argument("--out", default=None, help="output folder (default: runs/mqar-<experiment>)")
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds per cell (default: the experiment's)")
     parser.add_argument("--models", type=names, default=None, help="comma-separated subset of the experiment's "

@@ -73,10 +73,14 @@ class MQARRun:
     test_mix: tuple[tuple[int, int], ...] = ()
     position_embeddings: bool = True
     data_seed: int = 0  # the same data for every model and seed of a grid, as in Zoology
+    # The first layer's BaseConv fixed to a previous-token shift and frozen, so that the second layer alone
+    # must retrieve: the paper's set-up for comparing score matrices with attention (docs/paper.md section 5).
+    shift_conv: bool = False
 
     @property
     def run_id(self) -> str:
-        return f"{self.model}-d{self.d_model}-L{self.seq_len}-N{self.num_kv_pairs}-lr{self.lr:g}-s{self.seed}"
+        shift = "-shift" if self.shift_conv else ""
+        return f"{self.model}-d{self.d_model}-L{self.seq_len}-N{self.num_kv_pairs}{shift}-lr{self.lr:g}-s{self.seed}"
 
     @property
     def cell(self) -> tuple[str, int, int]:
@@ -161,6 +165,14 @@ def paper_ablation(seeds: int = 2) -> list[MQARRun]:
     return grid(ABLATION_KERNELS, (16, 24, 32, 48), (256, 2048), PAPER_LRS, range(seeds), pairs=lambda _: 32)
 
 
+def paper_similarity(seeds: int = 1) -> list[MQARRun]:
+    """The models whose score matrices the paper compares with attention's (its Table 5): L 128 with 32 pairs,
+    the first layer a fixed previous-token shift. The paper gives no d_model for them; 128 is where every
+    model of Fig. 1 solves L 128."""
+    return grid(("rebased", "based", "attention"), (128,), (128,), PAPER_LRS, range(seeds), pairs=lambda _: 32,
+                shift_conv=True)  # fmt: skip
+
+
 def length_generalisation(seeds: int = 1) -> list[MQARRun]:
     """Train on L 64/128/256 (N = L / 8), test on 512 and 1024 too; no absolute positions to outgrow."""
     train_mix = ((64, 8), (128, 16), (256, 32))
@@ -175,6 +187,7 @@ EXPERIMENTS: dict[str, Callable[..., list[MQARRun]]] = {
     "quick": quick,
     "paper-fig1": paper_fig1,
     "paper-ablation": paper_ablation,
+    "paper-similarity": paper_similarity,
     "length-gen": length_generalisation,
 }
 

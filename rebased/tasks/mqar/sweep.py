@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from rebased import checkpoint
 from rebased.config import ModelConfig, mixer_config
+from rebased.mixers import BaseConv
 from rebased.model import LanguageModel
 from rebased.presets import mqar_model
 from rebased.tables import markdown_table
@@ -57,7 +59,25 @@ def model_config(run: MQARRun) -> ModelConfig:
 
 
 def build_model(run: MQARRun) -> LanguageModel:
-    return LanguageModel(model_config(run))
+    model = LanguageModel(model_config(run))
+    if run.shift_conv:
+        freeze_previous_token_shift(model.layers[0].mixer)
+    return model
+
+
+def freeze_previous_token_shift(mixer: nn.Module) -> None:
+    """A BaseConv, y = conv(u) * (W u + b) + u, made y_t = u_{t-1} + u_t and frozen: the conv's only tap is the
+    previous position, the gate is 1 (W = 0, b = 1)."""
+    if not isinstance(mixer, BaseConv) or mixer.gated or mixer.cfg.kernel_size < 2:
+        raise ValueError(f"shift_conv needs a plain BaseConv of kernel size >= 2 first, got {type(mixer).__name__}")
+    with torch.no_grad():
+        conv = mixer.conv.conv  # output t reads inputs t - K + 1 .. t with weights [..., 0 .. K - 1]
+        conv.weight.zero_()
+        conv.weight[:, 0, -2] = 1.0
+        conv.bias.zero_()
+        mixer.projection.weight.zero_()
+        mixer.projection.bias.fill_(1.0)
+    mixer.requires_grad_(False)
 
 
 def check_runs(runs: Sequence[MQARRun]) -> None:
