@@ -62,6 +62,12 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_floats(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated numbers > 0, e.g. 0.001,0.003."""
+    values = tuple(positive_float(word.strip()) for word in text.split(","))
+    return values
+
+
 def names(text: str) -> tuple[str, ...]:
     """argparse type: comma-separated names, none empty."""
     values = tuple(word.strip() for word in text.split(","))

@@ -289,3 +289,12 @@ def test_feature_map_checks_k_too_and_per_head_maps_take_any_head_count():
     per_head = make_feature_map("rebased", 16, 12, scope="per_head")  # one norm per head, shared by all heads
     q, k = per_head.prepare(torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16))
     assert q.shape == (1, 3, 5, 16)
+
+
+def test_mqar_lrs_keeps_the_runs_of_those_learning_rates(capsys, tmp_path):
+    argv = ["mqar", "paper-similarity", "--lrs", "0.001", "--dry-run", "--out", str(tmp_path / "sim")]
+    assert main(argv) == 0
+    listed = [line.strip() for line in capsys.readouterr().out.splitlines() if "-lr" in line]
+    assert listed == [f"{m}-d128-L128-N32-shift-lr0.001-s0" for m in ("rebased", "based", "attention")]
+    assert main(["mqar", "paper-similarity", "--lrs", "0.002", "--dry-run", "--out", str(tmp_path / "x")]) == 2
+    assert "0.002 not in experiment 'paper-similarity'" in capsys.readouterr().err

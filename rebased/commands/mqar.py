@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from rebased.cli import INTERRUPTED, names, positive_float, positive_int, positive_ints, verb
+from rebased.cli import INTERRUPTED, names, positive_float, positive_floats, positive_int, positive_ints, verb
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of the experiment's seq_len values")  # fmt: skip
     parser.add_argument("--d-models", type=positive_ints, default=None,
                         help="comma-separated subset of the experiment's d_model values")  # fmt: skip
+    parser.add_argument("--lrs", type=positive_floats, default=None,
+                        help="comma-separated subset of the experiment's learning rates")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a run field for every run, e.g. --set epochs=2 (repeatable)")  # fmt: skip
     parser.add_argument("--workers", type=positive_int, default=1,
@@ -111,9 +113,11 @@ def command_line(args: argparse.Namespace, out: Path | None = None) -> str:
         words += ["--out", str(args.out or out)]
     if args.seeds is not None:
         words += ["--seeds", str(args.seeds)]
-    for flag, values in (("--models", args.models), ("--lengths", args.lengths), ("--d-models", args.d_models)):
+    filters = (("--models", args.models), ("--lengths", args.lengths), ("--d-models", args.d_models),
+               ("--lrs", args.lrs))  # fmt: skip
+    for flag, values in filters:
         if values:
-            words += [flag, ",".join(map(str, values))]
+            words += [flag, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)]
     for pair in args.set:
         words += ["--set", pair]
     if args.workers != 1:
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     runs = experiment(args.experiment, args.seeds, **parse_overrides(args.set))
-    for flag, field in (("models", "model"), ("lengths", "seq_len"), ("d_models", "d_model")):
+    for flag, field in (("models", "model"), ("lengths", "seq_len"), ("d_models", "d_model"), ("lrs", "lr")):
         runs = keep_runs(runs, field, getattr(args, flag), f"--{flag.replace('_', '-')}", args.experiment)
     check_runs(runs)
     out = Path(args.out or f"runs/mqar-{args.experiment}")
