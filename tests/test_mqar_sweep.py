@@ -8,7 +8,8 @@ import torch
 
 from rebased import checkpoint
 from rebased.tasks.mqar.grids import EXPERIMENTS, MQARRun, experiment, paper_pairs
-from rebased.tasks.mqar.sweep import build_model, load_results, plot_summary, summarise, summary_markdown
+from rebased.tasks.mqar.report import plot_summary, summarise, summary_markdown
+from rebased.tasks.mqar.sweep import build_model, load_results
 from rebased.testing import assert_close
 
 
@@ -97,7 +98,7 @@ def test_summary_takes_the_best_lr_per_cell_and_averages_seeds():
 
 def test_summary_marks_cells_with_runs_pending_and_compares_only_finished_cells():
     from rebased.tasks.mqar.grids import grid
-    from rebased.tasks.mqar.sweep import paper_comparison
+    from rebased.tasks.mqar.report import paper_comparison
 
     planned = grid(("rebased", "based"), (64,), (256,), (1e-3, 3e-3, 1e-2), (0, 1), pairs=lambda _: 16)
     cells = {c.model: c for c in summarise(fake_results(), planned)}
@@ -208,7 +209,7 @@ def test_results_of_the_same_run_id_with_other_settings_are_refused(tmp_path):
 
 def test_one_seed_shows_no_spread_and_tables_show_display_names_in_order():
     from rebased.tasks.mqar.grids import DISPLAY_NAMES
-    from rebased.tasks.mqar.sweep import summary_caption
+    from rebased.tasks.mqar.report import summary_caption
 
     rows = [dict(run_id=f"{m}-s0", model=m, d_model=64, seq_len=32, lr=3e-3, seed=0, accuracy=a)
             for m, a in (("attention", 1.0), ("based", 0.5), ("rebased", 0.9))]  # fmt: skip
@@ -245,7 +246,7 @@ def one_cell_results(runs_dir):
 
 
 def test_one_cell_plots_learning_curves_of_its_best_lr_runs(tmp_path):
-    from rebased.tasks.mqar.sweep import learning_curves, summary_figure
+    from rebased.tasks.mqar.report import learning_curves, summary_figure
 
     results = one_cell_results(tmp_path / "runs")
     cells = summarise(results)
@@ -266,7 +267,7 @@ def test_one_cell_plots_learning_curves_of_its_best_lr_runs(tmp_path):
 
 
 def test_several_d_models_plot_accuracy_panels_and_one_cell_without_metrics_falls_back(tmp_path):
-    from rebased.tasks.mqar.sweep import summary_figure
+    from rebased.tasks.mqar.report import summary_figure
 
     rows = [dict(run_id=f"{m}{d}{length}{s}", model=m, d_model=d, seq_len=length, lr=1e-3, seed=s,
                  accuracy=d / 1000 + length / 10000 + s / 100)

@@ -225,7 +225,7 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
     """Print the table; write summary.md and the plot. Returns what was written."""
     from rebased.tasks.mqar.grids import display_name
     from rebased.tasks.mqar.paper_values import PAPER_VALUES
-    from rebased.tasks.mqar.sweep import paper_comparison, plot_summary, summarise, summary_caption, summary_markdown
+    from rebased.tasks.mqar.report import paper_comparison, plot_summary, summarise, summary_caption, summary_markdown
 
     cells = summarise(results, runs)
     table = summary_markdown(cells)
