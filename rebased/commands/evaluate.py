@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 def store(run_dir: Path, results: list[dict]) -> Path:
     """RUN/eval.json: one entry per (data, split, seq_len), a new score replacing the old."""
-    from rebased.train.run_files import atomic_write
+    from rebased.files import atomic_write
 
     path = run_dir / EVAL_FILE
     stored = json.loads(path.read_text()) if path.exists() else []

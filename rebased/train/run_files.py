@@ -11,13 +11,13 @@ never sees a partial file. A checkpoint is refused when the settings that change
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from rebased.files import atomic_write
 
 CHECKPOINT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE = "checkpoint.pt", "metrics.jsonl", "train_config.json"
 MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
@@ -49,20 +49,6 @@ class RunState:
             if isinstance(value, Tensor):
                 setattr(self, name, value.to(device))
         return self
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def jsonable(config) -> dict:

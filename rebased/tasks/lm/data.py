@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 import rebased
+from rebased.files import atomic_write
 from rebased.tasks.lm import DataError
 from rebased.tasks.lm.encode import encoded_batches
 from rebased.tasks.lm.shards import (
@@ -58,7 +59,6 @@ from rebased.tasks.lm.tokenizers import (
     resolve_tokenizer,
     train_bpe,
 )
-from rebased.train.run_files import atomic_write
 
 log = logging.getLogger(__name__)
 STATE_KEYS = ("format", "format_version", "complete", "created_by", "tokenizer", "dtype", "settings", "sources",

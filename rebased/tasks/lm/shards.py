@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rebased.files import atomic_write
 from rebased.tasks.lm import DataError
-from rebased.train.run_files import atomic_write
 
 FORMAT = "rebased-token-shards"
 FORMAT_VERSION = 1

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from rebased import checkpoint
 from rebased.config import ModelConfig, mixer_config
+from rebased.files import atomic_write
 from rebased.mixers import BaseConv
 from rebased.model import LanguageModel
 from rebased.presets import mqar_model
@@ -36,7 +37,7 @@ from rebased.tasks.mqar.data import MQARSplits, make_mqar_splits
 from rebased.tasks.mqar.grids import ABLATION_KERNELS, MQARRun
 from rebased.train import TrainConfig, train
 from rebased.train.evaluate import accuracy_by_slice
-from rebased.train.run_files import CHECKPOINT_FILE, atomic_write
+from rebased.train.run_files import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 MICRO_BATCH_TOKENS = 512 * 512  # gradient accumulation keeps a micro-batch at or under this many tokens
