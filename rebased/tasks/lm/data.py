@@ -47,6 +47,7 @@ from rebased.tasks.lm.shards import (
     SPLITS,
     ShardWriter,
     documents_name,
+    read_record,
     shard_problem,
     token_dtype,
 )
@@ -161,12 +162,7 @@ def _load_state(out: Path) -> dict | None:
     for name in (PROGRESS, MANIFEST):
         path = out / name
         if path.is_file():
-            try:
-                record = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} is damaged ({error}): delete {out} and prepare again") from None
-            if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
-                raise DataError(f"{path}: not format {FORMAT} version {FORMAT_VERSION}: use another OUT")
+            record = read_record(path, f"delete {out} and prepare again", "use another OUT")
             return {key: record[key] for key in STATE_KEYS}
     if out.is_dir() and any(out.iterdir()):
         raise DataError(

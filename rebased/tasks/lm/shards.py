@@ -123,6 +123,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_record(path: Path, if_damaged: str, if_other_format: str) -> dict:
+    """A manifest or progress record of this format and version; DataError naming the file and the fix."""
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is damaged ({error}): {if_damaged}") from None
+    if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: not format {FORMAT} version {FORMAT_VERSION}: {if_other_format}")
+    return record
+
+
 def read_manifest(folder: str | Path) -> dict:
     """A finished shards folder's manifest, or an error that says how to finish or make one."""
     folder = Path(folder)
@@ -134,13 +145,7 @@ def read_manifest(folder: str | Path) -> dict:
             f"{folder}: no {MANIFEST}, so not a token-shards folder: make one with "
             f"`rebased data prepare SOURCE {folder} --tokenizer NAME`"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} is damaged ({error}): {REBUILD}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: not format {FORMAT} version {FORMAT_VERSION}: prepare the corpus again")
-    return manifest
+    return read_record(path, REBUILD, "prepare the corpus again")
 
 
 def verify_shards(folder: str | Path) -> list[str]:
