@@ -132,6 +132,7 @@ def evaluate_run(
 
     from rebased import checkpoint
     from rebased.tasks.lm.shards import TokenShards
+    from rebased.train.loop import resolve_device
 
     run_dir, data = Path(run_dir), Path(data)
     check_same_tokenizer(run_dir, data)
@@ -144,8 +145,7 @@ def evaluate_run(
         windows = min(windows, max(1, max_tokens // seq_len))
     if windows < 1:
         raise ValueError(f"{data} {split}: {len(shards):,} tokens, fewer than one window of {seq_len + 1}")
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)  # fmt: skip
+    device = resolve_device(device)
     model.to(device)
     bar = tqdm(total=windows, desc=f"eval {data.name}/{split}", unit="window", disable=not progress)
     dtype = torch.bfloat16 if device.type == "cuda" else None

@@ -34,6 +34,7 @@ from rebased.tasks.lm.evaluate import evaluate_perplexity, first_windows
 from rebased.tasks.lm.shards import TokenShards
 from rebased.tasks.lm.tokenizers import TOKENIZER_FILE
 from rebased.train import Meter, TrainConfig, TrainResult, train
+from rebased.train.loop import resolve_device
 
 RUN_FILE = "run.json"
 VOCAB_MULTIPLE = 64  # embedding rows are padded to this: cuBLAS has no fast kernels for an odd vocabulary
@@ -192,8 +193,7 @@ def train_lm(run: LMRun, run_dir: str | Path, *, progress: bool = True) -> Train
     model.checkpoint_layers = run.activation_checkpointing
     examples = TokenWindows(shards, run.seq_len)
     config = run.train_config(len(examples))
-    device = torch.device("cuda" if run.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if run.device == "auto" else run.device)  # fmt: skip
+    device = resolve_device(run.device)
     precision = "bf16" if run.precision == "auto" and device.type == "cuda" else run.precision
     world = int(os.environ.get("WORLD_SIZE", "1"))
     meter = Meter(

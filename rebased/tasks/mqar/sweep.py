@@ -37,6 +37,7 @@ from rebased.tasks.mqar.data import MQARSplits, make_mqar_splits
 from rebased.tasks.mqar.grids import ABLATION_KERNELS, MQARRun
 from rebased.train import TrainConfig, train
 from rebased.train.evaluate import accuracy_by_slice
+from rebased.train.loop import resolve_device
 from rebased.train.run_files import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def run_one(
     test = data.test
     slices = {s.name: (s.start, s.stop) for s in test.slices}
     config = train_config(run)
-    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else "cpu"
+    device = resolve_device(config.device).type
     evaluate = lambda m: accuracy_by_slice(m, test.inputs, test.labels, slices, device=device)  # noqa: E731
     train_data = (data.train.inputs, data.train.labels)
     result = train(
