@@ -20,7 +20,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32 (suite: bfloat16)"
     )
-    parser.add_argument("--device", type=device, default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", type=device, default=None,
+                        help="cpu or cuda (default: cpu; --train: cuda where there is a GPU)")  # fmt: skip
     parser.add_argument("--backends", type=names, default=("torch",), help="comma-separated: torch, triton")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         lengths=args.lengths or (256, 1024, 4096),
         backends=args.backends,
         dtype=args.dtype or "float32",
-        device=args.device,
+        device=args.device or "cpu",
         repeats=args.repeats,
     )
     torch.set_flush_denormal(True)
@@ -147,12 +148,13 @@ def _train(args: argparse.Namespace) -> int:
 
     from rebased.bench.train_throughput import ThroughputConfig, time_training
     from rebased.tables import markdown_table
+    from rebased.train.loop import resolve_device
 
     option = "kind" if args.preset == "pile_150m" else "mixer"
     config = ThroughputConfig(
         preset=args.preset, option=option, models=args.models, seq_lens=args.lengths or (2048, 8192),
         batch_tokens=args.tokens, steps=args.steps, compile=args.compile,
-        device="cuda" if args.device == "cpu" and _has_cuda() else args.device,
+        device=str(resolve_device(args.device or "auto")),
     )  # fmt: skip
     rows = time_training(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
     base = {r.seq_len: r for r in rows if r.model == "attention"}
@@ -173,12 +175,6 @@ def _train(args: argparse.Namespace) -> int:
         with open(os.path.join(args.out, "train.json"), "w") as f:
             json.dump(payload, f, indent=1)
     return 0
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _train_header(config) -> str:
