@@ -246,6 +246,34 @@ def test_stop_at_checkpoints_and_the_next_call_resumes_bitwise(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_loss_rows_fall_between_evaluations_average_their_steps_and_survive_resume(tmp_path):
+    config = TrainConfig(epochs=3, log_every_steps=3, **QUICK)  # 8 steps an epoch, evaluated at each end
+    score = lambda model: {"accuracy": accuracy(model, make_data())}  # noqa: E731
+    train(make_model(), make_data(), config, tmp_path / "whole", evaluate=score, progress=False)
+    rows = metrics_without_time(tmp_path / "whole")
+    steps = [3, 6, 8, 9, 12, 15, 16, 18, 21, 24]
+    assert [row["step"] for row in rows] == steps
+    assert ["accuracy" in row for row in rows] == [step % 8 == 0 for step in steps]
+
+    calls = iter(range(100))
+    after_11_steps = lambda: next(calls) >= 10  # noqa: E731  (asked once a step)
+    cut = train(make_model(), make_data(), config, tmp_path / "cut", evaluate=score, progress=False,
+                stop_when=after_11_steps)  # fmt: skip
+    assert not cut.finished and cut.steps == 11
+    train(make_model(), make_data(), config, tmp_path / "cut", evaluate=score, progress=False)
+    assert metrics_without_time(tmp_path / "cut") == rows
+
+    stopped = TrainConfig(epochs=3, log_every_steps=3, max_steps=12, **QUICK)  # its last step is a row's, mid-epoch
+    train(make_model(), make_data(), stopped, tmp_path / "stopped", evaluate=score, progress=False)
+    assert [row["step"] for row in metrics_without_time(tmp_path / "stopped")] == [3, 6, 8, 9, 12]
+
+    every_step = TrainConfig(epochs=1, log_every_steps=1, **QUICK)
+    _, per_epoch = run(TrainConfig(epochs=1, **QUICK), evaluate=score)
+    _, per_step = run(every_step, run_dir=tmp_path / "every")
+    losses = [row["train_loss"] for row in metrics_without_time(tmp_path / "every")]
+    assert len(losses) == 8 and sum(losses) / 8 == pytest.approx(per_epoch.history[-1]["train_loss"], rel=1e-6)
+
+
 def test_torchrun_two_processes_equal_one_process(tmp_path):
     config = {"epochs": 2, "batch_size": 16, "grad_accumulation": 2, "lr": 1e-2, "checkpoint_every": 5, "device": "cpu"}
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")

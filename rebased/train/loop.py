@@ -69,6 +69,7 @@ class TrainConfig:
     compile: bool = False
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     eval_every_steps: int = 0  # > 0: also evaluate every this many optimizer steps (long epochs: language models)
+    log_every_steps: int = 0  # > 0: a metrics row of training loss every this many steps, between evaluations
     early_stop_metric: str | None = "accuracy"  # higher is better
     early_stop_threshold: float = 0.99  # stop once the metric is above this
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at epoch ends only
@@ -85,8 +86,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accumulation", "eval_every", "max_skipped_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every_steps < 0:
-            raise ValueError(f"eval_every_steps must be >= 0, got {self.eval_every_steps}")
+        for name in ("eval_every_steps", "log_every_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
 
@@ -335,23 +337,38 @@ class _Engine:
         rates = self.rates(state, "metrics")
         metrics = self.run_evaluation()
         self.restart_rates(state)
-        counted = state.loss_count - int(state.skipped_since_eval)
-        train_loss = (state.loss_sum / counted).item() if counted else math.nan
-        entry = {"epoch": state.epoch, "step": state.step, "lr": state.lr, "train_loss": train_loss}
-        entry["skipped_steps"] = int(state.skipped_steps)
-        entry.update(seconds=round(seconds, 3), **rates, **metrics)
+        entry = {**self.training_row(state, seconds), **rates, **metrics}
         state.history.append(entry)
-        state.loss_sum.zero_()
-        state.skipped_since_eval.zero_()
-        state.loss_count = 0
-        log.info("%s", entry)
-        if self.env.rank == 0:
-            self.files.append_metrics(entry)
+        self.write_row(entry)
         name = self.config.early_stop_metric
         if name is not None and self.evaluate is not None:
             if name not in metrics:
                 raise ValueError(f"early_stop_metric={name!r} is not among the metrics {sorted(metrics)}")
             state.stopped_early = metrics[name] > self.config.early_stop_threshold
+
+    def record_training_loss(self, state: RunState, seconds: float) -> None:
+        """A row without evaluation, so that a long run's loss curve has more points than its evaluations."""
+        entry = {**self.training_row(state, seconds), **self.rates(state, "metrics")}
+        state.loss_rows.append(entry)
+        self.write_row(entry)
+
+    @staticmethod
+    def training_row(state: RunState, seconds: float) -> dict:
+        """Where the run is, and its mean training loss over the good steps since the last row (which it resets)."""
+        counted = state.loss_count - int(state.skipped_since_eval)
+        train_loss = (state.loss_sum / counted).item() if counted else math.nan
+        state.loss_sum.zero_()
+        state.skipped_since_eval.zero_()
+        state.loss_count = 0
+        return {
+            "epoch": state.epoch, "step": state.step, "lr": state.lr, "train_loss": train_loss,
+            "skipped_steps": int(state.skipped_steps), "seconds": round(seconds, 3),
+        }  # fmt: skip
+
+    def write_row(self, entry: dict) -> None:
+        log.info("%s", entry)
+        if self.env.rank == 0:
+            self.files.append_metrics(entry)
 
     def run_epoch(self, state: RunState, bar: tqdm, start: float) -> None:
         config, steps = self.config, self.steps_per_epoch
@@ -374,6 +391,8 @@ class _Engine:
                 self.record_evaluation(state, time.perf_counter() - start)
                 if state.stopped_early:
                     break
+            elif self.loss_row_due(state) and state.batch < steps and state.step < total:  # else see below
+                self.record_training_loss(state, time.perf_counter() - start)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.batch < steps:
                 state.seconds = time.perf_counter() - start
                 self.save(state)
@@ -388,9 +407,14 @@ class _Engine:
         evaluated = bool(state.history) and state.history[-1]["step"] == state.step
         if not evaluated and (last or (state.batch == 0 and state.epoch % config.eval_every == 0)):
             self.record_evaluation(state, time.perf_counter() - start)
+        elif not evaluated and state.batch == 0 and self.loss_row_due(state):
+            self.record_training_loss(state, time.perf_counter() - start)
         state.done = last or state.stopped_early
         state.seconds = time.perf_counter() - start
         self.save(state)
+
+    def loss_row_due(self, state: RunState) -> bool:
+        return bool(self.config.log_every_steps) and state.step % self.config.log_every_steps == 0
 
     def rates(self, state: RunState, window: str) -> dict[str, float]:
         """tokens/s (and MFU) over the steps since this window's last reading."""
@@ -461,7 +485,8 @@ class _Engine:
         if state.done:
             return self.result(state)
         if self.env.rank == 0:
-            self.files.write_start(state.history)
+            rows = sorted(state.history + state.loss_rows, key=lambda entry: entry["step"])  # never two at a step
+            self.files.write_start(rows)
         self.wrap()
         state.to(self.env.device)  # losses and skip counters summed on the device: no wait for the GPU
         total = total_steps(self.config, self.steps_per_epoch)

@@ -31,14 +31,15 @@ class RunState:
     batch: int = 0  # optimizer steps done in the current epoch
     step: int = 0
     lr: float = 0.0
-    loss_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # since last eval
-    loss_count: int = 0  # optimizer steps since the last evaluation, skipped ones included
+    loss_sum: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))  # since the last row
+    loss_count: int = 0  # optimizer steps since the last metrics row, skipped ones included
     # Counters kept on the device, so that watching for non-finite steps costs no host sync per step:
     skipped_since_eval: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     skipped_steps: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # in the whole run
     skipped_in_a_row: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))  # ending here
     seconds: float = 0.0
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the evaluations' metrics rows
+    loss_rows: list[dict] = field(default_factory=list)  # the rows of training loss alone (log_every_steps)
     stopped_early: bool = False
     diverged: bool = False  # stopped by a run of non-finite steps
     done: bool = False
@@ -64,14 +65,14 @@ class RunFiles:
         self.config = jsonable(config)
         self.defaults = jsonable(type(config)())  # what a setting absent from an older checkpoint meant
 
-    def write_start(self, history: list[dict]) -> None:
-        """train_config.json, and metrics.jsonl cut back to the checkpoint's evaluations (a killed run wrote more)."""
+    def write_start(self, rows: list[dict]) -> None:
+        """train_config.json, and metrics.jsonl cut back to the checkpoint's rows (a killed run wrote more)."""
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         config_text = json.dumps(self.config, indent=2) + "\n"
         atomic_write(self.dir / TRAIN_CONFIG_FILE, lambda f: f.write(config_text.encode()))
-        lines = "".join(json.dumps(entry) + "\n" for entry in history)
+        lines = "".join(json.dumps(entry) + "\n" for entry in rows)
         atomic_write(self.dir / METRICS_FILE, lambda f: f.write(lines.encode()))
 
     def append_metrics(self, entry: dict) -> None:

@@ -59,6 +59,7 @@ class LMRun:
     compile: bool = False
     activation_checkpointing: bool = False
     eval_every: int = 500  # optimizer steps between validations
+    log_every: int = 10  # optimizer steps between rows of training loss in metrics.jsonl
     eval_tokens: int = 1_048_576  # validation tokens per validation
     eval_batch: int = 8  # windows per validation batch
     checkpoint_every: int = 500
@@ -66,7 +67,7 @@ class LMRun:
     device: str = "auto"
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_tokens", "steps", "eval_every", "eval_tokens", "eval_batch"):
+        for name in ("seq_len", "batch_tokens", "steps", "eval_every", "log_every", "eval_tokens", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_tokens % self.seq_len:
@@ -84,7 +85,8 @@ class LMRun:
             grad_accumulation=self.grad_accumulation, lr=self.lr, min_lr=self.min_lr, weight_decay=self.weight_decay,
             betas=(0.9, 0.95), warmup_steps=self.warmup_steps, schedule="cosine", schedule_unit="step",
             grad_clip=self.grad_clip, precision=self.precision, compile=self.compile, eval_every=10**9,
-            eval_every_steps=self.eval_every, early_stop_metric=None, checkpoint_every=self.checkpoint_every,
+            eval_every_steps=self.eval_every, log_every_steps=self.log_every, early_stop_metric=None,
+            checkpoint_every=self.checkpoint_every,
             seed=self.seed, device=self.device,
         )  # fmt: skip
 
@@ -245,10 +247,9 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     if not entries:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [e["step"] for e in entries]
-    ax.plot(steps, [e["train_loss"] for e in entries], label="train")
-    if all("val_loss" in e for e in entries):
-        ax.plot(steps, [e["val_loss"] for e in entries], label="validation")
+    ax.plot([e["step"] for e in entries], [e["train_loss"] for e in entries], label="train")
+    validated = [e for e in entries if "val_loss" in e]
+    ax.plot([e["step"] for e in validated], [e["val_loss"] for e in validated], "o-", label="validation")
     ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats per token)", title=run_dir.name)
     ax.legend()
     ax.grid(alpha=0.3)
