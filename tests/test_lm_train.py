@@ -177,3 +177,25 @@ def test_training_throughput_benchmark_writes_its_table(tmp_path, capsys):
     assert [r["model"] for r in rows] == ["rebased", "based", "attention"]
     assert all(r["tokens_per_s"] > 0 and r["batch_tokens"] == 128 for r in rows)
     assert "| attention | 32" in (out / "train.md").read_text()
+
+
+def test_compare_tabulates_each_runs_scores_and_plots_their_curves(shards, tmp_path, capsys):
+    from rebased.cli import main
+
+    runs = [tmp_path / "rebased", tmp_path / "based"]
+    for run_dir, mixer in zip(runs, ("rebased", "based")):
+        train_lm(tiny_run(shards, model={"mixer": mixer}, log_every=1), run_dir, progress=False)
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 2  # not scored yet
+    assert "run `rebased eval` on it first" in capsys.readouterr().err
+    for run_dir in runs:
+        assert main(["eval", str(run_dir), "--data", str(shards), "--max-tokens", "320", "--device", "cpu"]) == 0
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+
+    summary = (tmp_path / "cmp" / "summary.md").read_text()
+    assert (tmp_path / "cmp" / "loss.png").stat().st_size > 0
+    assert f"### {shards.name}, split val, windows of 32 tokens (in-domain)" in summary
+    for run_dir in runs:
+        score = json.loads((run_dir / "eval.json").read_text())[0]
+        parameters = sum(p.numel() for p in checkpoint.load(run_dir).parameters())
+        assert f"| {run_dir.name} | {score['ppl/all']:.3f} |".replace(" ", "") in summary.replace(" ", "")
+        assert f"| {run_dir.name} | {parameters / 1e6:.1f}M | 4 |".replace(" ", "") in summary.replace(" ", "")
