@@ -171,9 +171,9 @@ class CosFormerMap(FeatureMap):
         self.max_len = max_len
         self.feature_dim = 2 * head_dim
 
-    def _features(self, x: Tensor, offset: int) -> Tensor:
+    def _features(self, x: Tensor, offset: int | Tensor) -> Tensor:
         # fp64 angles: a [T] vector, and fp32 positions lose digits past 2^24 / max_len steps.
-        positions = torch.arange(offset + 1, offset + 1 + x.shape[1], device=x.device, dtype=torch.float64)
+        positions = torch.arange(1, 1 + x.shape[1], device=x.device, dtype=torch.float64) + offset
         angle = (math.pi / (2 * self.max_len) * positions).view(1, -1, 1, 1)
         x = F.relu(x)
         return torch.cat([x * angle.sin().to(x.dtype), x * angle.cos().to(x.dtype)], dim=-1)

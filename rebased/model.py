@@ -89,6 +89,9 @@ class Block(nn.Module):
         y, state = self.mixer.step(self.norm1(x), state)
         return self._mlp(x + self.drop(y)), state
 
+    def step_static(self, x: Tensor, state: object, position: Tensor) -> Tensor:  # x [B, D]
+        return self._mlp(x + self.drop(self.mixer.step_static(self.norm1(x), state, position)))
+
 
 class ModelState(NamedTuple):
     layers: list  # one state per layer, as its mixer defines it
@@ -137,17 +140,19 @@ class LanguageModel(nn.Module):
             if module is not self and hasattr(module, "reset_special_parameters"):
                 module.reset_special_parameters()
 
-    def _embed(self, ids: Tensor, offset: int) -> Tensor:
+    def _embed(self, ids: Tensor, offset: int | Tensor) -> Tensor:
+        """offset: the first token's position, an int or (decoding under a CUDA graph, checked by the caller) a
+        0-dim tensor on the device."""
         if ids.dim() != 2:
             raise ValueError(f"ids must be [B, T], got shape {tuple(ids.shape)}")
         x = self.embedding(ids)
         if self.position_embedding is not None:
             end = offset + ids.shape[1]
-            if end > self.cfg.max_position_embeddings:
+            if isinstance(end, int) and end > self.cfg.max_position_embeddings:
                 raise ValueError(
                     f"position {end - 1} is beyond max_position_embeddings={self.cfg.max_position_embeddings}"
                 )
-            x = x + self.position_embedding(torch.arange(offset, end, device=ids.device))
+            x = x + self.position_embedding(torch.arange(ids.shape[1], device=ids.device) + offset)
         return self.drop(x)
 
     def _logits(self, x: Tensor) -> Tensor:
@@ -179,6 +184,13 @@ class LanguageModel(nn.Module):
             x, layer_state = layer.step(x, None if state is None else state.layers[i])
             states.append(layer_state)
         return self._logits(x), ModelState(states, position + 1)
+
+    def step_static(self, ids: Tensor, states: list, position: Tensor) -> Tensor:  # ids [B] -> logits [B, V]
+        """One token into states made by each layer's mixer.static_state, in place (rebased.decode)."""
+        x = self._embed(ids.view(-1, 1), position)[:, 0]
+        for layer, state in zip(self.layers, states, strict=True):
+            x = layer.step_static(x, state, position)
+        return self._logits(x)
 
     def state_size(self, seq_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> StateSize:
         """The generation state after seq_len tokens: fp32 parts (linear-attention, SSM states) at 4 bytes,

@@ -22,11 +22,12 @@ from rebased.mixers.base import Mixer
 from rebased.ops.common import compute_dtype
 
 
-def rotary(x: Tensor, offset: int, base: float) -> Tensor:
-    """Rotate halves of x [B, T, H, Dh] by angle (offset + t) * base^(-2i / Dh); in fp32 (fp64 for fp64)."""
+def rotary(x: Tensor, offset: int | Tensor, base: float) -> Tensor:
+    """Rotate halves of x [B, T, H, Dh] by angle (offset + t) * base^(-2i / Dh); in fp32 (fp64 for fp64).
+    offset: an int, or a 0-dim tensor on x's device (decoding under a CUDA graph)."""
     half, dtype = x.shape[-1] // 2, compute_dtype(x.dtype)
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
-    positions = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=dtype)
+    positions = torch.arange(x.shape[1], device=x.device, dtype=dtype) + offset
     angles = (positions[:, None] * inv_freq).view(1, x.shape[1], 1, half)
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.to(dtype)[..., :half], x.to(dtype)[..., half:]
@@ -37,6 +38,21 @@ class KVCache(NamedTuple):
     k: Tensor  # [B, H, T, Dh] (rotated)
     v: Tensor  # [B, H, T, Dh]
     position: int  # tokens seen so far
+
+
+class StaticKVCache(NamedTuple):
+    """Preallocated keys and values for fast decoding: slot p holds position p (full attention) or
+    p mod w (sliding window); each step writes its slot in place and masks the slots not yet written."""
+
+    k: Tensor  # [B, H, slots, Dh]
+    v: Tensor
+
+
+def write_and_attend(q: Tensor, k: Tensor, v: Tensor, cache: StaticKVCache, slot: Tensor, filled: Tensor) -> Tensor:
+    """q, k, v [B, H, 1, Dh]: k, v into `slot` of the cache, then q over the filled slots [slots] (bool)."""
+    cache.k.index_copy_(2, slot.view(1), k)
+    cache.v.index_copy_(2, slot.view(1), v)
+    return F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=filled.view(1, 1, 1, -1))
 
 
 class Attention(Mixer):
@@ -82,6 +98,21 @@ class Attention(Mixer):
 
     def state_elements(self, seq_len: int) -> tuple[int, int]:
         return 0, 2 * seq_len * self.num_heads * self.head_dim
+
+    def static_state(self, state: KVCache, capacity: int) -> StaticKVCache:
+        """The prompt's keys and values in a cache of `capacity` slots (rounded up to 64: aligned rows for SDPA)."""
+        batch, heads, length, head_dim = state.k.shape
+        slots = -(-capacity // 64) * 64
+        if length > capacity:
+            raise ValueError(f"the prompt has {length} tokens, more than the cache's capacity {capacity}")
+        k, v = (state.k.new_zeros(batch, heads, slots, head_dim) for _ in range(2))
+        k[:, :, :length], v[:, :, :length] = state.k, state.v
+        return StaticKVCache(k, v)
+
+    def step_static(self, x: Tensor, state: StaticKVCache, position: Tensor) -> Tensor:
+        q, k, v = self._qkv(x.unsqueeze(1), position)
+        filled = torch.arange(state.k.shape[2], device=x.device) <= position
+        return self._out(write_and_attend(q, k, v, state, position, filled))[:, 0]
 
 
 class SlidingWindowAttention(Attention):
@@ -130,3 +161,11 @@ class SlidingWindowAttention(Attention):
 
     def state_elements(self, seq_len: int) -> tuple[int, int]:
         return 0, 2 * self.window * self.num_heads * self.head_dim
+
+    def static_state(self, state: KVCache, capacity: int) -> StaticKVCache:
+        return StaticKVCache(state.k.contiguous(), state.v.contiguous())  # the ring buffer has a fixed size
+
+    def step_static(self, x: Tensor, state: StaticKVCache, position: Tensor) -> Tensor:
+        q, k, v = self._qkv(x.unsqueeze(1), position)
+        filled = torch.arange(self.window, device=x.device) <= position
+        return self._out(write_and_attend(q, k, v, state, position % self.window, filled))[:, 0]

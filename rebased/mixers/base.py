@@ -9,6 +9,14 @@ Every mixer maps x [B, T, D] -> y [B, T, D] causally and offers three entry poin
 so that prefill(x[:, :t]) followed by steps over x[:, t:] reproduces forward(x). state_elements(T) gives
 the per-sequence size of the state after T tokens as (fp32 elements, activation-dtype elements).
 
+Fast decoding (rebased.decode) needs a step that allocates nothing the next step depends on, so that a CUDA
+graph can replay it on the same memory:
+
+    state = mixer.static_state(state, capacity)   # prefill's state as fixed-size tensors (room for capacity tokens)
+    y_t = mixer.step_static(x_t, state, position)  # the state updated in place; position a 0-dim long tensor
+
+The defaults suit a state of fixed-size tensors: step out of place, then copy the new state over the old.
+
 Short convolution (kernel K, depthwise, causal): y_t = b + sum_{j<K} w_j x_{t-K+1+j}; its state is the
 last K - 1 inputs. Shape letters: B batch, T time, D model dim, C channels, K kernel size.
 """
@@ -18,6 +26,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def copy_state_(target: object, source: object) -> None:
+    """Copy a state (tensors in NamedTuples, tuples and lists) into another of the same structure, in place."""
+    if isinstance(target, Tensor):
+        target.copy_(source)
+    elif isinstance(target, (tuple, list)):
+        for t, s in zip(target, source, strict=True):
+            copy_state_(t, s)
+    elif target != source:
+        raise ValueError(f"a static state changed a non-tensor part: {target!r} -> {source!r}")
 
 
 class Mixer(nn.Module):
@@ -31,6 +50,16 @@ class Mixer(nn.Module):
 
     def state_elements(self, seq_len: int) -> tuple[int, int]:
         raise NotImplementedError
+
+    def static_state(self, state: object, capacity: int) -> object:
+        """prefill's state as fixed-size tensors with room for `capacity` tokens in all (prompt included)."""
+        return state
+
+    def step_static(self, x: Tensor, state: object, position: Tensor) -> Tensor:
+        """One token x [B, D] at `position` (a 0-dim long tensor) into a static_state, updated in place."""
+        y, new_state = self.step(x, state)
+        copy_state_(state, new_state)
+        return y
 
 
 class ShortConv(nn.Module):

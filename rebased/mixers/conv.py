@@ -164,3 +164,6 @@ class Hyena(Mixer):
 
     def state_elements(self, seq_len: int) -> tuple[int, int]:
         return 0, (self.cfg.short_kernel - 1) * 3 * self.d_model + seq_len * self.d_model
+
+    def static_state(self, state: HyenaState, capacity: int) -> HyenaState:
+        raise NotImplementedError("Hyena has no fixed-size decoding state: it keeps every long-convolution input")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rebased.config import LinearAttentionConfig
 from rebased.feature_maps import make_feature_map
 from rebased.mixers.base import Mixer
-from rebased.ops import LinearAttentionState, linear_attention, linear_attention_step
+from rebased.ops import LinearAttentionState, auto_picks_triton, linear_attention, linear_attention_step
 
 
 class LinearState(NamedTuple):
@@ -92,6 +92,29 @@ class LinearAttention(Mixer):
     def state_elements(self, seq_len: int) -> tuple[int, int]:
         feat = self.feature_map.feature_dim
         return self.cfg.num_heads * feat * (self.value_dim + 1), 0
+
+    def static_state(self, state: LinearState, capacity: int) -> LinearAttentionState:
+        """The op's state alone, contiguous (the fused step adds into it); the position comes with each step."""
+        return LinearAttentionState(state.attention.kv.contiguous(), state.attention.k_sum.contiguous())
+
+    def step_static(self, x: Tensor, state: LinearAttentionState, position: Tensor) -> Tensor:
+        q, k, v = self._project(x.unsqueeze(1), position)
+        fmap, fused = self.feature_map, self._fused_step(x)
+        options = dict(kernel=fmap.kernel, normalize=fmap.normalize, eps=self.eps)
+        if fused:
+            try:  # the fused step adds the token into `state` in place
+                o, _ = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, backend="triton", **options)
+                return self.out_proj(o.flatten(-2))
+            except NotImplementedError:  # a shape the kernel does not take (decided before any launch)
+                pass
+        o, new_state = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, **options)
+        state.kv.copy_(new_state.kv)
+        state.k_sum.copy_(new_state.k_sum)
+        return self.out_proj(o.flatten(-2))
+
+    def _fused_step(self, x: Tensor) -> bool:
+        backend = self.cfg.backend
+        return backend == "triton" or (backend == "auto" and x.is_cuda and auto_picks_triton(x))
 
 
 # flash-linear-attention's ReBasedLinearAttention arguments -> this mixer. Its LayerNorm is per head with

@@ -1,0 +1,204 @@
+"""Fast decoding: every buffer allocated once, the whole decode step replayed as one CUDA graph.
+
+rebased.generate.generate is the plain path: readable, any model, a Python-level step per token whose
+kernels the host launches one by one (at batch 64 a 150M model's step is then bound by those launches, not
+by the GPU). Here the same computation runs on static buffers:
+
+    decoder = StaticDecoder(model, batch=64, capacity=prompt + new tokens)
+    logits = decoder.prefill(prompt_ids)       # [B, T] through the fused training kernels; the states are
+                                               # copied into the decoder's buffers (mixer.static_state)
+    logits = decoder.step(ids)                 # [B]: one token, every state updated in place
+
+On CUDA the step (embedding, every layer's mixer.step_static, the head) is captured once as a CUDA graph and
+replayed: one launch per token. The graph is captured on the buffers before the prompt's states are copied
+in, because the warm-up runs that capture needs (Triton compiles, cuBLAS workspaces) write into them.
+
+generate_static has generate's contract (mixed prompt lengths by teacher forcing, temperature / top-k /
+top-p, stop tokens, streaming) with sampling on the device and no host sync per token unless a caller
+streams: the stop tokens are checked every STOP_CHECK_EVERY tokens. Greedy outputs equal generate's
+(tests/test_decode.py). Hyena (whose state grows with the sequence) has no static state: generate_static
+then runs generate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from rebased.generate import _check, generate, sample
+from rebased.model import LanguageModel
+
+STOP_CHECK_EVERY = 16  # tokens between looks at the stop tokens (each a host sync)
+WARMUP_STEPS = 3  # eager steps before capture: lazy initialisation and compiles happen outside the graph
+
+
+class StaticDecoder:
+    """Static state buffers for a batch of `batch` rows and up to `capacity` positions (prompt included)."""
+
+    def __init__(self, model: LanguageModel, batch: int, capacity: int, *, cuda_graph: bool | None = None):
+        self.model, self.batch, self.capacity = model.eval(), batch, capacity
+        self.device = next(model.parameters()).device
+        positions = model.cfg.max_position_embeddings
+        if positions > 0 and capacity > positions:
+            raise ValueError(f"capacity {capacity} is beyond the model's max_position_embeddings={positions}")
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        self.ids = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.position = torch.zeros((), dtype=torch.long, device=self.device)
+        self.states: list | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+
+    @torch.inference_mode()
+    def prefill(self, ids: Tensor) -> Tensor:
+        """ids [batch, T] -> the last position's logits [batch, V]; the state after ids is in the buffers."""
+        if ids.shape[0] != self.batch or ids.shape[1] >= self.capacity:
+            raise ValueError(f"prefill takes [{self.batch}, T < {self.capacity}] ids, got {tuple(ids.shape)}")
+        logits, state = self.model.prefill(ids.to(self.device))
+        states = [layer.mixer.static_state(s, self.capacity) for layer, s in zip(self.model.layers, state.layers)]
+        if self.states is None:
+            self.states = states
+            if self.cuda_graph:
+                self._capture()
+        for target, source in zip(self.states, states, strict=True):
+            _copy_tree(target, source)
+        self.position.fill_(ids.shape[1])
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor) -> Tensor:
+        """ids [batch] (on the device: no host sync) -> logits [batch, V] for the next position. The returned
+        tensor is overwritten by the next step."""
+        if self.states is None:
+            raise RuntimeError("StaticDecoder.step before prefill")
+        self.ids.copy_(ids)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits
+
+    def _step(self) -> Tensor:
+        logits = self.model.step_static(self.ids, self.states, self.position)
+        self.position.add_(1)
+        return logits
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_STEPS):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+
+def _copy_tree(target: object, source: object) -> None:
+    if isinstance(target, Tensor):
+        target.copy_(source)
+    else:
+        for t, s in zip(target, source, strict=True):
+            _copy_tree(t, s)
+
+
+def supports_static(model: LanguageModel) -> bool:
+    """Whether every mixer has a fixed-size decoding state (all but Hyena)."""
+    from rebased.mixers.conv import Hyena
+
+    return not any(isinstance(layer.mixer, Hyena) for layer in model.layers)
+
+
+@torch.inference_mode()
+def generate_static(
+    model: LanguageModel,
+    prompt_ids: Sequence[Sequence[int]] | Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop_tokens: Sequence[int] = (),
+    on_token: Callable[[int, int], None] | None = None,
+    *,
+    cuda_graph: bool | None = None,
+) -> list[list[int]]:
+    """rebased.generate.generate through a StaticDecoder: the same arguments and outputs."""
+    prompts = prompt_ids.tolist() if isinstance(prompt_ids, Tensor) else [list(p) for p in prompt_ids]
+    _check(prompts, max_new_tokens, temperature, top_k, top_p)
+    if not supports_static(model):
+        return generate(model, prompts, max_new_tokens, temperature, top_k, top_p, generator, stop_tokens, on_token)
+    plan = _Plan(prompts, max_new_tokens, next(model.parameters()).device)
+    decoder = StaticDecoder(model, len(prompts), plan.longest + max_new_tokens, cuda_graph=cuda_graph)
+    logits = decoder.prefill(plan.prompt[:, : plan.shortest])
+    sampled = torch.empty(len(prompts), plan.steps, dtype=torch.long, device=decoder.device)
+    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=decoder.device)
+    for i in range(plan.steps):  # step i samples position shortest + i
+        token = sample(logits, temperature, top_k, top_p, generator)
+        sampled[:, i] = token
+        if on_token is not None:
+            plan.stream(sampled, i, stops, on_token)
+        if i + 1 == plan.steps or plan.stop_check_due(i, stops) and plan.all_stopped(sampled, i, stops):
+            break
+        logits = decoder.step(plan.next_ids(token, i))
+    return plan.outputs(sampled.tolist(), set(stop_tokens))
+
+
+class _Plan:
+    """Which token each row feeds at each step: its own prompt token while it has one, then its sample."""
+
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, device: torch.device):
+        self.lengths = torch.tensor([len(p) for p in prompts], device=device)
+        self.shortest, self.longest = min(map(len, prompts)), max(map(len, prompts))
+        self.max_new_tokens = max_new_tokens
+        self.steps = self.longest - self.shortest + max_new_tokens  # the longest prompt's last new token
+        self.prompt = torch.zeros(len(prompts), self.longest + 1, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            self.prompt[row, : len(prompt)] = torch.tensor(prompt, device=device)
+        self.streamed = [0] * len(prompts)
+        self.stopped = [max_new_tokens == 0] * len(prompts)
+
+    def next_ids(self, token: Tensor, i: int) -> Tensor:
+        position = self.shortest + i
+        return torch.where(position < self.lengths, self.prompt[:, min(position, self.longest)], token)
+
+    def outputs(self, sampled: list[list[int]], stops: set[int]) -> list[list[int]]:
+        """Each row's samples from its first new position on, up to max_new_tokens or its first stop token."""
+        results = []
+        for row, row_tokens in enumerate(sampled):
+            first = int(self.lengths[row]) - self.shortest
+            tokens = row_tokens[first : first + self.max_new_tokens]
+            cut = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
+            results.append(tokens[:cut])
+        return results
+
+    @staticmethod
+    def stop_check_due(i: int, stops: Tensor) -> bool:
+        return stops.numel() > 0 and (i + 1) % STOP_CHECK_EVERY == 0
+
+    def all_stopped(self, sampled: Tensor, i: int, stops: Tensor) -> bool:
+        """Every row has met a stop token or its max_new_tokens by step i (one host sync)."""
+        first = self.lengths - self.shortest  # [B] the step of each row's first new token
+        steps = torch.arange(i + 1, device=sampled.device)
+        new = (steps >= first[:, None]) & (steps < first[:, None] + self.max_new_tokens)  # [B, i + 1]
+        hit = (torch.isin(sampled[:, : i + 1], stops) & new).any(1)
+        full = first + self.max_new_tokens <= i + 1
+        return bool((hit | full).all())
+
+    def stream(self, sampled: Tensor, i: int, stops: Tensor, on_token: Callable[[int, int], None]) -> None:
+        """on_token for the rows whose step i sampled a new token (a host sync per step, as streaming needs)."""
+        column = sampled[:, i].tolist()
+        stop_set = set(stops.tolist())
+        for row, token in enumerate(column):
+            first = int(self.lengths[row]) - self.shortest
+            if self.stopped[row] or i < first:
+                continue
+            if token in stop_set or self.streamed[row] >= self.max_new_tokens:
+                self.stopped[row] = True
+                continue
+            on_token(row, token)
+            self.streamed[row] += 1
+            self.stopped[row] = self.streamed[row] >= self.max_new_tokens
