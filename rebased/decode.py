@@ -57,7 +57,7 @@ class StaticDecoder:
         """ids [batch, T] -> the last position's logits [batch, V]; the state after ids is in the buffers."""
         if ids.shape[0] != self.batch or ids.shape[1] >= self.capacity:
             raise ValueError(f"prefill takes [{self.batch}, T < {self.capacity}] ids, got {tuple(ids.shape)}")
-        logits, state = self.model.prefill(ids.to(self.device))
+        logits, state = self.model.prefill(ids.to(self.device), last_only=True)
         states = [layer.mixer.static_state(s, self.capacity) for layer, s in zip(self.model.layers, state.layers)]
         if self.states is None:
             self.states = states

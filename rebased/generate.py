@@ -77,7 +77,7 @@ def generate(
     lengths = [len(p) for p in prompts]
     shortest = min(lengths)
     start = torch.tensor([p[:shortest] for p in prompts], device=device)
-    logits, state = model.prefill(start)
+    logits, state = model.prefill(start, last_only=True)
     logits = logits[:, -1]
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [max_new_tokens == 0] * len(prompts)

@@ -169,12 +169,14 @@ class LanguageModel(nn.Module):
             x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         return self._logits(x if select is None else select_positions(x, select))
 
-    def prefill(self, ids: Tensor) -> tuple[Tensor, ModelState]:
+    def prefill(self, ids: Tensor, last_only: bool = False) -> tuple[Tensor, ModelState]:
+        """Logits [B, T, V] (last_only: [B, 1, V], which is all generation needs: at batch 64 and 64k tokens the
+        whole [B, T, V] would take 400 GB) and the state after ids."""
         x, states = self._embed(ids, 0), []
         for layer in self.layers:
             x, state = layer.prefill(x)
             states.append(state)
-        return self._logits(x), ModelState(states, ids.shape[1])
+        return self._logits(x[:, -1:] if last_only else x), ModelState(states, ids.shape[1])
 
     def step(self, ids: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:  # ids [B] -> [B, V]
         position = 0 if state is None else state.position

@@ -92,3 +92,21 @@ def test_cuda_graph_replays_the_plain_greedy_path(mixer):
     prompts = [[int(t) for t in torch.randint(0, 256, (n,))] for n in (12, 5, 9)]
     fast = generate_static(model, prompts, 24, temperature=0.0)
     assert fast == generate(model, prompts, 24, temperature=0.0)
+
+
+def test_generation_benchmark_writes_its_table_and_plot(tmp_path):
+    import json
+
+    from rebased.cli import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--generate", "--preset", "tiny", "--models", "rebased,attention", "--batches", "2",
+            "--contexts", "8,24", "--decode-steps", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((out / "generate.json").read_text())["rows"]
+    assert [(r["model"], r["context"]) for r in rows] == [("rebased", 8), ("rebased", 24), ("attention", 8),
+                                                          ("attention", 24)]  # fmt: skip
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["plain_step_ms"] > 0 for r in rows)
+    assert "| attention | 2     | 24" in (out / "generate.md").read_text()
+    assert (out / "generate.png").stat().st_size > 0

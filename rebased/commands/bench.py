@@ -52,7 +52,17 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         default=("rebased", "based", "attention"),
         help="train: the preset's models (pile_150m: rebased, based, attention)",
     )
-    parser.add_argument("--preset", default="pile_150m", help="train: model preset")
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="generation throughput of whole models (pile_150m by default): prefill time, ms per decode step, "
+        "tokens/s and peak memory at --batches and --contexts, the static decoder beside the plain path",
+    )
+    parser.add_argument("--batches", type=positive_ints, default=(1, 64), help="generate: batch sizes")
+    parser.add_argument("--contexts", type=positive_ints, default=(1024, 4096, 16384, 65536),
+                        help="generate: prompt lengths")  # fmt: skip
+    parser.add_argument("--decode-steps", type=positive_int, default=64, help="generate: timed decode steps")
+    parser.add_argument("--preset", default="pile_150m", help="train / generate: model preset")
     parser.add_argument("--steps", type=positive_int, default=15, help="train: optimizer steps per case")
     parser.add_argument("--compile", action="store_true", help="train: torch.compile the model")
 
@@ -67,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         return _suite(args)
     if args.train:
         return _train(args)
+    if args.generate:
+        return _generate(args)
     from rebased.tables import markdown_table
 
     config = OpBenchConfig(
@@ -175,6 +187,60 @@ def _train(args: argparse.Namespace) -> int:
         with open(os.path.join(args.out, "train.json"), "w") as f:
             json.dump(payload, f, indent=1)
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Generation throughput; prints the table and, with --out, writes generate.md, generate.json and .png."""
+    import dataclasses
+    import json
+    import os
+
+    from rebased.bench.generation import GenerationConfig, plot_generation, time_generation
+    from rebased.tables import markdown_table
+    from rebased.train.loop import resolve_device
+
+    device = str(resolve_device(args.device or "auto"))
+    config = GenerationConfig(
+        preset=args.preset, option="kind" if args.preset == "pile_150m" else "mixer", models=args.models,
+        batches=args.batches, contexts=args.contexts, steps=args.decode_steps, device=device,
+        dtype="bfloat16" if device.startswith("cuda") else "float32",
+    )  # fmt: skip
+    rows = time_generation(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    base = {(r.batch, r.context): r for r in rows if r.model == "attention" and r.status == "ok"}
+    table = [
+        [r.model, r.batch, r.context, r.prefill_s, r.step_ms, round(r.tokens_per_s), r.plain_step_ms, r.peak_gib,
+         r.tokens_per_s / base[r.batch, r.context].tokens_per_s if (r.batch, r.context) in base else float("nan"),
+         r.status]
+        for r in rows
+    ]  # fmt: skip
+    headers = ["model", "batch", "context", "prefill s", "step ms", "tokens/s", "plain step ms", "peak GiB",
+               "x attention", "status"]  # fmt: skip
+    where = torch_device_name(device)
+    text = (
+        f"# rebased bench --generate\n\ncommand: `rebased {' '.join(sys.argv[1:])}`\n\n{where}; {config.preset}, "
+        f"random weights, {config.dtype}, greedy; {config.steps} timed steps after {config.warmup} (plain path: "
+        f"{config.plain_steps})\n\n" + markdown_table(headers, table)
+    )
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "generate.md"), "w") as f:
+            f.write(text + "\n")
+        payload = {"command": "rebased " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(config),
+                   "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
+        with open(os.path.join(args.out, "generate.json"), "w") as f:
+            json.dump(payload, f, indent=1)
+        plot_generation(rows, os.path.join(args.out, "generate.png"))
+    return 0
+
+
+def torch_device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    return f"{gpu}; python {platform.python_version()}; torch {torch.__version__}"
 
 
 def _train_header(config) -> str:

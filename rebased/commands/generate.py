@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rebased.checkpoint import load
-    from rebased.generate import generate
+    from rebased.decode import generate_static
 
     run_dir = Path(args.run_dir)
     model = load(run_dir, device=args.device)
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     def show(row: int, token: int) -> None:
         print(text_of(token), end="", flush=True)
 
-    outputs = generate(
+    outputs = generate_static(  # static buffers; on a GPU the decode step replays as one CUDA graph
         model,
         prompts,
         args.max_new_tokens,
