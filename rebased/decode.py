@@ -30,6 +30,7 @@ from torch import Tensor
 from rebased.generate import _check, generate, sample
 from rebased.model import LanguageModel
 
+PREFILL_TOKENS = 1 << 20  # prompt tokens per prefill pass (rows of the batch at a time)
 STOP_CHECK_EVERY = 16  # tokens between looks at the stop tokens (each a host sync)
 WARMUP_STEPS = 3  # eager steps before capture: lazy initialisation and compiles happen outside the graph
 
@@ -54,19 +55,38 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def prefill(self, ids: Tensor) -> Tensor:
-        """ids [batch, T] -> the last position's logits [batch, V]; the state after ids is in the buffers."""
+        """ids [batch, T] -> the last position's logits [batch, V]; the state after ids is in the buffers.
+
+        Rows go through the model PREFILL_TOKENS at a time (at least one row): a prompt of batch x T tokens
+        at once would need the activations of all of them (64 x 64k tokens: more than an H200 holds), while
+        the states it leaves are small. Each block's states are copied into the buffers' rows and freed."""
         if ids.shape[0] != self.batch or ids.shape[1] >= self.capacity:
             raise ValueError(f"prefill takes [{self.batch}, T < {self.capacity}] ids, got {tuple(ids.shape)}")
-        logits, state = self.model.prefill(ids.to(self.device), last_only=True)
-        states = [layer.mixer.static_state(s, self.capacity) for layer, s in zip(self.model.layers, state.layers)]
-        if self.states is None:
-            self.states = states
-            if self.cuda_graph:
-                self._capture()
-        for target, source in zip(self.states, states, strict=True):
-            _copy_tree(target, source)
+        ids = ids.to(self.device)
+        rows = max(1, PREFILL_TOKENS // ids.shape[1])
+        logits = [self._prefill_rows(ids, start, min(start + rows, self.batch)) for start in range(0, self.batch, rows)]
         self.position.fill_(ids.shape[1])
+        return torch.cat(logits)
+
+    def _prefill_rows(self, ids: Tensor, start: int, end: int) -> Tensor:
+        logits, state = self.model.prefill(ids[start:end], last_only=True)
+        if self.states is None:
+            self._allocate(state.layers)
+        for i, layer in enumerate(self.model.layers):
+            block = layer.mixer.static_state(state.layers[i], self.capacity)
+            state.layers[i] = None  # freed as it goes: one layer's copy at a time
+            _copy_rows(self.states[i], block, start, end)
+            del block
         return logits[:, -1]
+
+    def _allocate(self, layer_states: list) -> None:
+        """Buffers for the whole batch shaped like one block's static states; then the graph on them."""
+        self.states = [
+            _full_batch(layer.mixer.static_state(state, self.capacity), self.batch)
+            for layer, state in zip(self.model.layers, layer_states)
+        ]
+        if self.cuda_graph:
+            self._capture()
 
     @torch.inference_mode()
     def step(self, ids: Tensor) -> Tensor:
@@ -97,12 +117,21 @@ class StaticDecoder:
             self.logits = self._step()
 
 
-def _copy_tree(target: object, source: object) -> None:
+def _copy_rows(target: object, source: object, start: int, end: int) -> None:
+    """Rows start:end (dim 0: every state tensor is batch-first) of a state tree from a block's tree."""
     if isinstance(target, Tensor):
-        target.copy_(source)
+        target[start:end].copy_(source)
     else:
         for t, s in zip(target, source, strict=True):
-            _copy_tree(t, s)
+            _copy_rows(t, s, start, end)
+
+
+def _full_batch(tree: object, batch: int) -> object:
+    """Zeros shaped like a state tree (tensors in NamedTuples, tuples and lists), with `batch` rows."""
+    if isinstance(tree, Tensor):
+        return tree.new_zeros(batch, *tree.shape[1:])
+    parts = [_full_batch(t, batch) for t in tree]
+    return type(tree)(*parts) if hasattr(tree, "_fields") else type(tree)(parts)
 
 
 def supports_static(model: LanguageModel) -> bool:

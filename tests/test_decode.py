@@ -24,8 +24,12 @@ def build(cfg, dtype=torch.float64, device="cpu") -> LanguageModel:
     return model
 
 
-def test_static_steps_give_the_plain_steps_logits():
-    """Prefill 5 tokens, then 20 steps, crossing the sliding window (8) and attention's 64-slot rounding."""
+@pytest.mark.parametrize("prefill_tokens", [1 << 20, 5], ids=["one-pass", "row-by-row"])
+def test_static_steps_give_the_plain_steps_logits(prefill_tokens, monkeypatch):
+    """Prefill 5 tokens (all rows at once, or a row per pass), then 19 steps, crossing the sliding window (8)."""
+    import rebased.decode
+
+    monkeypatch.setattr(rebased.decode, "PREFILL_TOKENS", prefill_tokens)
     for mixer in MIXERS:
         model = build(tiny(mixer))
         ids = torch.randint(0, 256, (2, 25), generator=torch.Generator().manual_seed(1))
