@@ -208,7 +208,7 @@ def _generate(args: argparse.Namespace) -> int:
     rows = time_generation(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
     base = {(r.batch, r.context): r for r in rows if r.model == "attention" and r.status == "ok"}
     table = [
-        [r.model, r.batch, r.context, r.prefill_s, r.step_ms, r.tokens_per_s, r.plain_step_ms, r.peak_gib,
+        [r.model, r.batch, r.context, r.prefill_s, r.step_ms, _whole(r.tokens_per_s), r.plain_step_ms, r.peak_gib,
          r.tokens_per_s / base[r.batch, r.context].tokens_per_s if (r.batch, r.context) in base else float("nan"),
          r.status]
         for r in rows
@@ -232,6 +232,10 @@ def _generate(args: argparse.Namespace) -> int:
             json.dump(payload, f, indent=1)
         plot_generation(rows, os.path.join(args.out, "generate.png"))
     return 0
+
+
+def _whole(x: float) -> float | int:
+    return round(x) if x == x else x  # NaN (a case that did not fit) stays NaN
 
 
 def torch_device_name(device: str) -> str:
