@@ -97,7 +97,11 @@ def test_bad_runs_are_refused_before_training(shards, tmp_path):
     positions = {"mixer": "rebased", "max_position_embeddings": 16}
     with pytest.raises(ValueError, match="beyond the model's max_position_embeddings"):
         train_lm(tiny_run(shards, model=positions), tmp_path / "b", progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    no_val = tmp_path / "no-val"
+    prepare(SAMPLE_DIR, no_val, "bytes", PrepareConfig(val_fraction=0.0))
+    with pytest.raises(ValueError, match="larger --val-fraction"):
+        train_lm(tiny_run(no_val), tmp_path / "c", progress=False)
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing written: the same --out works later
 
 
 def test_evaluation_refuses_shards_of_another_tokenizer(shards, tmp_path):

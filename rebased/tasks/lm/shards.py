@@ -162,7 +162,8 @@ class TokenShards:
         self.folder, self.split = Path(folder), split
         self.manifest = read_manifest(self.folder)
         if split not in self.manifest["splits"] or not self.manifest["splits"][split]["shards"]:
-            raise DataError(f"{self.folder}: the {split!r} split has no shards (splits: {self._split_sizes()})")
+            hint = " (prepare it again with a larger --val-fraction)" if split == "val" else ""
+            raise DataError(f"{self.folder}: the {split!r} split has no shards{hint} (splits: {self._split_sizes()})")
         self.dtype = np.dtype(self.manifest["dtype"])
         self.eos_id = self.manifest["tokenizer"]["eos_id"]
         self.vocab_size = self.manifest["tokenizer"]["vocab_size"]

@@ -191,6 +191,7 @@ def train_lm(run: LMRun, run_dir: str | Path, *, progress: bool = True) -> Train
     run_dir, data = Path(run_dir), Path(run.data)
     shards = TokenShards(data, "train")
     model = build_model(run, shards.vocab_size)
+    evaluate = validation(run, data)  # opens the validation split: a folder without one fails before run.json
     _write_run_file(run_dir, run)
     model.checkpoint_layers = run.activation_checkpointing
     examples = TokenWindows(shards, run.seq_len)
@@ -203,7 +204,7 @@ def train_lm(run: LMRun, run_dir: str | Path, *, progress: bool = True) -> Train
         run.batch_tokens * flops_per_token(model.cfg, run.seq_len),
         peak_flops(device, precision, world),
     )
-    result = train(model, examples, config, run_dir, evaluate=validation(run, data), progress=progress, meter=meter)
+    result = train(model, examples, config, run_dir, evaluate=evaluate, progress=progress, meter=meter)
     if result.finished and _is_rank_zero():
         checkpoint.save(model, run_dir, {"run": run.to_dict()})
         shutil.copyfile(data / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
