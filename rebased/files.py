@@ -1,11 +1,13 @@
 """Files: written so that a reader, or a process killed mid-write, never sees a partial one; hashed in
-blocks, so that a multi-gigabyte shard or archive is never read into memory at once."""
+blocks, so that a multi-gigabyte shard or archive is never read into memory at once; locked, so that
+processes on several hosts sharing a folder take turns at a file."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -31,3 +33,23 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Within: an exclusive lock on `path` (created empty if missing), waiting for any other holder.
+
+    An OS lock (flock) rather than a lock file whose existence is the lock: the kernel drops it when its
+    holder dies, so a killed process never leaves a stale lock behind. On NFS the Linux client turns flock
+    into the server's byte-range locks, so it holds across hosts (Lustre: with its `flock` mount option).
+    The lock belongs to this open of the file: a second `locked(path)` in the same process waits for the
+    first, so never nest them. Lock a file that is only ever written in place: a lock on a file that a
+    rename replaces guards the old inode, which a newcomer no longer opens."""
+    import fcntl
+
+    with open(path, "a") as handle:  # NFS locks need a file opened for writing
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

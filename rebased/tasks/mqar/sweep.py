@@ -4,6 +4,8 @@ A run's score is its best test accuracy over epochs (as the paper reports); a ce
 takes the learning rate with the best mean over seeds, and reports that mean and its standard deviation.
 results.jsonl holds one line per finished run; a sweep that stops (a time limit, or a StopRequest such as
 Ctrl-C) checkpoints the runs still training and resumes by skipping the finished ones and continuing those.
+Several sweeps may share an output folder (shards of one grid: sharding.py): results.jsonl is read and
+written only under its lock (results_locked), and holds each run once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from rebased import checkpoint
 from rebased.config import ModelConfig, mixer_config
-from rebased.files import atomic_write
+from rebased.files import locked
 from rebased.mixers import BaseConv
 from rebased.model import LanguageModel
 from rebased.presets import mqar_model
@@ -41,6 +43,7 @@ from rebased.train.loop import resolve_device
 from rebased.train.run_files import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
+RESULTS_FILE = "results.jsonl"
 MICRO_BATCH_TOKENS = 512 * 512  # gradient accumulation keeps a micro-batch at or under this many tokens
 
 
@@ -105,7 +108,7 @@ def make_data(run: MQARRun) -> MQARSplits:
     )  # fmt: skip
 
 
-def train_config(run: MQARRun) -> TrainConfig:
+def train_config(run: MQARRun, device: str = "auto") -> TrainConfig:
     """The paper's recipe (docs/paper.md): AdamW, weight decay 0.1, cosine decay per epoch, no warmup, early
     stop above 0.99; gradient accumulation keeps a micro-batch within MICRO_BATCH_TOKENS."""
     longest = max([run.seq_len, *(length for length, _ in run.train_mix)])
@@ -115,23 +118,23 @@ def train_config(run: MQARRun) -> TrainConfig:
     return TrainConfig(
         epochs=run.epochs, batch_size=run.batch_size, grad_accumulation=accumulation, lr=run.lr,
         weight_decay=0.1, schedule="cosine", schedule_unit="epoch", early_stop_metric="accuracy",
-        early_stop_threshold=0.99, seed=run.seed,
+        early_stop_threshold=0.99, seed=run.seed, device=device,
     )  # fmt: skip
 
 
 def run_one(
     run: MQARRun, data: MQARSplits, run_dir: Path | None = None, *, progress: bool = False,
-    stop_at: float | None = None, stop_when: Callable[[], bool] | None = None,
+    stop_at: float | None = None, stop_when: Callable[[], bool] | None = None, device: str = "auto",
 ) -> dict | None:  # fmt: skip
-    """Train and evaluate one run; its result line, or None when it stopped at stop_at (time.monotonic())
-    or once stop_when() said so, checkpointed in run_dir, where the next call with the same run_dir resumes
-    it."""
+    """Train and evaluate one run on `device` ("auto": a GPU where there is one); its result line, or None
+    when it stopped at stop_at (time.monotonic()) or once stop_when() said so, checkpointed in run_dir, where
+    the next call with the same run_dir resumes it."""
     torch.manual_seed(run.seed)  # the model's initial weights
     model = build_model(run)
     test = data.test
     slices = {s.name: (s.start, s.stop) for s in test.slices}
-    config = train_config(run)
-    device = resolve_device(config.device).type
+    config = train_config(run, device)
+    device = resolve_device(config.device)
     evaluate = lambda m: accuracy_by_slice(m, test.inputs, test.labels, slices, device=device)  # noqa: E731
     train_data = (data.train.inputs, data.train.labels)
     result = train(
@@ -155,7 +158,7 @@ def run_one(
         "params": model.num_params(),
         "state_bytes": model.state_size(run.seq_len).bytes,
         "seconds": result.seconds,  # training time, summed over the calls a resumed run took
-        "device": device,
+        "device": device.type,
     }
 
 
@@ -185,7 +188,7 @@ def load_results(path: Path) -> list[dict]:
 
 def _repair_tail(path: Path) -> None:
     """Before appending: end results.jsonl with a newline, dropping a last line cut short mid-write, so the
-    next line is not glued to it."""
+    next line is not glued to it. In place, never by a rename: results_locked's lock lives on this file."""
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
@@ -194,10 +197,50 @@ def _repair_tail(path: Path) -> None:
     cut = data.rfind(b"\n") + 1
     try:
         json.loads(data[cut:])
-        tail = data + b"\n"
     except json.JSONDecodeError:
-        tail = data[:cut]
-    atomic_write(path, lambda handle: handle.write(tail))
+        os.truncate(path, cut)
+        return
+    with path.open("ab") as handle:
+        handle.write(b"\n")
+
+
+@contextlib.contextmanager
+def results_locked(path: Path) -> Iterator[None]:
+    """Within: this process alone reads or writes results.jsonl at `path` (and whatever the holder derives
+    from it, such as the summary), among every sweep sharing the folder, on any host.
+
+    Why a lock: shards of a grid append to one file. Appends with O_APPEND do not interleave on a local
+    disk, but an NFS client appends by writing at the size it last saw, so two hosts can overwrite each
+    other's lines; a sweep starting up could read another's line half-written and cut it as a torn tail;
+    two shards writing the summary could each read the results before the other's last line, leaving a
+    summary without it. One lock over every read and write settles all three, where per-shard files merged
+    on read would settle only the first two. The lock is on results.jsonl itself (only appended to and
+    truncated in place) so that no lock file is left in a results folder."""
+    with locked(path):
+        yield
+
+
+def append_result(path: Path, result: dict) -> bool:
+    """Append one result line to results.jsonl under its lock, after repairing a torn tail; False, writing
+    nothing, when the file holds that run already (two processes trained it: a restarted shard whose old
+    process still ran, say), so each run has one line."""
+    with results_locked(path):
+        _repair_tail(path)
+        if any(line["run_id"] == result["run_id"] for line in load_results(path)):
+            return False
+        with path.open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # the resume point survives a crash of the host, not only of the process
+    return True
+
+
+def finished_results(runs: Sequence[MQARRun], path: Path) -> list[dict]:
+    """stored_results read under results.jsonl's lock; [] when there is no file (and no folder to lock in)."""
+    if not path.exists():
+        return []
+    with results_locked(path):
+        return stored_results(runs, path)
 
 
 def stored_results(runs: Sequence[MQARRun], path: Path) -> list[dict]:
@@ -299,7 +342,7 @@ def _start_worker(stop: StopRequest) -> None:
     signal.signal(signal.SIGINT, interrupt_handler(stop))
 
 
-def _train_in_worker(run: MQARRun, run_dir: Path, threads: int, deadline: float) -> dict | None:
+def _train_in_worker(run: MQARRun, run_dir: Path, threads: int, deadline: float, device: str) -> dict | None:
     """One run in a worker process: its own data (the fast generator takes seconds) and CPU threads.
     time.monotonic() is system-wide on Linux, so the parent's deadline means the same instant here. A run
     handed over after the sweep was stopped returns at once."""
@@ -307,15 +350,15 @@ def _train_in_worker(run: MQARRun, run_dir: Path, threads: int, deadline: float)
     if stop_at.passed():
         return None
     torch.set_num_threads(threads)
-    return run_one(run, make_data(run), run_dir, stop_when=stop_at.passed)
+    return run_one(run, make_data(run), run_dir, stop_when=stop_at.passed, device=device)
 
 
 def run_sweep(
     runs: Sequence[MQARRun], out_dir: str | Path, *, workers: int = 1, progress: bool = True,
-    time_limit: float | None = None, stop: StopRequest | None = None,
+    time_limit: float | None = None, stop: StopRequest | None = None, device: str = "auto",
     on_result: Callable[[dict, int, int], None] = lambda result, done, total: None,
 ) -> list[dict]:  # fmt: skip
-    """Train every run not yet in out_dir/results.jsonl and return the results of `runs`.
+    """Train every run not yet in out_dir/results.jsonl on `device` and return the results of `runs`.
 
     Every run is checked first (check_runs), so a bad one fails before anything is trained. Runs go
     cheapest first (by L, then d_model). workers > 1 trains that many runs at once in separate processes
@@ -325,6 +368,7 @@ def run_sweep(
     out_dir/runs/RUN_ID; the next call skips the runs in results.jsonl and resumes the checkpointed ones
     (stopped_runs lists them). An exception in this process or a worker (a failed run, a second Ctrl-C
     under stop_on_interrupt) sets `stop`, so the other workers checkpoint, and is raised once they have.
+    Other sweeps may train other runs into out_dir at the same time (shards: sharding.py).
     """
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
@@ -336,14 +380,15 @@ def run_sweep(
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file, not a folder for the sweep's results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_path = out_dir / "results.jsonl"
-    results = stored_results(runs, results_path)
+    results_path = out_dir / RESULTS_FILE
+    with results_locked(results_path):
+        _repair_tail(results_path)
+        results = stored_results(runs, results_path)
     todo = pending_runs(runs, results)
-    _repair_tail(results_path)
 
-    def record(result: dict) -> None:
-        with results_path.open("a") as handle:  # one line per finished run: the sweep's resume point
-            handle.write(json.dumps(result) + "\n")
+    def record(result: dict) -> None:  # one line per finished run: the sweep's resume point
+        if not append_result(results_path, result):
+            log.warning("%s already holds %s (trained twice); kept the line there", results_path, result["run_id"])
         results.append(result)
         on_result(result, len(results), len(runs))
 
@@ -356,7 +401,8 @@ def run_sweep(
                 data_cache.clear()  # one task's data in memory at a time
                 data_cache[_data_key(run)] = make_data(run)
             run_dir = out_dir / "runs" / run.run_id
-            result = run_one(run, data_cache[_data_key(run)], run_dir, progress=progress, stop_when=stop_at.passed)
+            data = data_cache[_data_key(run)]
+            result = run_one(run, data, run_dir, progress=progress, stop_when=stop_at.passed, device=device)
             if result is not None:
                 record(result)
         return results
@@ -364,7 +410,9 @@ def run_sweep(
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked into workers
     bar = tqdm(total=len(todo), desc=f"runs, {workers} at once", unit="run", disable=not progress or not todo)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(stop,)) as pool:
-        futures = [pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads, deadline) for run in todo]
+        futures = [
+            pool.submit(_train_in_worker, run, out_dir / "runs" / run.run_id, threads, deadline, device) for run in todo
+        ]
         try:
             for future in as_completed(futures):
                 if future.cancelled():
