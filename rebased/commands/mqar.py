@@ -2,20 +2,34 @@
 
 Everything the command line asks for is checked before the first run starts. Ctrl-C stops the sweep the
 way --time-limit does: finished runs are in results.jsonl, the runs still training checkpoint after their
-current step, and the command prints how to resume; a second Ctrl-C quits at once.
+current step, and the command prints how to resume; a second Ctrl-C quits at once. --shard I/N trains one
+of N disjoint parts of the grid, so a launcher's processes share a grid and one output folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rebased.cli import INTERRUPTED, names, positive_float, positive_floats, positive_int, positive_ints, verb
+
+
+def shard(text: str):
+    """argparse type: --shard I/N or auto (rebased.tasks.mqar.sharding.parse_shard)."""
+    from rebased.tasks.mqar.sharding import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +52,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs trained at once, in separate processes")  # fmt: skip
     parser.add_argument("--time-limit", type=positive_float, default=None, metavar="MINUTES",
                         help="then start no new run and checkpoint the running ones; run again to resume")  # fmt: skip
+    parser.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                        help="train shard I of N (I from 0) of the grid, into the --out the other shards share: "
+                        "e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; auto: RANK/WORLD_SIZE under "
+                        "torchrun, one GPU each (LOCAL_RANK)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: rewrite the table, summary.md, plot from --out's results")  # fmt: skip
@@ -106,8 +124,9 @@ def keep_runs(runs: list, field: str, wanted: tuple | None, flag: str, experimen
     return [r for r in runs if getattr(r, field) in wanted]
 
 
-def command_line(args: argparse.Namespace, out: Path | None = None) -> str:
-    """The command that trains these runs (never --dry-run or --report), with --out when given or `out`."""
+def command_line(args: argparse.Namespace, out: Path | None = None, *, shard: bool = True) -> str:
+    """The command that trains these runs (never --dry-run or --report), with --out when given or `out`;
+    without --shard when shard is False (the whole grid's command)."""
     words = ["rebased", "mqar", args.experiment]
     if args.out or out:
         words += ["--out", str(args.out or out)]
@@ -124,23 +143,15 @@ def command_line(args: argparse.Namespace, out: Path | None = None) -> str:
         words += ["--workers", str(args.workers)]
     if args.time_limit is not None:
         words += ["--time-limit", f"{args.time_limit:g}"]
+    if shard and args.shard is not None:
+        words += ["--shard", args.shard.argument]
     return shlex.join(words)
 
 
 @verb("mqar", "train and evaluate an MQAR grid; print the table, write results.jsonl, summary.md, a plot", _arguments)
 def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from rebased.tasks.mqar.grids import experiment
-    from rebased.tasks.mqar.sweep import (
-        StopRequest,
-        check_runs,
-        pending_runs,
-        run_sweep,
-        stop_on_interrupt,
-        stopped_runs,
-        stored_results,
-    )
+    from rebased.tasks.mqar.sweep import check_runs
 
     runs = experiment(args.experiment, args.seeds, **parse_overrides(args.set))
     for flag, field in (("models", "model"), ("lengths", "seq_len"), ("d_models", "d_model"), ("lrs", "lr")):
@@ -149,23 +160,51 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/mqar-{args.experiment}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
-    results_path = out / "results.jsonl"
-    if args.report:
-        if not results_path.exists():
-            raise ValueError(f"--report: no results.jsonl in {out}: nothing was trained there; train with "
-                             f"`{command_line(args)}`")  # fmt: skip
+    return _report(args, runs, out) if args.report else _train(args, runs, out)
+
+
+def _report(args: argparse.Namespace, runs, out: Path) -> int:
+    """--report: the table, summary.md and plot from the results so far, under results.jsonl's lock."""
+    from rebased.tasks.mqar.sweep import RESULTS_FILE, results_locked, stored_results
+
+    results_path = out / RESULTS_FILE
+    if not results_path.exists():
+        raise ValueError(f"--report: no results.jsonl in {out}: nothing was trained there; train with "
+                         f"`{command_line(args, shard=False)}`")  # fmt: skip
+    with results_locked(results_path):
         results = stored_results(runs, results_path)
         if not results:
             raise ValueError(f"--report: {results_path} holds none of these {len(runs)} runs (were they trained "
                              "with other --set, --seeds or --models?)")  # fmt: skip
-        print(f"\n{len(results)} of {len(runs)} runs done; wrote {_write_outputs(args, runs, results, out)}")
-        return 0
-    done = stored_results(runs, results_path)
-    pending = pending_runs(runs, done)
-    resumed = len(stopped_runs(runs, done, out))
+        wrote = _write_outputs(args, runs, results, out)
+    print(f"\n{len(results)} of {len(runs)} runs done; wrote {wrote}")
+    return 0
+
+
+def _train(args: argparse.Namespace, runs, out: Path) -> int:
+    """Train this process's runs (its shard's, or all), then summarise every shard's results so far."""
+    from tqdm.auto import tqdm
+
+    from rebased.tasks.mqar.sharding import shard_runs
+    from rebased.tasks.mqar.sweep import (
+        RESULTS_FILE,
+        StopRequest,
+        finished_results,
+        pending_runs,
+        run_sweep,
+        stop_on_interrupt,
+        stopped_runs,
+    )
+
+    results_path = out / RESULTS_FILE
+    mine = runs if args.shard is None else shard_runs(runs, args.shard)
+    done = _of(mine, finished_results(runs, results_path))  # every line checked against the grid, not only mine
+    pending = pending_runs(mine, done)
+    resumed = len(stopped_runs(mine, done, out))
     from_checkpoints = f", {resumed} of them from their checkpoints" if resumed else ""
-    print(f"rebased mqar {args.experiment}: {len(runs)} runs -> {out} ({len(done)} done, {len(pending)} to train"
-          f"{from_checkpoints})")  # fmt: skip
+    part = "" if args.shard is None else f", shard {args.shard}: {len(mine)} of them"
+    print(f"rebased mqar {args.experiment}: {len(runs)} runs{part} -> {out} ({len(done)} done, {len(pending)} to "
+          f"train{from_checkpoints})")  # fmt: skip
     if args.dry_run:
         print(f"to train, in this order ({results_path} holds the finished ones):")
         for r in pending:
@@ -184,33 +223,57 @@ def run(args: argparse.Namespace) -> int:
     stop = StopRequest()
     limit = None if args.time_limit is None else 60 * args.time_limit
     try:
-        with stop_on_interrupt(stop, first_interrupt):
-            results = run_sweep(runs, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit,
-                                stop=stop, on_result=report)  # fmt: skip
+        with stop_on_interrupt(stop, first_interrupt), _as_shard(args.shard) as device:
+            results = run_sweep(mine, out, workers=args.workers, progress=sys.stderr.isatty(), time_limit=limit,
+                                stop=stop, device=device, on_result=report)  # fmt: skip
     except KeyboardInterrupt:
-        results = stored_results(runs, results_path)
-        print(f"\nrebased mqar: quit at once (second Ctrl-C). {_where_things_are(runs, results, out, args)}",
+        results = _of(mine, finished_results(runs, results_path))
+        print(f"\nrebased mqar: quit at once (second Ctrl-C). {_where_things_are(mine, results, out, args)}",
               file=sys.stderr)  # fmt: skip
         return INTERRUPTED
     minutes = (time.perf_counter() - started) / 60
-    if results:
-        wrote = _write_outputs(args, runs, results, out)
-        print(f"\n{len(results)} of {len(runs)} runs done ({minutes:.1f} min this call); wrote {wrote}")
+    grid_results, wrote = _write_grid_outputs(args, runs, out)
+    if grid_results:
+        print(f"\n{len(grid_results)} of {len(runs)} runs done ({minutes:.1f} min this call); wrote {wrote}")
     if stop.is_set():
-        print(f"\nrebased mqar: stopped by Ctrl-C. {_where_things_are(runs, results, out, args)}", file=sys.stderr)
+        print(f"\nrebased mqar: stopped by Ctrl-C. {_where_things_are(mine, results, out, args)}", file=sys.stderr)
         return INTERRUPTED
-    if len(results) < len(runs):  # the time limit
-        print(f"\nTime limit reached. {_where_things_are(runs, results, out, args)}")
+    if len(results) < len(mine):  # the time limit
+        print(f"\nTime limit reached. {_where_things_are(mine, results, out, args)}")
     return 0
 
 
+def _of(runs, results: list[dict]) -> list[dict]:
+    """The results of `runs`."""
+    ids = {run.run_id for run in runs}
+    return [result for result in results if result["run_id"] in ids]
+
+
+@contextlib.contextmanager
+def _as_shard(shard) -> Iterator[str]:
+    """Within: the device to train on. A shard takes the GPU its launcher gives it (shard_device) and trains
+    each run alone, out of any DDP group the launcher's environment describes (training_alone); without
+    --shard, the device is "auto" and the environment is left as it is."""
+    if shard is None:
+        yield "auto"
+        return
+    import torch
+
+    from rebased.tasks.mqar.sharding import shard_device, training_alone
+
+    with training_alone():
+        yield shard_device(os.environ, torch.cuda.device_count())
+
+
 def _where_things_are(runs, results, out: Path, args: argparse.Namespace) -> str:
-    """Where the finished and the stopped runs are, and the command that continues them."""
+    """Where the finished and the stopped runs (of this shard, with --shard) are, and the command that
+    continues them."""
     from rebased.tasks.mqar.sweep import stopped_runs
 
     stopped = stopped_runs(runs, results, out)
     left = len(runs) - len(results) - len(stopped)
-    lines = [f"finished runs, in {out / 'results.jsonl'}: {len(results)} of {len(runs)}"]
+    scope = "" if args.shard is None else f" of shard {args.shard}"
+    lines = [f"finished runs{scope}, in {out / 'results.jsonl'}: {len(results)} of {len(runs)}"]
     if stopped:
         ids = ", ".join(run.run_id for run in stopped)
         lines.append(f"checkpointed, to continue from {out / 'runs'}/RUN_ID/checkpoint.pt: {ids}")
@@ -221,8 +284,23 @@ def _where_things_are(runs, results, out: Path, args: argparse.Namespace) -> str
     return "\n".join(lines)
 
 
+def _write_grid_outputs(args: argparse.Namespace, runs, out: Path) -> tuple[list[dict], str]:
+    """Every shard's results so far and what _write_outputs wrote from them ([] and "" when there are none).
+    Under results.jsonl's lock, so shards finishing together take turns, and the last to take it, after
+    its own last line, summarises every line there."""
+    from rebased.tasks.mqar.sweep import RESULTS_FILE, results_locked, stored_results
+
+    results_path = out / RESULTS_FILE
+    if not results_path.exists():
+        return [], ""
+    with results_locked(results_path):
+        results = stored_results(runs, results_path)
+        return results, (_write_outputs(args, runs, results, out) if results else "")
+
+
 def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
     """Print the table; write summary.md and the plot. Returns what was written."""
+    from rebased.files import atomic_write
     from rebased.tasks.mqar.grids import display_name
     from rebased.tasks.mqar.paper_values import PAPER_VALUES
     from rebased.tasks.mqar.report import paper_comparison, plot_summary, summarise, summary_caption, summary_markdown
@@ -230,7 +308,7 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
     cells = summarise(results, runs)
     table = summary_markdown(cells)
     left = len(runs) - len(results)
-    command = command_line(args)
+    command = command_line(args, shard=False)  # the whole grid's, whichever shard writes it
     state = f"{left} of {len(runs)} runs still to train: run it again" if left else "complete"
     models = ", ".join(f"{display_name(m)} = `{m}`" for m in dict.fromkeys(c.model for c in cells))
     comparison = paper_comparison(cells, PAPER_VALUES.get(args.experiment, {}))
@@ -240,10 +318,11 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
         if comparison
         else ""
     )
-    (out / "summary.md").write_text(
+    summary = (
         f"# MQAR: {args.experiment}\n\nCommand: `{command}` ({state})\n\n{summary_caption(cells)} Models "
         f"(command-line names): {models}.\n\n{table}\n{beside}"
     )
+    atomic_write(out / "summary.md", lambda handle: handle.write(summary.encode()))
     print(f"\n{table}")
     plot = plot_summary(cells, out / "accuracy.png", results, out / "runs")
     return ", ".join(str(p) for p in (out / "results.jsonl", out / "summary.md", plot) if p)
