@@ -108,11 +108,25 @@ def pick_mode(q: Tensor, backend: str, initial_state: LinearAttentionState | Non
     """mode="auto": parallel up to PARALLEL_MAX_LENGTH for the backend that will run, else chunk. The fused
     parallel kernel takes no initial state, so a call with one goes to the chunk kernels instead.
     length: the sequence length to decide by (default q's T; the longest sequence of a packed batch)."""
-    fused = auto_picks_triton(q) if backend == "auto" else backend == "triton" and q.is_cuda and _load_triton()
+    fused = _runs_fused(q, backend)
     if fused and initial_state is not None:
         return "chunk"
     length = q.shape[1] if length is None else length
     return "parallel" if length <= PARALLEL_MAX_LENGTH["triton" if fused else "torch"] else "chunk"
+
+
+def _runs_fused(q: Tensor, backend: str) -> bool:
+    """Whether the compiled Triton kernels run for q under this backend."""
+    return auto_picks_triton(q) if backend == "auto" else backend == "triton" and q.is_cuda and _load_triton()
+
+
+def prefer_fused_chunk(mode: str, q: Tensor, v: Tensor, backend: str, sequences: int, length: int) -> str:
+    """mode="auto", after pick_mode: chunk rather than parallel where the Triton chunk pair runs its fused kernels
+    for small heads and beats the parallel kernel (rebased.ops.triton.chunk_dispatch.prefers_chunk_mode)."""
+    if mode != "parallel" or not _runs_fused(q, backend):
+        return mode
+    dispatch = importlib.import_module(f"{_TRITON_MODULE}.chunk_dispatch")
+    return "chunk" if dispatch.prefers_chunk_mode(q, v, sequences, length) else mode
 
 
 def linear_attention(
@@ -148,7 +162,7 @@ def linear_attention(
     state = validate_inputs(q, k, v, initial_state, kernel, eps)
     requested_mode = mode
     if mode == "auto":
-        mode = pick_mode(q, backend, state)
+        mode = prefer_fused_chunk(pick_mode(q, backend, state), q, v, backend, q.shape[0], q.shape[1])
     options = dict(
         kernel=kernel, initial_state=state, output_final_state=output_final_state, normalize=normalize, eps=eps,
         chunk_size=chunk_size,
@@ -170,7 +184,8 @@ def _packed(q, k, v, cu_seqlens, *, mode, backend, initial_state, **options) -> 
     sequence. mode="auto" decides by the longest sequence."""
     bounds, state = validate_packed(q, k, v, cu_seqlens, initial_state, options["kernel"], options["eps"])
     if mode == "auto":
-        mode = pick_mode(q, backend, state, length=max(b - a for a, b in zip(bounds, bounds[1:])))
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        mode = prefer_fused_chunk(pick_mode(q, backend, state, length=longest), q, v, backend, len(bounds) - 1, longest)
     if backend == "triton":
         require_triton(f"(mode={mode!r}, backend='triton')", q)
     wants_triton = backend == "triton" or (backend == "auto" and auto_picks_triton(q))
