@@ -605,8 +605,6 @@ class FusedChunkFunction(torch.autograd.Function):
                 table, heads, head_dim, value_dim, **args, DFINAL=d_final is not None, DINIT=d_init is not None,
                 **launches()["dkdv"].options(q.dtype),
             )  # fmt: skip
-        if d_init is not None and d_state is not None:  # the final state's asymmetric part passes straight through
-            d_init += d_state.float() - d_final
         return dq, dk, dv, d_init, None, None, None, None, None, None
 
 
