@@ -553,8 +553,64 @@ def sequence_table(sequences: Sequences, device: torch.device) -> Tensor:
     return torch.stack([starts[order], lengths[order], order], 1).to(device=device, dtype=torch.int32).contiguous()
 
 
-def _kernel_args(poly: PolynomialArgs, dims: Dims, prec: str) -> dict:
-    return dict(**poly.score_args(), **poly.feature_args(), HAS2=poly.c2 > 0, BD=dims.bd, BV=dims.bv, PREC=prec)
+def _kernel_args(q: Tensor, v: Tensor, table: Tensor, poly: PolynomialArgs, normalize: bool, eps: float) -> dict:
+    """What every fused kernel takes besides its tensors and flags: the grid, H, D, V, the polynomial, the
+    padded dims and dot precision."""
+    dims = Dims.of(q.shape[2], v.shape[2])
+    return dict(grid=(len(table) * q.shape[1],), H=q.shape[1], D=q.shape[2], V=v.shape[2], eps=eps,
+                **poly.score_args(), **poly.feature_args(), HAS2=poly.c2 > 0, BD=dims.bd, BV=dims.bv,
+                PREC=dot_precision(q.dtype, FUSED_FP32_DOTS), NORMALIZE=normalize, CLAMP=poly.clamp)  # fmt: skip
+
+
+def launch_forward(q, k, v, state0, table, poly: PolynomialArgs, normalize: bool, eps: float, final: bool,
+                   save32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """The forward kernel on q, k [tokens, H, D], v [tokens, H, V] (the sequences packed) from the packed
+    symmetric state0 [N, H, state_size] (or None): o, its fp32 copy (o itself unless save32), den [tokens, H] and
+    the final packed state (if final)."""
+    args = _kernel_args(q, v, table, poly, normalize, eps)
+    o = torch.empty_like(v)
+    o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
+    den = q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
+    size = Dims.of(q.shape[2], v.shape[2]).state_size()
+    state = q.new_empty(len(table), q.shape[1], size, dtype=torch.float32) if final else None
+    grid = args.pop("grid")
+    if grid[0]:
+        fused_chunk_fwd_kernel[grid](
+            q, k, v, o, o32, den, q if state0 is None else state0, o32 if state is None else state, table, **args,
+            INIT=state0 is not None, FINAL=final, SAVE32=save32, **launches()["fwd"].options(q.dtype),
+        )  # fmt: skip
+    return o, o32, den, state
+
+
+def launch_dq(q, k, v, do, o32, den, state0, table, poly: PolynomialArgs, normalize: bool, eps: float) -> Tensor:
+    """dq (the dq kernel), for the forward's o32 and den."""
+    args = _kernel_args(q, v, table, poly, normalize, eps)
+    dq = torch.empty_like(q)
+    grid = args.pop("grid")
+    if grid[0]:
+        fused_chunk_dq_kernel[grid](
+            q, k, v, do, o32, den, dq, q if state0 is None else state0, table, **args, INIT=state0 is not None,
+            BVK=Dims.of(q.shape[2], v.shape[2]).bvk, **launches()["dq"].options(q.dtype),
+        )  # fmt: skip
+    return dq
+
+
+def launch_dkdv(q, k, v, do, o32, den, d_final, want_init: bool, table, poly: PolynomialArgs, normalize: bool,
+                eps: float) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """dk, dv and (want_init) the initial packed state's gradient (the dkdv kernel), from the final packed state's
+    symmetrised gradient d_final (or None)."""
+    args = _kernel_args(q, v, table, poly, normalize, eps)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    size = Dims.of(q.shape[2], v.shape[2]).state_size()
+    d_init = q.new_empty(len(table), q.shape[1], size, dtype=torch.float32) if want_init else None
+    grid = args.pop("grid")
+    if grid[0]:
+        fused_chunk_dkdv_kernel[grid](
+            q, k, v, do, o32, den, dk, dv, q if d_final is None else d_final, q if d_init is None else d_init, table,
+            **args, DFINAL=d_final is not None, DINIT=want_init, BVK=Dims.of(q.shape[2], v.shape[2]).bvk,
+            **launches()["dkdv"].options(q.dtype),
+        )  # fmt: skip
+    return dk, dv, d_init
 
 
 class FusedChunkFunction(torch.autograd.Function):
@@ -563,21 +619,8 @@ class FusedChunkFunction(torch.autograd.Function):
                 eps: float, for_backward: bool):  # fmt: skip
         """q, k [tokens, H, D], v [tokens, H, V] (the sequences packed); state0 [N, H, state_size] symmetric
         (or None). Returns o and the final packed state (or None)."""
-        heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
-        dims, sequences = Dims.of(head_dim, value_dim), len(table)
-        prec = dot_precision(q.dtype, FUSED_FP32_DOTS)
-        o = torch.empty_like(v)
         save32 = for_backward and v.dtype != torch.float32
-        o32 = torch.empty(v.shape, dtype=torch.float32, device=v.device) if save32 else o
-        den = q.new_empty(q.shape[0], heads, dtype=torch.float32)
-        state = q.new_empty(sequences, heads, dims.state_size(), dtype=torch.float32) if output_final_state else None
-        if sequences and heads:
-            fused_chunk_fwd_kernel[(sequences * heads,)](
-                q, k, v, o, o32, den, q if state0 is None else state0, o32 if state is None else state, table,
-                heads, head_dim, value_dim, eps=eps, **_kernel_args(poly, dims, prec), INIT=state0 is not None,
-                FINAL=state is not None, NORMALIZE=normalize, CLAMP=poly.clamp, SAVE32=save32,
-                **launches()["fwd"].options(q.dtype),
-            )  # fmt: skip
+        o, o32, den, state = launch_forward(q, k, v, state0, table, poly, normalize, eps, output_final_state, save32)
         ctx.save_for_backward(q, k, v, o32, den, state0, table)
         ctx.poly, ctx.normalize, ctx.eps = poly, normalize, eps
         return o, state
@@ -585,26 +628,13 @@ class FusedChunkFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, d_state):
         q, k, v, o32, den, state0, table = ctx.saved_tensors
-        poly = ctx.poly
-        heads, head_dim, value_dim = q.shape[1], q.shape[2], v.shape[2]
-        dims, sequences = Dims.of(head_dim, value_dim), len(table)
+        options = dict(table=table, poly=ctx.poly, normalize=ctx.normalize, eps=ctx.eps)
         do = do.to(v.dtype).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq = launch_dq(q, k, v, do, o32, den, state0, **options)
+        dims = Dims.of(q.shape[2], v.shape[2])
         d_final = None if d_state is None else _symmetrise_packed(d_state.float(), dims)
-        d_init = torch.empty_like(state0) if state0 is not None and ctx.needs_input_grad[3] else None
-        args = dict(eps=ctx.eps, **_kernel_args(poly, dims, dot_precision(q.dtype, FUSED_FP32_DOTS)), BVK=dims.bvk,
-                    NORMALIZE=ctx.normalize, CLAMP=poly.clamp)  # fmt: skip
-        if sequences and heads:
-            grid = (sequences * heads,)
-            fused_chunk_dq_kernel[grid](
-                q, k, v, do, o32, den, dq, q if state0 is None else state0, table, heads, head_dim, value_dim,
-                **args, INIT=state0 is not None, **launches()["dq"].options(q.dtype),
-            )  # fmt: skip
-            fused_chunk_dkdv_kernel[grid](
-                q, k, v, do, o32, den, dk, dv, q if d_final is None else d_final, q if d_init is None else d_init,
-                table, heads, head_dim, value_dim, **args, DFINAL=d_final is not None, DINIT=d_init is not None,
-                **launches()["dkdv"].options(q.dtype),
-            )  # fmt: skip
+        want_init = state0 is not None and ctx.needs_input_grad[3]
+        dk, dv, d_init = launch_dkdv(q, k, v, do, o32, den, d_final, want_init, **options)
         return dq, dk, dv, d_init, None, None, None, None, None, None
 
 
