@@ -12,10 +12,11 @@ In order, so that a time limit cuts the least useful part:
    few (sequence, head) pairs (B 4, L 16384), for: the fused kernels, the chunk-states kernels, the parallel
    kernel, mode="auto" (what linear_attention picks), fla's parallel_rebased and fused_chunk_based (Based's
    kernel; its time only) when fla is importable; each row's ratio to the fused kernels.
-3. sweep: each CANDIDATES launch for all three kernels: checked against float64 at a small shape per kernel (o
-   for the forward, dq, dk and dv; a candidate off by more than 1% is never chosen: Triton 3.6 mis-compiled some
-   3D tiles of the chunk kernels), then each kernel timed alone at B 512, L 2048, v 5. The fastest accurate
-   candidate per kernel is printed as the GPU_LAUNCHES line to paste into fused_chunk.py.
+3. sweep: each candidates() launch for all three kernels (the set for v <= 8, GPU_LAUNCHES): checked against
+   float64 at a small shape per kernel (o for the forward, dq, dk and dv; a candidate off by more than 1% is never
+   chosen: Triton 3.6 mis-compiled some 3D tiles of the chunk kernels), then each kernel timed alone at B 512,
+   L 2048, v 5. The fastest accurate candidate per kernel is printed as the GPU_LAUNCHES line to paste into
+   fused_chunk.py (v 16 keeps GPU_LAUNCHES_WIDE).
 4. the table's fused rows again with the sweep's choice.
 
 Every case runs in try/except (a failure is a row that says so) and nothing starts after --time-limit seconds.
@@ -54,9 +55,9 @@ def candidates():
     from rebased.ops.triton.fused_chunk import FusedLaunch
 
     return [
-        FusedLaunch(32, 2), FusedLaunch(16, 1), FusedLaunch(64, 4), FusedLaunch(32, 4), FusedLaunch(32, 2, stages=2),
-        FusedLaunch(32, 2, low=True), FusedLaunch(16, 1, low=True), FusedLaunch(64, 4, low=True),
-        FusedLaunch(32, 2, flat=True),
+        FusedLaunch(16, 1), FusedLaunch(32, 2), FusedLaunch(64, 4), FusedLaunch(32, 4), FusedLaunch(16, 1, stages=2),
+        FusedLaunch(16, 1, low=True), FusedLaunch(32, 2, low=True), FusedLaunch(64, 4, low=True),
+        FusedLaunch(16, 1, flat=True),
     ]  # fmt: skip
 
 

@@ -137,7 +137,7 @@ def test_launch_forms_match_reference(flat, low, monkeypatch):
     """The other forms a FusedLaunch selects: every [C, BF] tile from gathers and 0/1 dots (flat), and 16-bit
     operands in the state's dots (low, fp16 here), with chunks of 32."""
     launch = fused.FusedLaunch(chunk=32, flat=flat, low=low)
-    monkeypatch.setattr(fused, "launches", lambda: dict.fromkeys(("fwd", "dq", "dkdv"), launch))
+    monkeypatch.setattr(fused, "launches", lambda value_dim: dict.fromkeys(("fwd", "dq", "dkdv"), launch))
     generator = torch.Generator().manual_seed(3)
     kernel = KERNELS["based"](16)
     dtype = torch.float16 if low else torch.float32

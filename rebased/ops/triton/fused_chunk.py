@@ -435,16 +435,23 @@ class FusedLaunch:
                     num_warps=self.warps)  # fmt: skip
 
 
-# Per kernel on the GPU. Not yet measured: a first guess, to be replaced by the fastest set that passes the GPU
-# tests (benchmarks/fused_chunk_gpu.py sweeps candidates, each checked against float64).
-GPU_LAUNCHES = {"fwd": FusedLaunch(), "dq": FusedLaunch(), "dkdv": FusedLaunch()}
+# Per kernel on the GPU, for value dims up to 8 (BV 8: the MQAR models' 5) and wider (BV 16 and up). Not measured
+# yet: chosen from compiling for sm_90a (`benchmarks/fused_chunk_gpu.py --compile`): at BV 8 one warp on chunks of
+# 16 has the fewest instructions, shared-memory bytes and spills per token; at BV 16 two warps on 32 spill less.
+# To be replaced by the fastest set that passes the GPU tests (fused_chunk_gpu.py sweeps candidates at v 5, each
+# checked against float64).
+GPU_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16, warps=1))
+GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
 # Under the interpreter: chunks of 16, so tiny test shapes cross several chunks.
-INTERPRETER_LAUNCHES = {name: FusedLaunch(chunk=16) for name in GPU_LAUNCHES}
+INTERPRETER_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16))
 FUSED_FP32_DOTS = "ieee"  # fp32 inputs: the accurate path (as the chunk kernels' CHUNK_FP32_DOTS)
 
 
-def launches() -> dict[str, FusedLaunch]:
-    return INTERPRETER_LAUNCHES if interpreting() else GPU_LAUNCHES
+def launches(value_dim: int) -> dict[str, FusedLaunch]:
+    """Each kernel's launch for this value dim: the interpreter's, or the GPU's for its padded width."""
+    if interpreting():
+        return INTERPRETER_LAUNCHES
+    return GPU_LAUNCHES if Dims.of(1, value_dim).bv <= 8 else GPU_LAUNCHES_WIDE
 
 
 @dataclass(frozen=True)
@@ -577,7 +584,7 @@ def launch_forward(q, k, v, state0, table, poly: PolynomialArgs, normalize: bool
     if grid[0]:
         fused_chunk_fwd_kernel[grid](
             q, k, v, o, o32, den, q if state0 is None else state0, o32 if state is None else state, table, **args,
-            INIT=state0 is not None, FINAL=final, SAVE32=save32, **launches()["fwd"].options(q.dtype),
+            INIT=state0 is not None, FINAL=final, SAVE32=save32, **launches(v.shape[2])["fwd"].options(q.dtype),
         )  # fmt: skip
     return o, o32, den, state
 
@@ -590,7 +597,7 @@ def launch_dq(q, k, v, do, o32, den, state0, table, poly: PolynomialArgs, normal
     if grid[0]:
         fused_chunk_dq_kernel[grid](
             q, k, v, do, o32, den, dq, q if state0 is None else state0, table, **args, INIT=state0 is not None,
-            BVK=Dims.of(q.shape[2], v.shape[2]).bvk, **launches()["dq"].options(q.dtype),
+            BVK=Dims.of(q.shape[2], v.shape[2]).bvk, **launches(v.shape[2])["dq"].options(q.dtype),
         )  # fmt: skip
     return dq
 
@@ -608,7 +615,7 @@ def launch_dkdv(q, k, v, do, o32, den, d_final, want_init: bool, table, poly: Po
         fused_chunk_dkdv_kernel[grid](
             q, k, v, do, o32, den, dk, dv, q if d_final is None else d_final, q if d_init is None else d_init, table,
             **args, DFINAL=d_final is not None, DINIT=want_init, BVK=Dims.of(q.shape[2], v.shape[2]).bvk,
-            **launches()["dkdv"].options(q.dtype),
+            **launches(v.shape[2])["dkdv"].options(q.dtype),
         )  # fmt: skip
     return dk, dv, d_init
 
