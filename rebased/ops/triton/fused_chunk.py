@@ -648,7 +648,7 @@ class FusedChunkFunction(torch.autograd.Function):
 # ---- the op --------------------------------------------------------------------------------------------------
 
 MAX_HEAD_DIM = 32  # BD 32: a [32, 32 BV] square state; beyond it the state outgrows the registers
-MAX_VALUE_DIM = 64  # BV 64: a [16, 1024] square state, which spills; correct, not fast (prefers_fused_chunk)
+MAX_VALUE_DIM = 64  # BV 64: a [16, 1024] square state, which spills: correct, not fast (chunk_dispatch.py: v <= 16)
 
 
 def refuse(q: Tensor, k: Tensor, v: Tensor) -> None:
