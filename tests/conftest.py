@@ -7,6 +7,10 @@ their own Triton interpreter caches (some 0.5 GB apiece) for a suite of a few mi
 Threads: the workers already keep every core busy, so each runs torch on one intra-op thread (torch's
 default, a thread per core in every worker, would oversubscribe the cores). OMP_NUM_THREADS=1 carries the
 same limit into the processes a test starts without setting their threads.
+
+Triton: without CUDA the kernel tests run under TRITON_INTERPRET=1, which Triton reads once, when it is
+first imported; a worker may import it early and indirectly (transformers does), so the variable is set here,
+before any test module is collected.
 """
 
 from __future__ import annotations
@@ -35,8 +39,16 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MAX_WORKERS, available_cores()))
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # (the controller runs no tests: it need not import torch)
+def pytest_configure(config) -> None:
+    """In each process that runs tests: an xdist worker, or pytest itself without xdist (the controller of a
+    parallel run runs none, so it need not import torch)."""
+    worker = hasattr(config, "workerinput")
+    if not worker and config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None):
+        return
     import torch
 
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    if worker:
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # importing transformers imports triton, and triton reads this once, then: the
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # interpreter tests of this process need it set before that
 pytest.importorskip("transformers", reason="the transformers interface is an optional extra: pip install '.[hf]'")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
