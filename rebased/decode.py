@@ -10,7 +10,8 @@ by the GPU). Here the same computation runs on static buffers:
     logits = decoder.step(ids)                 # [B]: one token, every state updated in place
 
 On CUDA the step (embedding, every layer's mixer.step_static, the head) is captured once as a CUDA graph and
-replayed: one launch per token. The graph is captured on the buffers before the prompt's states are copied
+replayed: one launch per token. The replay then costs what the graph's many small kernels cost one after
+another; compile=True torch.compiles the step first, so that fewer, fused kernels are captured. The graph is captured on the buffers before the prompt's states are copied
 in, because the warm-up runs that capture needs (Triton compiles, cuBLAS workspaces) write into them.
 
 generate_static has generate's contract (mixed prompt lengths by teacher forcing, temperature / top-k /
@@ -38,8 +39,12 @@ WARMUP_STEPS = 3  # eager steps before capture: lazy initialisation and compiles
 class StaticDecoder:
     """Static state buffers for a batch of `batch` rows and up to `capacity` positions (prompt included)."""
 
-    def __init__(self, model: LanguageModel, batch: int, capacity: int, *, cuda_graph: bool | None = None):
+    def __init__(
+        self, model: LanguageModel, batch: int, capacity: int, *, cuda_graph: bool | None = None, compile: bool = False
+    ):
         self.model, self.batch, self.capacity = model.eval(), batch, capacity
+        # compile: torch.compile the step (fusing its small elementwise kernels) before the graph captures it
+        self.step_fn = torch.compile(model.step_static, dynamic=False) if compile else model.step_static
         self.device = next(model.parameters()).device
         positions = model.cfg.max_position_embeddings
         if positions > 0 and capacity > positions:
@@ -101,7 +106,7 @@ class StaticDecoder:
         return self.logits
 
     def _step(self) -> Tensor:
-        logits = self.model.step_static(self.ids, self.states, self.position)
+        logits = self.step_fn(self.ids, self.states, self.position)
         self.position.add_(1)
         return logits
 

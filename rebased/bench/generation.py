@@ -35,6 +35,7 @@ class GenerationConfig:
     warmup: int = 4
     device: str = "cuda"
     dtype: str = "bfloat16"
+    compile: bool = False  # torch.compile the static step before its graph is captured
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _timed(device: str, fn: Callable[[], object]) -> float:
 def time_static(config: GenerationConfig, model: LanguageModel, batch: int, context: int) -> tuple[float, float]:
     """(prefill seconds, ms per decode step) of the static decoder."""
     prompt = torch.randint(model.cfg.vocab_size, (batch, context), device=config.device)
-    decoder = StaticDecoder(model, batch, context + config.warmup + config.steps + 1)
+    decoder = StaticDecoder(model, batch, context + config.warmup + config.steps + 1, compile=config.compile)
     decoder.prefill(prompt[:, : min(context, 8192)])  # compiles and captures the graph: not part of the timing
     prefill_s = _timed(config.device, lambda: decoder.prefill(prompt))
     ids = prompt[:, -1]

@@ -64,7 +64,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-steps", type=positive_int, default=64, help="generate: timed decode steps")
     parser.add_argument("--preset", default="pile_150m", help="train / generate: model preset")
     parser.add_argument("--steps", type=positive_int, default=15, help="train: optimizer steps per case")
-    parser.add_argument("--compile", action="store_true", help="train: torch.compile the model")
+    parser.add_argument("--compile", action="store_true",
+                        help="train: torch.compile the model; generate: the static decode step")  # fmt: skip
 
 
 @verb("bench", "check the linear-attention ops against the reference and time every mode", _arguments)
@@ -203,7 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         preset=args.preset, option="kind" if args.preset == "pile_150m" else "mixer", models=args.models,
         batches=args.batches, contexts=args.contexts, steps=args.decode_steps, device=device,
-        dtype="bfloat16" if device.startswith("cuda") else "float32",
+        dtype="bfloat16" if device.startswith("cuda") else "float32", compile=args.compile,
     )  # fmt: skip
     rows = time_generation(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
     base = {(r.batch, r.context): r for r in rows if r.model == "attention" and r.status == "ok"}
@@ -219,7 +220,7 @@ def _generate(args: argparse.Namespace) -> int:
     text = (
         f"# rebased bench --generate\n\ncommand: `rebased {' '.join(sys.argv[1:])}`\n\n{where}; {config.preset}, "
         f"random weights, {config.dtype}, greedy; {config.steps} timed steps after {config.warmup} (plain path: "
-        f"{config.plain_steps})\n\n" + markdown_table(headers, table)
+        f"{config.plain_steps}); compiled step: {config.compile}\n\n" + markdown_table(headers, table)
     )
     print(text)
     if args.out:
