@@ -11,8 +11,9 @@ by the GPU). Here the same computation runs on static buffers:
 
 On CUDA the step (embedding, every layer's mixer.step_static, the head) is captured once as a CUDA graph and
 replayed: one launch per token. The replay then costs what the graph's many small kernels cost one after
-another; compile=True torch.compiles the step first, so that fewer, fused kernels are captured. The graph is captured on the buffers before the prompt's states are copied
-in, because the warm-up runs that capture needs (Triton compiles, cuBLAS workspaces) write into them.
+another; compile=True torch.compiles the step first, so that fewer, fused kernels are captured. The graph is
+captured on the buffers before the prompt's states are copied in, because the warm-up runs that capture needs
+(Triton compiles, cuBLAS workspaces) write into them.
 
 generate_static has generate's contract (mixed prompt lengths by teacher forcing, temperature / top-k /
 top-p, stop tokens, streaming) with sampling on the device and no host sync per token unless a caller
