@@ -155,9 +155,6 @@ def _suite(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Training throughput of whole models; prints the table and, with --out, writes train.md and train.json."""
-    import dataclasses
-    import json
-    import os
 
     from rebased.bench.train_throughput import ThroughputConfig, time_training
     from rebased.tables import markdown_table
@@ -177,23 +174,19 @@ def _train(args: argparse.Namespace) -> int:
         for r in rows
     ]  # fmt: skip
     headers = ["model", "seq len", "tokens/step", "params", "tokens/s", "step ms", "MFU", "peak GiB", "x attention"]
-    text = _train_header(config) + "\n\n" + markdown_table(headers, table)
+    text = (
+        f"{_model_bench_header('train', config.device)}; {config.preset}, bf16 autocast on CUDA, AdamW, "
+        f"{config.steps} steps a case, the rate of the last third; compile {config.compile}\n\n"
+        + markdown_table(headers, table)
+    )
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "train.md"), "w") as f:
-            f.write(text + "\n")
-        payload = {"command": "rebased " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(config),
-                   "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
-        with open(os.path.join(args.out, "train.json"), "w") as f:
-            json.dump(payload, f, indent=1)
+        _write_model_bench(args.out, "train", text, config, rows)
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
     """Generation throughput; prints the table and, with --out, writes generate.md, generate.json and .png."""
-    import dataclasses
-    import json
     import os
 
     from rebased.bench.generation import GenerationConfig, plot_generation, time_generation
@@ -216,21 +209,14 @@ def _generate(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     headers = ["model", "batch", "context", "prefill s", "step ms", "tokens/s", "plain step ms", "peak GiB",
                "x attention", "status"]  # fmt: skip
-    where = torch_device_name(device)
     text = (
-        f"# rebased bench --generate\n\ncommand: `rebased {' '.join(sys.argv[1:])}`\n\n{where}; {config.preset}, "
-        f"random weights, {config.dtype}, greedy; {config.steps} timed steps after {config.warmup} (plain path: "
-        f"{config.plain_steps}); compiled step: {config.compile}\n\n" + markdown_table(headers, table)
+        f"{_model_bench_header('generate', device)}; {config.preset}, random weights, {config.dtype}, greedy; "
+        f"{config.steps} timed steps after {config.warmup} (plain path: {config.plain_steps}); compiled step: "
+        f"{config.compile}\n\n" + markdown_table(headers, table)
     )
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "generate.md"), "w") as f:
-            f.write(text + "\n")
-        payload = {"command": "rebased " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(config),
-                   "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
-        with open(os.path.join(args.out, "generate.json"), "w") as f:
-            json.dump(payload, f, indent=1)
+        _write_model_bench(args.out, "generate", text, config, rows)
         plot_generation(rows, os.path.join(args.out, "generate.png"))
     return 0
 
@@ -239,26 +225,32 @@ def _whole(x: float) -> float | int:
     return round(x) if x == x else x  # NaN (a case that did not fit) stays NaN
 
 
-def torch_device_name(device: str) -> str:
+def _model_bench_header(kind: str, device: str) -> str:
+    """The title, the command and the machine of a `--train` or `--generate` table."""
     import platform
 
     import torch
 
-    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    return f"{gpu}; python {platform.python_version()}; torch {torch.__version__}"
-
-
-def _train_header(config) -> str:
-    import platform
-
-    import torch
-
-    where = torch.cuda.get_device_name() if config.device.startswith("cuda") else "CPU"
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     return (
-        f"# rebased bench --train\n\ncommand: `rebased {' '.join(sys.argv[1:])}`\n\n{where}; python "
-        f"{platform.python_version()}; torch {torch.__version__}; {config.preset}, bf16 autocast on CUDA, AdamW, "
-        f"{config.steps} steps a case, the rate of the last third; compile {config.compile}"
+        f"# rebased bench --{kind}\n\ncommand: `rebased {' '.join(sys.argv[1:])}`\n\n{where}; python "
+        f"{platform.python_version()}; torch {torch.__version__}"
     )
+
+
+def _write_model_bench(out: str, stem: str, text: str, config, rows: list) -> None:
+    """OUT/STEM.md (the printed text) and OUT/STEM.json (the command, the config and every row)."""
+    import dataclasses
+    import json
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(text + "\n")
+    payload = {"command": "rebased " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(config),
+               "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
 
 
 def _emit(sections: list[str], text: str, out: str | None) -> None:
