@@ -19,8 +19,7 @@ import torch
 
 from rebased.decode import StaticDecoder
 from rebased.model import LanguageModel
-from rebased.presets import preset
-from rebased.tasks.lm.train import padded_vocab
+from rebased.tasks.lm.train import lm_config
 
 
 @dataclass(frozen=True)
@@ -52,10 +51,9 @@ class GenerationRow:
 
 
 def build(config: GenerationConfig, model: str) -> LanguageModel:
-    cfg = preset(config.preset, **{config.option: model})
-    cfg = cfg.replace(vocab_size=padded_vocab(cfg.vocab_size))
     torch.manual_seed(0)
-    return LanguageModel(cfg).to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
+    model = LanguageModel(lm_config(config.preset, **{config.option: model}))
+    return model.to(device=config.device, dtype=getattr(torch, config.dtype)).eval()
 
 
 def _sync(device: str) -> None:

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from rebased.model import LanguageModel
-from rebased.presets import preset
-from rebased.tasks.lm.train import flops_per_token, padded_vocab, peak_flops
+from rebased.tasks.lm.train import flops_per_token, lm_config, peak_flops
 from rebased.train import Meter, TrainConfig, train
 
 
@@ -63,8 +62,7 @@ class RandomTokens:
 
 def time_case(kind: str, seq_len: int, config: ThroughputConfig) -> ThroughputRow:
     torch.manual_seed(0)
-    cfg = preset(config.preset, **{config.option: kind})
-    cfg = cfg.replace(vocab_size=padded_vocab(cfg.vocab_size))  # as `rebased train` builds it
+    cfg = lm_config(config.preset, **{config.option: kind})
     model = LanguageModel(cfg)
     model.checkpoint_layers = config.activation_checkpointing
     batch = config.batch_tokens // seq_len

@@ -122,12 +122,18 @@ def padded_vocab(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def lm_config(name: str, tokenizer_vocab: int | None = None, **options) -> ModelConfig:
+    """The preset with options, as `rebased train` builds it: the vocabulary (the tokenizer's, else the preset's
+    own) padded by padded_vocab, unless the options set one."""
+    if "vocab_size" not in options:
+        unpadded = preset(name, **options).vocab_size if tokenizer_vocab is None else tokenizer_vocab
+        options["vocab_size"] = padded_vocab(unpadded)
+    return preset(name, **options)
+
+
 def build_model(run: LMRun, vocab_size: int) -> LanguageModel:
-    """The preset with the run's options; the vocabulary is the tokenizer's, padded (padded_vocab), unless the
-    run sets one."""
-    options = dict(run.model)
-    options.setdefault("vocab_size", padded_vocab(vocab_size))
-    cfg = preset(run.preset, **options)
+    """The preset with the run's options and the tokenizer's vocabulary (lm_config)."""
+    cfg = lm_config(run.preset, vocab_size, **run.model)
     check_model_fits(cfg, run.seq_len, vocab_size)
     torch.manual_seed(run.seed)  # the initial weights: a run and its rerun start alike
     return LanguageModel(cfg)
