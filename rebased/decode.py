@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rebased.generate import _check, generate, sample
+from rebased.mixers.base import copy_state_, map_state
 from rebased.model import LanguageModel
 
 PREFILL_TOKENS = 1 << 20  # prompt tokens per prefill pass (rows of the batch at a time)
@@ -81,14 +82,14 @@ class StaticDecoder:
         for i, layer in enumerate(self.model.layers):
             block = layer.mixer.static_state(state.layers[i], self.capacity)
             state.layers[i] = None  # freed as it goes: one layer's copy at a time
-            _copy_rows(self.states[i], block, start, end)
+            copy_state_(map_state(lambda t: t[start:end], self.states[i]), block)  # into the rows' views
             del block
         return logits[:, -1]
 
     def _allocate(self, layer_states: list) -> None:
         """Buffers for the whole batch shaped like one block's static states; then the graph on them."""
         self.states = [
-            _full_batch(layer.mixer.static_state(state, self.capacity), self.batch)
+            map_state(lambda t: t.new_zeros(self.batch, *t.shape[1:]), layer.mixer.static_state(state, self.capacity))
             for layer, state in zip(self.model.layers, layer_states)
         ]
         if self.cuda_graph:
@@ -123,28 +124,9 @@ class StaticDecoder:
             self.logits = self._step()
 
 
-def _copy_rows(target: object, source: object, start: int, end: int) -> None:
-    """Rows start:end (dim 0: every state tensor is batch-first) of a state tree from a block's tree."""
-    if isinstance(target, Tensor):
-        target[start:end].copy_(source)
-    else:
-        for t, s in zip(target, source, strict=True):
-            _copy_rows(t, s, start, end)
-
-
-def _full_batch(tree: object, batch: int) -> object:
-    """Zeros shaped like a state tree (tensors in NamedTuples, tuples and lists), with `batch` rows."""
-    if isinstance(tree, Tensor):
-        return tree.new_zeros(batch, *tree.shape[1:])
-    parts = [_full_batch(t, batch) for t in tree]
-    return type(tree)(*parts) if hasattr(tree, "_fields") else type(tree)(parts)
-
-
 def supports_static(model: LanguageModel) -> bool:
     """Whether every mixer has a fixed-size decoding state (all but Hyena)."""
-    from rebased.mixers.conv import Hyena
-
-    return not any(isinstance(layer.mixer, Hyena) for layer in model.layers)
+    return all(layer.mixer.fixed_size_state for layer in model.layers)
 
 
 @torch.inference_mode()

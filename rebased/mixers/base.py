@@ -39,8 +39,18 @@ def copy_state_(target: object, source: object) -> None:
         raise ValueError(f"a static state changed a non-tensor part: {target!r} -> {source!r}")
 
 
+def map_state(fn, state: object) -> object:
+    """fn applied to every tensor of a state (tensors in NamedTuples, tuples and lists), the structure kept."""
+    if isinstance(state, Tensor):
+        return fn(state)
+    parts = [map_state(fn, part) for part in state]
+    return type(state)(*parts) if hasattr(state, "_fields") else type(state)(parts)
+
+
 class Mixer(nn.Module):
     """Base class; subclasses implement forward, prefill, step and state_elements."""
+
+    fixed_size_state = True  # False where the decoding state grows with the sequence: no static_state then
 
     def prefill(self, x: Tensor) -> tuple[Tensor, object]:
         raise NotImplementedError

@@ -117,6 +117,8 @@ class HyenaState(NamedTuple):
 
 
 class Hyena(Mixer):
+    fixed_size_state = False  # the long convolution needs every input so far
+
     def __init__(self, d_model: int, cfg: HyenaConfig):
         super().__init__()
         self.cfg, self.d_model = cfg, d_model
