@@ -58,7 +58,7 @@ def _parameters(config_file: Path) -> int | None:
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = LanguageModel(ModelConfig.from_dict(json.loads(config_file.read_text())["model"]))
-    return sum(p.numel() for p in model.parameters())
+    return model.num_params()
 
 
 def training_table(records: list[RunRecord]) -> str:
@@ -76,20 +76,19 @@ def training_table(records: list[RunRecord]) -> str:
     return markdown_table(headers, rows)
 
 
+def _score_key(score: dict) -> tuple[str, str, int]:
+    return Path(score["data"]).name, score["split"], score["seq_len"]
+
+
 def score_tables(records: list[RunRecord]) -> str:
     """One table per (data set, split, window), the runs as rows."""
-    keys = []
-    for record in records:
-        for score in record.scores:
-            key = (Path(score["data"]).name, score["split"], score["seq_len"])
-            if key not in keys:
-                keys.append(key)
+    keys = list(dict.fromkeys(_score_key(score) for record in records for score in record.scores))
     sections = []
     for name, split, seq_len in keys:
         rows = []
         for record in records:
             for score in record.scores:
-                if (Path(score["data"]).name, score["split"], score["seq_len"]) == (name, split, seq_len):
+                if _score_key(score) == (name, split, seq_len):
                     rows.append([record.name, score["ppl/all"], score["ppl/ar"], score["ppl/other"],
                                  score["tokens/all"], score["tokens/ar"] / score["tokens/all"]])  # fmt: skip
         domain = "in-domain" if all(r.trained_on == name for r in records) else "out-of-domain"
