@@ -1,7 +1,7 @@
 """The fused chunk kernels (rebased/ops/triton/fused_chunk.py) against the float64 reference, and the choice
 between them and the chunk-states kernels (chunk_dispatch.py).
 
-Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (set before the backend is imported), in
+Without CUDA the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py), in
 chunks of 16: tiny shapes, one (sequence, head) pair a program, so each case lists what it adds rather than
 crossing every option. Tests marked gpu run the compiled kernels at the MQAR models' shapes.
 """
@@ -12,8 +12,6 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of rebased.ops.triton
 
 pytest.importorskip("triton")
 

@@ -1,6 +1,6 @@
 """The Triton kernels against the float64 reference: outputs, final states, every gradient, the decode step.
 
-Without CUDA the same kernels run on CPU tensors under TRITON_INTERPRET=1 (set here, before the backend
+Without CUDA the same kernels run on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py, before the backend
 is imported) at tiny shapes with fixed launch configs, so CI checks their logic. Tests marked gpu run
 the compiled kernels at realistic shapes, in bf16 and fp32.
 """
@@ -12,8 +12,6 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the import of rebased.ops.triton
 
 pytest.importorskip("triton")
 
