@@ -148,30 +148,34 @@ def generate_static(
     _check(prompts, max_new_tokens, temperature, top_k, top_p)
     if not supports_static(model):
         return generate(model, prompts, max_new_tokens, temperature, top_k, top_p, generator, stop_tokens, on_token)
-    plan = _Plan(prompts, max_new_tokens, next(model.parameters()).device)
+    plan = _Plan(prompts, max_new_tokens, stop_tokens, next(model.parameters()).device)
     decoder = StaticDecoder(model, len(prompts), plan.longest + max_new_tokens, cuda_graph=cuda_graph)
     logits = decoder.prefill(plan.prompt[:, : plan.shortest])
     sampled = torch.empty(len(prompts), plan.steps, dtype=torch.long, device=decoder.device)
-    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=decoder.device)
     for i in range(plan.steps):  # step i samples position shortest + i
         token = sample(logits, temperature, top_k, top_p, generator)
         sampled[:, i] = token
         if on_token is not None:
-            plan.stream(sampled, i, stops, on_token)
-        if i + 1 == plan.steps or plan.stop_check_due(i, stops) and plan.all_stopped(sampled, i, stops):
+            plan.stream(sampled, i, on_token)
+        if i + 1 == plan.steps or plan.stop_check_due(i) and plan.all_stopped(sampled, i):
             break
         logits = decoder.step(plan.next_ids(token, i))
-    return plan.outputs(sampled.tolist(), set(stop_tokens))
+    return plan.outputs(sampled.tolist())
 
 
 class _Plan:
-    """Which token each row feeds at each step: its own prompt token while it has one, then its sample."""
+    """Which token each row feeds at each step: its own prompt token while it has one, then its sample. Row r's
+    first new token is sampled at step first[r] = len(prompt r) - shortest prompt's length."""
 
-    def __init__(self, prompts: list[list[int]], max_new_tokens: int, device: torch.device):
-        self.lengths = torch.tensor([len(p) for p in prompts], device=device)
-        self.shortest, self.longest = min(map(len, prompts)), max(map(len, prompts))
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, stop_tokens: Sequence[int], device):
+        lengths = [len(p) for p in prompts]
+        self.shortest, self.longest = min(lengths), max(lengths)
         self.max_new_tokens = max_new_tokens
         self.steps = self.longest - self.shortest + max_new_tokens  # the longest prompt's last new token
+        self.first = [length - self.shortest for length in lengths]  # on the host (streaming, outputs)
+        self.first_on_device = torch.tensor(self.first, device=device)  # (teacher forcing, the stop check)
+        self.stop_set = set(stop_tokens)
+        self.stops = torch.tensor(sorted(self.stop_set), dtype=torch.long, device=device)
         self.prompt = torch.zeros(len(prompts), self.longest + 1, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
             self.prompt[row, : len(prompt)] = torch.tensor(prompt, device=device)
@@ -179,41 +183,36 @@ class _Plan:
         self.stopped = [max_new_tokens == 0] * len(prompts)
 
     def next_ids(self, token: Tensor, i: int) -> Tensor:
-        position = self.shortest + i
-        return torch.where(position < self.lengths, self.prompt[:, min(position, self.longest)], token)
+        teacher = self.prompt[:, min(self.shortest + i, self.longest)]
+        return torch.where(i < self.first_on_device, teacher, token)
 
-    def outputs(self, sampled: list[list[int]], stops: set[int]) -> list[list[int]]:
+    def outputs(self, sampled: list[list[int]]) -> list[list[int]]:
         """Each row's samples from its first new position on, up to max_new_tokens or its first stop token."""
         results = []
-        for row, row_tokens in enumerate(sampled):
-            first = int(self.lengths[row]) - self.shortest
+        for first, row_tokens in zip(self.first, sampled):
             tokens = row_tokens[first : first + self.max_new_tokens]
-            cut = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
+            cut = next((j for j, t in enumerate(tokens) if t in self.stop_set), len(tokens))
             results.append(tokens[:cut])
         return results
 
-    @staticmethod
-    def stop_check_due(i: int, stops: Tensor) -> bool:
-        return stops.numel() > 0 and (i + 1) % STOP_CHECK_EVERY == 0
+    def stop_check_due(self, i: int) -> bool:
+        return bool(self.stop_set) and (i + 1) % STOP_CHECK_EVERY == 0
 
-    def all_stopped(self, sampled: Tensor, i: int, stops: Tensor) -> bool:
+    def all_stopped(self, sampled: Tensor, i: int) -> bool:
         """Every row has met a stop token or its max_new_tokens by step i (one host sync)."""
-        first = self.lengths - self.shortest  # [B] the step of each row's first new token
+        first = self.first_on_device[:, None]
         steps = torch.arange(i + 1, device=sampled.device)
-        new = (steps >= first[:, None]) & (steps < first[:, None] + self.max_new_tokens)  # [B, i + 1]
-        hit = (torch.isin(sampled[:, : i + 1], stops) & new).any(1)
-        full = first + self.max_new_tokens <= i + 1
+        new = (steps >= first) & (steps < first + self.max_new_tokens)  # [B, i + 1]
+        hit = (torch.isin(sampled[:, : i + 1], self.stops) & new).any(1)
+        full = self.first_on_device + self.max_new_tokens <= i + 1
         return bool((hit | full).all())
 
-    def stream(self, sampled: Tensor, i: int, stops: Tensor, on_token: Callable[[int, int], None]) -> None:
+    def stream(self, sampled: Tensor, i: int, on_token: Callable[[int, int], None]) -> None:
         """on_token for the rows whose step i sampled a new token (a host sync per step, as streaming needs)."""
-        column = sampled[:, i].tolist()
-        stop_set = set(stops.tolist())
-        for row, token in enumerate(column):
-            first = int(self.lengths[row]) - self.shortest
-            if self.stopped[row] or i < first:
+        for row, token in enumerate(sampled[:, i].tolist()):
+            if self.stopped[row] or i < self.first[row]:
                 continue
-            if token in stop_set or self.streamed[row] >= self.max_new_tokens:
+            if token in self.stop_set or self.streamed[row] >= self.max_new_tokens:
                 self.stopped[row] = True
                 continue
             on_token(row, token)
