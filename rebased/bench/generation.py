@@ -107,30 +107,31 @@ def time_plain(config: GenerationConfig, model: LanguageModel, batch: int, conte
     return 1e3 * _timed(config.device, decode) / config.plain_steps
 
 
+def _if_it_fits(measure: Callable[[], object], cuda: bool) -> object | None:
+    """measure(), or None where it ran out of memory; either way its memory is handed back before the next case."""
+    try:
+        return measure()
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
 def time_case(config: GenerationConfig, model: LanguageModel, name: str, batch: int, context: int) -> GenerationRow:
     nan = float("nan")
     cuda = config.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    try:
-        prefill_s, step_ms = time_static(config, model, batch, context)
-    except torch.OutOfMemoryError:
+    static = _if_it_fits(lambda: time_static(config, model, batch, context), cuda)
+    if static is None:
         return GenerationRow(name, batch, context, nan, nan, nan, nan, nan, "out of memory")
-    finally:
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    prefill_s, step_ms = static
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else nan
-    plain_ms = nan
-    if config.plain_steps:
-        try:
-            plain_ms = time_plain(config, model, batch, context)
-        except torch.OutOfMemoryError:
-            pass  # the plain path's growing cache needs twice the memory: the row says NaN
-        finally:
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
+    # the plain path's growing cache needs about twice the memory: a NaN in the row where it does not fit
+    plain_ms = _if_it_fits(lambda: time_plain(config, model, batch, context), cuda) if config.plain_steps else None
+    plain_ms = nan if plain_ms is None else plain_ms
     return GenerationRow(name, batch, context, prefill_s, step_ms, 1e3 * batch / step_ms, plain_ms, peak)
 
 
