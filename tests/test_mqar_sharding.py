@@ -7,6 +7,7 @@ import fcntl
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -272,13 +273,15 @@ def test_torchrun_shards_share_one_folder(tmp_path, capsys):
     out = tmp_path / "out"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
     command = [*torchrun, "-m", "rebased", "mqar", "quick", *TINY, "--out", str(out), "--shard", "auto"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The three shards share one stdout pipe. Unbuffered, each report line reaches it in one write, but another
+    # shard's write can still land before its newline, so the reports are found anywhere, not at line starts.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = experiment("quick", seeds=3, d_model=16, seq_len=16, num_kv_pairs=2, vocab_size=32, train_examples=128,
                       test_examples=32, epochs=1, batch_size=64)  # fmt: skip
     grid = sorted(run.run_id for run in runs)
-    trained = [line.split("] ")[1].split(":")[0] for line in done.stdout.splitlines() if line.startswith("  [")]
+    trained = re.findall(r"\[\d+/\d+\] (\S+): accuracy", done.stdout)
     assert sorted(trained) == grid  # no run trained by two shards
     assert sorted(line["run_id"] for line in load_results(out / "results.jsonl")) == grid
     assert all(f"shard {i}/3: 3 of them" in done.stdout for i in range(3))

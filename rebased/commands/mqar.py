@@ -212,9 +212,11 @@ def _train(args: argparse.Namespace, runs, out: Path) -> int:
         return 0
     started = time.perf_counter()
 
-    def report(result: dict, done: int, total: int) -> None:  # tqdm.write: above the progress bar, if one is shown
+    def report(result: dict, done: int, total: int) -> None:
+        # tqdm.write puts the line above the progress bar, if one is shown. The newline goes in the same write:
+        # shards launched together share one stdout, and a write between a line and its newline would join lines.
         tqdm.write(f"  [{done}/{total}] {result['run_id']}: accuracy {result['accuracy']:.3f} "
-                   f"({result['seconds']:.0f} s, {result['steps']} steps)", file=sys.stdout)  # fmt: skip
+                   f"({result['seconds']:.0f} s, {result['steps']} steps)\n", file=sys.stdout, end="")  # fmt: skip
 
     def first_interrupt() -> None:
         print("\nCtrl-C: stopping; each run still training checkpoints after its current step "
