@@ -1,6 +1,7 @@
 """Training: one loop for every task (loop.py), what it learns from (examples.py), the files a run folder
 holds (run_files.py), the label convention (labels.py) and accuracy at labelled positions (evaluate.py)."""
 
+from rebased.train.batches import labelled_positions
 from rebased.train.examples import Examples, ExampleTensors
 from rebased.train.labels import IGNORE_INDEX
 from rebased.train.loop import (
@@ -9,7 +10,6 @@ from rebased.train.loop import (
     TrainResult,
     batch_order,
     labelled_logits,
-    labelled_positions,
     lr_at,
     takes_select,
     total_steps,

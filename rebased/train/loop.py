@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rebased.model import select_positions
+from rebased.train.batches import GlobalBatch, MicroBatch, batch_source
 from rebased.train.examples import Examples, ExampleTensors
 from rebased.train.labels import IGNORE_INDEX
 from rebased.train.run_files import RunFiles, RunState
@@ -44,12 +45,6 @@ def labelled_logits(forward: Callable, inputs: Tensor, positions: Tensor, select
     """Logits [M, V] at M positions (a boolean mask [B, T] or flat indices b * T + t); a model without
     `select` computes all, then keeps those."""
     return forward(inputs, select=positions) if select else select_positions(forward(inputs), positions)
-
-
-def labelled_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """The flat indices b * T + t of the labelled positions of labels [B, T], and their labels, row-major."""
-    positions = (labels != IGNORE_INDEX).flatten().nonzero().squeeze(1)
-    return positions, labels.flatten()[positions]
 
 
 @dataclass(frozen=True)
@@ -200,6 +195,13 @@ def _check_data(train_data: Examples | tuple[Tensor, Tensor], config: TrainConfi
     return examples
 
 
+def micro_batch_slices(batch_size: int, env: _Dist, grad_accumulation: int) -> list[slice]:
+    """This rank's micro-batches: slices of a global batch, each rank's share split into grad_accumulation."""
+    share = batch_size // env.world
+    size = share // grad_accumulation
+    return [slice(env.rank * share + i * size, env.rank * share + (i + 1) * size) for i in range(grad_accumulation)]
+
+
 class _Engine:
     """The state of one call to train(): model, optimizer, data, and where the run is."""
 
@@ -211,6 +213,8 @@ class _Engine:
         self.files = RunFiles(run_dir, config)
         self.examples = _check_data(train_data, config, env.world)
         self.steps_per_epoch = len(self.examples) // config.batch_size
+        self.batches = batch_source(self.examples, env.device)
+        self.parts = micro_batch_slices(config.batch_size, env, config.grad_accumulation)
         self.model = model.to(env.device)
         self.select = takes_select(model)
         matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -236,39 +240,29 @@ class _Engine:
         if self.config.compile:
             self.forward = torch.compile(self.forward)
 
-    def labelled_loss(self, x: Tensor, positions: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy summed over the labelled positions (flat indices) of x."""
+    def labelled_loss(self, part: MicroBatch) -> Tensor:
+        """Cross-entropy summed over the labelled positions of a micro-batch."""
         with self.autocast():
-            logits = labelled_logits(self.forward, x, positions, self.select)  # [M, V]
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-    def micro_batch(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Inputs, labelled positions and their labels of these examples, on the device. The positions
-        are found on the host, where the labels live, and copied from pinned memory without blocking, so the
-        data path adds no host-device synchronisation (a boolean mask on the device made the host wait for
-        the GPU to count it; a pageable copy waits for the stream): the host can queue work ahead."""
-        positions, targets = labelled_positions(labels)
-        if self.env.device.type != "cuda":
-            return x, positions, targets
-        return tuple(t.pin_memory().to(self.env.device, non_blocking=True) for t in (x, positions, targets))
+            logits = labelled_logits(self.forward, part.inputs, part.positions, self.select)  # [M, V]
+        return F.cross_entropy(logits.float(), part.targets, reduction="sum", ignore_index=IGNORE_INDEX)
 
     def optimizer_step(self, indices: Tensor, lr: float) -> tuple[Tensor, Tensor]:
         """One step on a global batch of example indices; returns its mean loss over labelled positions and
-        whether the step was skipped (a non-finite loss or gradient norm), both on the device."""
-        env, device = self.env, self.env.device
-        inputs, labels = self.examples[indices]  # the whole global batch, on the host
-        count = max(1, int((labels != IGNORE_INDEX).sum()))  # over all ranks and micro-batches
-        rows = torch.arange(len(indices)).tensor_split(env.world)[env.rank]
-        micro = rows.tensor_split(self.config.grad_accumulation)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for i, part in enumerate(micro):
-            x, positions, targets = self.micro_batch(inputs[part], labels[part])
-            last = i == len(micro) - 1
+        whether the step was skipped (a non-finite loss or gradient norm), both on the device. Nothing on the
+        way makes the host wait for the GPU, so the host queues work ahead of it."""
+        return self.compute_step(self.batches.load(indices, self.parts), lr)
+
+    def compute_step(self, batch: GlobalBatch, lr: float | Tensor) -> tuple[Tensor, Tensor]:
+        """Forward, backward and update on a loaded batch."""
+        world = self.env.world
+        total = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for i, part in enumerate(batch.parts):
+            last = i == len(batch.parts) - 1
             with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                loss = self.labelled_loss(x, positions, targets) / count
-                (loss * env.world).backward()  # DDP averages gradients over ranks; the batch gradient is their sum
+                loss = self.labelled_loss(part) / batch.count
+                (loss * world).backward()  # DDP averages gradients over ranks; the batch gradient is their sum
             total += loss.detach()
-        if env.world > 1:
+        if world > 1:
             dist.all_reduce(total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
