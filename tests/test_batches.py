@@ -10,7 +10,7 @@ from rebased.model import LanguageModel
 from rebased.presets import tiny
 from rebased.testing import assert_close
 from rebased.train import ExampleTensors, TrainConfig, train
-from rebased.train.batches import HostBatches, LabelTableBatches, label_table, labelled_positions
+from rebased.train.batches import HostBatches, LabelTableBatches, label_table
 from rebased.train.labels import IGNORE_INDEX
 
 
