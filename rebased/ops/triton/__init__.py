@@ -14,7 +14,8 @@ Modules: chunk_states.py (per-chunk state sums, a scan over the chunk states, th
 kernels on the parallel kernel's tiles), fused_chunk.py (one program per (sequence, head) walks its chunks with
 the state in registers: small heads in numbers, as in the MQAR models), chunk_dispatch.py (which of the two a
 chunk call runs, and where mode="auto" prefers it to parallel), parallel.py, step.py (the decode step),
-layer_norm.py (LayerNorm + affine + cast in one pass, through rebased.ops.norm); the jit tiles they share
+layer_norm.py (LayerNorm + affine + cast in one pass, through rebased.ops.norm), cross_entropy.py (a chunk of
+logits' loss and softmax-minus-onehot gradient in one pass, for rebased.ops.cross_entropy); the jit tiles they share
 (tiles.py); what they take and refuse (inputs.py); the per-program tables over dense or packed sequences
 (sequences.py); how they are launched (launch.py: interpreter or compiled, dot precision, the step down to a
 launch that fits); the Triton versions they are trusted on (versions.py).
