@@ -1,20 +1,28 @@
-"""Milliseconds per optimizer step of the MQAR models (batch 512, the paper's settings) on a CUDA GPU, by op path.
+"""Milliseconds per optimizer step of the MQAR models (batch 512, the paper's settings) on a CUDA GPU, by op path
+and step variant.
 
-Times `rebased.train.train` itself after a 1-step warm-up that compiles the kernels: runs of 2 and of 8 steps,
-the difference over 6 steps, median of 3 such pairs. So the number includes everything a sweep pays per step:
-host-to-device copies, gradient accumulation, clipping, the fused AdamW; and the host's jitter, which at short
-L (a few ms a step) is of the order of a step. One line per (op path, cell); a cell that fails prints its
-error and the next one runs.
+Times `rebased.train.train` itself after a 1-step warm-up that compiles the kernels: runs of 5 and of 15 steps
+(within one epoch), the difference over 10 steps, median of 3 such pairs. So the number includes everything a
+sweep pays per step: the batch's gathers, gradient accumulation, clipping, the fused AdamW; and the host's
+jitter, which at short L (a few ms a step) is of the order of a step. A CUDA-graph run steps eagerly 3 times,
+captures the 4th step and replays from there, so the difference of the two runs is 10 replayed steps. One line
+per (op path, variant, cell); a cell that fails prints its error and the next one runs.
 
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton chunk-torch   # PATH: MODE-BACKEND
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --cells rebased:64:1024,based:64:2048
+    PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --variants logits,fused,graph
 
 The op path is set on every mixer that has one (the linear-attention mixers); softmax attention always runs
-SDPA. mqar_profile_gpu.py imports seconds_per_step from here.
+SDPA. REBASED_FUSED_CHUNK=1 in the environment opens the fused chunk kernels' route for chunk-triton.
+Variants (TrainConfig settings): logits = the head's logits, then F.cross_entropy; fused = the fused head and
+loss (the default); graph = fused, with the step captured as a CUDA graph; graph-logits = logits, graphed;
+-triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU).
+mqar_profile_gpu.py imports seconds_per_step from here.
 """
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import time
 
@@ -22,11 +30,21 @@ import torch
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
+from rebased.ops import cross_entropy
 from rebased.ops.norm import LayerNorm
 from rebased.tasks.mqar.grids import MQARRun, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
 
+# variant -> (TrainConfig settings, whether the fused loss's chunks take the Triton softmax kernel)
+VARIANTS = {
+    "logits": ({"fused_loss": False}, False),
+    "fused": ({"fused_loss": True}, False),
+    "fused-triton": ({"fused_loss": True}, True),
+    "graph": ({"fused_loss": True, "cuda_graph": True}, False),
+    "graph-triton": ({"fused_loss": True, "cuda_graph": True}, True),
+    "graph-logits": ({"fused_loss": False, "cuda_graph": True}, False),
+}
 CELLS = (
     "rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048,rebased:512:2048,based:64:2048,attention:64:2048"
 )
@@ -60,9 +78,16 @@ def with_norm_backend(model: LanguageModel, backend: str) -> LanguageModel:
 
 
 def seconds_per_step(
-    run: MQARRun, mode: str, backend: str, compile: bool = False, norm_backend: str | None = None, repeats: int = 3
+    run: MQARRun,
+    mode: str,
+    backend: str,
+    compile: bool = False,
+    norm_backend: str | None = None,
+    repeats: int = 3,
+    variant: str = "fused",
 ) -> float:
-    """The median over `repeats` of (time of 8 steps - time of 2 steps) / 6: what a step adds, without start-up."""
+    """The median over `repeats` of (time of 15 steps - time of 5 steps) / 10: what a step adds, without start-up
+    (run.train_examples must hold at least 15 batches: an epoch's end would add an evaluation)."""
     data = make_data(run)
 
     def timed(steps: int) -> float:
@@ -70,7 +95,9 @@ def seconds_per_step(
         model = with_op_path(build_model(run), mode, backend)
         if norm_backend is not None:
             model = with_norm_backend(model, norm_backend)
-        config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, compile=compile)
+        settings, cross_entropy.AUTO_TRITON_ON_GPU = VARIANTS[variant]
+        config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, compile=compile,
+                                     **settings)  # fmt: skip
         torch.cuda.synchronize()
         start = time.perf_counter()
         train(model, (data.train.inputs, data.train.labels), config, progress=False)
@@ -78,30 +105,32 @@ def seconds_per_step(
         return time.perf_counter() - start
 
     timed(1)  # warm-up: Triton compiles, cuDNN picks algorithms
-    return statistics.median((timed(8) - timed(2)) / 6 for _ in range(repeats))
+    return statistics.median((timed(15) - timed(5)) / 10 for _ in range(repeats))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="op paths MODE-BACKEND: auto-triton, chunk-torch, ...")
     parser.add_argument("--cells", default=CELLS, help=f"model:d_model:L,... (default {CELLS})")
+    parser.add_argument("--variants", default="fused", help=f"step variants, comma-separated: {', '.join(VARIANTS)}")
     args = parser.parse_args()
     print(versions(), flush=True)
-    for path in args.paths:
+    for path, variant in itertools.product(args.paths, args.variants.split(",")):
         mode, backend = path.split("-")
+        label = f"{path} {variant}"
         for model, d_model, seq_len in parse_cells(args.cells):
             if (mode, backend) == ("parallel", "torch") and seq_len > 512:
                 continue  # the T x T scores of a 128-example micro-batch at L 2048 take tens of GB
-            run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=8 * 512,
+            run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=16 * 512,
                           test_examples=512)  # fmt: skip
             try:
-                step = seconds_per_step(run, mode, backend)
+                step = seconds_per_step(run, mode, backend, variant=variant)
                 epoch = step * (100_000 // 512)
                 mem = torch.cuda.max_memory_allocated() / 2**30
-                print(f"{path:15s} {model:9s} d{d_model:<4d} L{seq_len:<5d} {step * 1e3:8.1f} ms/step "
+                print(f"{label:26s} {model:9s} d{d_model:<4d} L{seq_len:<5d} {step * 1e3:8.1f} ms/step "
                       f"{epoch:7.1f} s/epoch  peak {mem:5.1f} GiB", flush=True)  # fmt: skip
             except Exception as error:  # noqa: BLE001 - report and go on to the next cell
-                print(f"{path:15s} {model:9s} d{d_model:<4d} L{seq_len:<5d} FAILED {type(error).__name__}: "
+                print(f"{label:26s} {model:9s} d{d_model:<4d} L{seq_len:<5d} FAILED {type(error).__name__}: "
                       f"{str(error)[:150]}", flush=True)  # fmt: skip
             torch.cuda.reset_peak_memory_stats()
 

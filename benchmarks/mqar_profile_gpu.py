@@ -48,7 +48,7 @@ def main() -> None:
     print(versions(), flush=True)
     variants = [("torch", False), ("torch", False), ("triton", False)] + [("triton", True)] * (not args.no_compile)
     for model, d_model, seq_len in parse_cells(args.cells):
-        run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=8 * 512, test_examples=512)
+        run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=16 * 512, test_examples=512)
         for norm, compiled in variants:
             label = f"{model} d{d_model} L{seq_len} norm={norm} compile={compiled}"
             try:

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rebased.config import ModelConfig
 from rebased.mixers import make_mixer
+from rebased.ops.cross_entropy import linear_cross_entropy
 from rebased.ops.norm import LayerNorm
 
 
@@ -158,16 +159,23 @@ class LanguageModel(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         return self.lm_head(self.norm_f(x))
 
-    def forward(self, ids: Tensor, select: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, select: Tensor | None = None, targets: Tensor | None = None) -> Tensor:
         """ids [B, T] -> logits [B, T, V]; with select, logits [n_selected, V] only at the selected positions
         (MQAR labels a few positions: the head over the vocabulary dominates otherwise). select is a boolean
         mask [B, T] or the flat indices b * T + t of the positions (an index tensor: on the GPU a boolean
-        mask makes the host wait for the device to count its True entries, an index does not)."""
+        mask makes the host wait for the device to count its True entries, an index does not).
+
+        With targets (one label per selected position, or [B, T] without select; IGNORE_INDEX = -100 where
+        unscored): the cross-entropy summed over the scored positions, a 0-dim tensor, computed by
+        rebased.ops.linear_cross_entropy without ever holding the logits."""
         x = self._embed(ids, 0)
         recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
-        return self._logits(x if select is None else select_positions(x, select))
+        x = x if select is None else select_positions(x, select)
+        if targets is None:
+            return self._logits(x)
+        return linear_cross_entropy(self.norm_f(x).flatten(0, -2), self.lm_head.weight, targets.flatten())
 
     def prefill(self, ids: Tensor, last_only: bool = False) -> tuple[Tensor, ModelState]:
         """Logits [B, T, V] (last_only: [B, 1, V], which is all generation needs: at batch 64 and 64k tokens the

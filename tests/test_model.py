@@ -243,3 +243,26 @@ def test_model_code_never_imports_triton():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any("triton" in name for name in names), f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_loss_equals_cross_entropy_of_the_logits(tied):
+    """forward(ids, select=, targets=) is the summed cross-entropy of forward(ids, select=), with the same
+    gradients for every parameter (the tied head's from both its uses); float64, so any difference is a bug."""
+    torch.manual_seed(0)
+    model = LanguageModel(tiny("rebased", tie_embeddings=tied)).double()
+    ids = torch.randint(0, 256, (3, 12))
+    positions = torch.tensor([1, 5, 11, 14, 20, 30, 35])
+    targets = torch.tensor([3, 7, -100, 250, 0, 9, -100])
+    fused = model(ids, select=positions, targets=targets)
+    fused.backward()
+    fused_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = torch.nn.functional.cross_entropy(model(ids, select=positions), targets, reduction="sum")
+    plain.backward()
+    assert_close(fused, plain, rel_rms=1e-12, name="loss")
+    for (name, p), grad in zip(model.named_parameters(), fused_grads, strict=True):
+        assert_close(grad, p.grad, rel_rms=1e-10, atol=1e-15, name=name)
+    all_positions = model(ids, targets=ids)  # without select: targets [B, T]
+    expected = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten(), reduction="sum")
+    assert_close(all_positions, expected, rel_rms=1e-12, name="loss at every position")

@@ -4,6 +4,7 @@ stop, atomic checkpoints, SIGKILL-then-resume = uninterrupted (bitwise), torchru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -307,20 +308,58 @@ def test_positions_select_what_the_mask_selects():
     assert_close(model(ids)[mask], model(ids, select=positions), rel_rms=1e-6, name="logits")  # (matmul blocking)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_training_steps_never_wait_for_the_device(monkeypatch):
-    """After the first step (kernel compiles, cached tables), an optimizer step queues its work without any
-    host-device synchronisation, so the host runs ahead of the GPU (an MQAR ReBased model, bf16 autocast)."""
-    import dataclasses
+def test_cuda_graph_step_says_what_it_needs():
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        run(TrainConfig(epochs=1, cuda_graph=True, **QUICK))
 
+
+def mqar_gpu_run(**config_changes):
+    """A small MQAR ReBased training set-up on the GPU: (model, (inputs, labels), config)."""
     from rebased.tasks.mqar.grids import MQARRun
     from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 
+    run = MQARRun("rebased", 64, 128, 8, 1e-3, train_examples=512, test_examples=64, batch_size=64)
+    data = make_data(run)
+    config = dataclasses.replace(train_config(run), early_stop_metric=None, **config_changes)
+    torch.manual_seed(0)
+    return build_model(run), (data.train.inputs, data.train.labels), config
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graphed_step_trains_as_the_eager_one(tmp_path):
+    """Three eager warm-up steps, the capture, then replays: the weights after 8 steps match the eager run's (the
+    same kernels in the same order; bf16 autocast and the kernels' atomics leave rounding differences), and the
+    checkpoint holds the optimizer as the eager step keeps it, so a resumed run continues without the graph."""
+    from rebased.train.graphed import WARMUP_STEPS
+
+    model, data, config = mqar_gpu_run(max_steps=8)
+    graphed = copy.deepcopy(model)
+    train(model, data, config, progress=False)
+    result = train(graphed, data, dataclasses.replace(config, cuda_graph=True), tmp_path, progress=False)
+    assert result.steps == 8 > WARMUP_STEPS + 1
+    for (name, p), q in zip(graphed.state_dict().items(), model.state_dict().values()):
+        assert_close(p, q, rel_rms=2e-3, name=name)
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["optimizer"]["param_groups"]
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in saved)
+    longer = train(graphed, data, dataclasses.replace(config, max_steps=10), tmp_path, progress=False)
+    assert longer.steps == 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_gpu_training_steps_never_wait_for_the_device(monkeypatch, cuda_graph):
+    """After the first step (kernel compiles, cached tables), an optimizer step queues its work without any
+    host-device synchronisation, so the host runs ahead of the GPU (an MQAR ReBased model, bf16 autocast). A
+    graphed step waits once, to start its capture."""
+    from rebased.train.graphed import WARMUP_STEPS
+
     original, steps = train_module._Engine.optimizer_step, []
+    capture = WARMUP_STEPS if cuda_graph else None
 
     def checked(self, indices, lr):
-        torch.cuda.set_sync_debug_mode("error" if steps else "default")
+        torch.cuda.set_sync_debug_mode("error" if steps and len(steps) != capture else "default")
         try:
             return original(self, indices, lr)
         finally:
@@ -328,8 +367,23 @@ def test_gpu_training_steps_never_wait_for_the_device(monkeypatch):
             steps.append(lr)
 
     monkeypatch.setattr(train_module._Engine, "optimizer_step", checked)
-    run = MQARRun("rebased", 64, 128, 8, 1e-3, train_examples=256, test_examples=64, batch_size=64)
-    data = make_data(run)
-    config = dataclasses.replace(train_config(run), max_steps=3, early_stop_metric=None)
-    train(build_model(run), (data.train.inputs, data.train.labels), config, progress=False)
-    assert len(steps) == 3
+    model, data, config = mqar_gpu_run(max_steps=6, cuda_graph=cuda_graph)
+    train(model, data, config, progress=False)
+    assert len(steps) == 6
+
+
+def test_fused_loss_trains_as_the_logits_and_cross_entropy():
+    """TrainConfig.fused_loss (the model's head and loss in row chunks) against logits then F.cross_entropy:
+    the same weights after a few steps with accumulation."""
+    from rebased.model import LanguageModel
+    from rebased.presets import tiny
+
+    torch.manual_seed(0)
+    initial = LanguageModel(tiny("rebased"))
+    models = {fused: copy.deepcopy(initial) for fused in (True, False)}
+    for fused, model in models.items():
+        config = TrainConfig(epochs=1, max_steps=4, grad_accumulation=2, fused_loss=fused, **QUICK)
+        run(config, model=model, data=make_data())
+    for (name, p), q in zip(models[True].state_dict().items(), models[False].state_dict().values()):
+        assert_close(p, q, rel_rms=1e-5, name=name)
+    assert not torch.equal(models[True].lm_head.weight, initial.lm_head.weight)

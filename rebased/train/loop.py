@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from rebased.model import select_positions
 from rebased.train.batches import GlobalBatch, MicroBatch, batch_source
 from rebased.train.examples import Examples, ExampleTensors
+from rebased.train.graphed import GraphedStep, eager_optimizer_state
 from rebased.train.labels import IGNORE_INDEX
 from rebased.train.run_files import RunFiles, RunState
 
@@ -39,6 +40,11 @@ def takes_select(model: nn.Module) -> bool:
     """Whether model.forward(ids, select=positions) computes logits only at the given positions (flat indices
     b * T + t, as labelled_positions returns them)."""
     return "select" in inspect.signature(model.forward).parameters
+
+
+def takes_targets(model: nn.Module) -> bool:
+    """Whether model.forward(ids, select=positions, targets=labels) returns the summed cross-entropy itself."""
+    return "targets" in inspect.signature(model.forward).parameters
 
 
 def labelled_logits(forward: Callable, inputs: Tensor, positions: Tensor, select: bool) -> Tensor:
@@ -62,6 +68,10 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "fp32" | "bf16"
     compile: bool = False
+    cuda_graph: bool = False  # the optimizer step as one CUDA graph (rebased.train.graphed): CUDA, one process
+    # The model's fused head + cross-entropy (forward(..., targets=)) where it has one: the [M, V] logits are
+    # never held (rebased.ops.cross_entropy). False: logits, then F.cross_entropy.
+    fused_loss: bool = True
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     eval_every_steps: int = 0  # > 0: also evaluate every this many optimizer steps (long epochs: language models)
     log_every_steps: int = 0  # > 0: a metrics row of training loss every this many steps, between evaluations
@@ -217,6 +227,7 @@ class _Engine:
         self.parts = micro_batch_slices(config.batch_size, env, config.grad_accumulation)
         self.model = model.to(env.device)
         self.select = takes_select(model)
+        self.fused_loss = config.fused_loss and takes_targets(model)
         matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [g for g in ({"params": matrices}, {"params": others, "weight_decay": 0.0}) if g["params"]]
@@ -227,9 +238,24 @@ class _Engine:
         bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda")
         self.dtype = torch.bfloat16 if bf16 else None
         self.ddp = self.forward = None
+        self.graphed = self.graphed_step() if config.cuda_graph else None
+
+    def graphed_step(self) -> GraphedStep:
+        needs = [
+            (self.env.device.type == "cuda", f"a CUDA device (this run trains on {self.env.device})"),
+            (self.env.world == 1, "one process (not DDP)"),
+            (self.batches.fixed_shapes, "examples held in memory (ExampleTensors): the same shapes at every step"),
+        ]
+        for met, need in needs:
+            if not met:
+                raise ValueError(f"cuda_graph=True needs {need}")
+        return GraphedStep(self.compute_step, self.optimizer, self.env.device)
 
     def autocast(self):
-        return nullcontext() if self.dtype is None else torch.autocast(self.env.device.type, dtype=self.dtype)
+        if self.dtype is None:
+            return nullcontext()
+        # A captured step must cast the weights in every replay, not once into autocast's cache.
+        return torch.autocast(self.env.device.type, dtype=self.dtype, cache_enabled=self.graphed is None)
 
     def wrap(self) -> None:
         """DDP and compile come after restoring, so DDP's initial broadcast sends the restored weights."""
@@ -241,8 +267,11 @@ class _Engine:
             self.forward = torch.compile(self.forward)
 
     def labelled_loss(self, part: MicroBatch) -> Tensor:
-        """Cross-entropy summed over the labelled positions of a micro-batch."""
+        """Cross-entropy summed over the labelled positions of a micro-batch: by the model itself where it
+        can (the fused head and loss, never holding the [M, V] logits), else from its logits."""
         with self.autocast():
+            if self.fused_loss:
+                return self.forward(part.inputs, select=part.positions, targets=part.targets)
             logits = labelled_logits(self.forward, part.inputs, part.positions, self.select)  # [M, V]
         return F.cross_entropy(logits.float(), part.targets, reduction="sum", ignore_index=IGNORE_INDEX)
 
@@ -250,7 +279,8 @@ class _Engine:
         """One step on a global batch of example indices; returns its mean loss over labelled positions and
         whether the step was skipped (a non-finite loss or gradient norm), both on the device. Nothing on the
         way makes the host wait for the GPU, so the host queues work ahead of it."""
-        return self.compute_step(self.batches.load(indices, self.parts), lr)
+        batch = self.batches.load(indices, self.parts)
+        return self.compute_step(batch, lr) if self.graphed is None else self.graphed(batch, lr)
 
     def compute_step(self, batch: GlobalBatch, lr: float | Tensor) -> tuple[Tensor, Tensor]:
         """Forward, backward and update on a loaded batch."""
@@ -311,7 +341,7 @@ class _Engine:
             )
         rng = self.rng_states()  # a collective: every rank takes part, rank 0 writes
         if self.env.rank == 0:
-            self.files.save(self.model.state_dict(), self.optimizer.state_dict(), state, rng)
+            self.files.save(self.model.state_dict(), eager_optimizer_state(self.optimizer.state_dict()), state, rng)
 
     def restore(self) -> RunState:
         checkpoint = self.files.load(self.env.world)

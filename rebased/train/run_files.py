@@ -20,7 +20,8 @@ from torch import Tensor
 from rebased.files import atomic_write
 
 CHECKPOINT_FILE, METRICS_FILE, TRAIN_CONFIG_FILE = "checkpoint.pt", "metrics.jsonl", "train_config.json"
-MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every"}  # they do not change the numbers
+# They do not change the numbers (cuda_graph and fused_loss: the same computation, to rounding).
+MAY_CHANGE_ON_RESUME = {"device", "compile", "checkpoint_every", "cuda_graph", "fused_loss"}
 
 
 @dataclass

@@ -1,0 +1,20 @@
+#!/bin/bash
+# One device call for the MQAR training step: first the GPU tests of its parts (the graphed step against the
+# eager one and its sync-free replays, the fused head + loss, the Triton softmax-gradient kernel), then the
+# step's cost by variant (benchmarks/mqar_cost_gpu.py --variants): logits + F.cross_entropy (the loop before
+# the fused loss), the fused head + loss, and that captured as a CUDA graph. Writes $OUT/step_tests.log and
+# $OUT/mqar_step.log.
+#   bash benchmarks/step_gpu.sh                       # about 8 minutes on a fresh machine
+#   CELLS=rebased:64:2048 VARIANTS=fused,graph bash benchmarks/step_gpu.sh
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+{
+    echo "# bash benchmarks/step_gpu.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/step_tests.log"
+timeout "${TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
+    tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py 2>&1 | tee -a "$OUT/step_tests.log" | tail -8
+cells="${CELLS:-rebased:64:128,rebased:64:512,rebased:64:1024,rebased:64:2048,rebased:128:2048,based:64:2048}"
+timeout "${BENCH_S:-330}" python3 benchmarks/mqar_cost_gpu.py auto-triton --cells "$cells" \
+    --variants "${VARIANTS:-logits,fused,fused-triton,graph,graph-triton}" 2>&1 | tee "$OUT/mqar_step.log"
