@@ -246,9 +246,11 @@ def test_model_code_never_imports_triton():
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_fused_loss_equals_cross_entropy_of_the_logits(tied):
+@pytest.mark.parametrize("fused_from", [0, 2**40])  # the fused op, and the plain head below the threshold
+def test_fused_loss_equals_cross_entropy_of_the_logits(tied, fused_from, monkeypatch):
     """forward(ids, select=, targets=) is the summed cross-entropy of forward(ids, select=), with the same
     gradients for every parameter (the tied head's from both its uses); float64, so any difference is a bug."""
+    monkeypatch.setattr("rebased.model.FUSED_LOSS_MIN_LOGITS", fused_from)
     torch.manual_seed(0)
     model = LanguageModel(tiny("rebased", tie_embeddings=tied)).double()
     ids = torch.randint(0, 256, (3, 12))
