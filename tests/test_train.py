@@ -348,6 +348,29 @@ def test_gpu_graphed_step_trains_as_the_eager_one(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_step_that_cannot_be_captured_trains_on_eagerly(monkeypatch, caplog):
+    """A step that waits for the device (here: one extra synchronisation, which a capture refuses) fails its
+    capture; training goes on eagerly, with a warning, to the eager run's weights."""
+    model, data, config = mqar_gpu_run(max_steps=6)
+    graphed = copy.deepcopy(model)
+    train(model, data, config, progress=False)
+    original = train_module._Engine.compute_step
+
+    def waiting(self, batch, lr):
+        torch.cuda.synchronize()
+        return original(self, batch, lr)
+
+    monkeypatch.setattr(train_module._Engine, "compute_step", waiting)
+    with caplog.at_level("WARNING", logger="rebased.train.graphed"):
+        result = train(graphed, data, dataclasses.replace(config, cuda_graph=True), progress=False)
+    assert result.steps == 6
+    assert "could not be captured" in caplog.text
+    for (name, p), q in zip(graphed.state_dict().items(), model.state_dict().values()):
+        assert_close(p, q, rel_rms=2e-3, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_gpu_training_steps_never_wait_for_the_device(monkeypatch, cuda_graph):
     """After the first step (kernel compiles, cached tables), an optimizer step queues its work without any

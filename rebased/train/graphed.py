@@ -11,16 +11,21 @@ handles, Triton compiles and autotuning, the optimizer's moments) must happen ou
 training steps. The next step is captured once, on that step's batch tensors as the graph's inputs, and every
 step from then on copies its batch into those tensors, writes its learning rate into the device tensor the
 captured AdamW reads, and replays. Same kernels in the same order as the eager step, so the same training.
+A model whose step cannot be captured (a mixer that waits for the device, say) trains on eagerly, with a
+warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from rebased.train.batches import GlobalBatch
+
+log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's guidance for whole-network capture)
 
@@ -34,6 +39,7 @@ class GraphedStep:
                  warmup_steps: int = WARMUP_STEPS):  # fmt: skip
         self.step, self.optimizer, self.device = step, optimizer, device
         self.warmup_left = warmup_steps
+        self.failed = False  # the capture failed: every step eager (give_up)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: GlobalBatch | None = None
         self.outputs: tuple[Tensor, Tensor] | None = None
@@ -44,8 +50,14 @@ class GraphedStep:
         if self.warmup_left > 0:
             self.warmup_left -= 1
             return self.eager_on_side_stream(batch, lr)
+        if self.failed:
+            return self.eager_on_side_stream(batch, lr)
         if self.graph is None:
-            self.capture(batch)
+            try:
+                self.capture(batch)
+            except RuntimeError as error:  # a model whose step cannot be captured: train on without the graph
+                self.give_up(error)
+                return self.eager_on_side_stream(batch, lr)
         else:
             self.load(batch)
         self.lr.fill_(lr)
@@ -69,6 +81,15 @@ class GraphedStep:
         self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # waits for the device once, to start the capture from a quiet GPU
             self.outputs = self.step(self.inputs, self.lr)
+
+    def give_up(self, error: RuntimeError) -> None:
+        """After a failed capture, which ran nothing (a capture records kernels, it does not run them): the
+        optimizer as the eager step keeps it, and every later step eager."""
+        log.warning("the training step could not be captured as a CUDA graph, so it runs without one: %s", error)
+        self.failed, self.graph, self.inputs, self.outputs = True, None, None, None
+        for group in self.optimizer.param_groups:
+            group["capturable"] = False
+        self.optimizer.zero_grad(set_to_none=True)
 
     def load(self, batch: GlobalBatch) -> None:
         """Copies a batch into the captured one's tensors (same shapes: label-table batches)."""
