@@ -328,22 +328,24 @@ def mqar_gpu_run(**config_changes):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_graphed_step_trains_as_the_eager_one(tmp_path):
-    """Three eager warm-up steps, the capture, then replays: the weights after 8 steps match the eager run's (the
-    same kernels in the same order; bf16 autocast and the kernels' atomics leave rounding differences), and the
-    checkpoint holds the optimizer as the eager step keeps it, so a resumed run continues without the graph."""
+    """Three eager warm-up steps, the capture, then replays, stopped after 6 steps and resumed without the graph
+    to 8: the weights match the eager run's (the same kernels in the same order; bf16 autocast and the kernels'
+    atomics leave rounding differences), and the checkpoint holds the optimizer as the eager step keeps it."""
     from rebased.train.graphed import WARMUP_STEPS
 
     model, data, config = mqar_gpu_run(max_steps=8)
     graphed = copy.deepcopy(model)
     train(model, data, config, progress=False)
-    result = train(graphed, data, dataclasses.replace(config, cuda_graph=True), tmp_path, progress=False)
-    assert result.steps == 8 > WARMUP_STEPS + 1
-    for (name, p), q in zip(graphed.state_dict().items(), model.state_dict().values()):
-        assert_close(p, q, rel_rms=2e-3, name=name)
+    steps = iter(range(1, 100))
+    stopped = train(graphed, data, dataclasses.replace(config, cuda_graph=True), tmp_path, progress=False,
+                    stop_when=lambda: next(steps) >= 6)  # fmt: skip
+    assert not stopped.finished and stopped.steps == 6 > WARMUP_STEPS + 1
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["optimizer"]["param_groups"]
     assert all(isinstance(g["lr"], float) and not g["capturable"] for g in saved)
-    longer = train(graphed, data, dataclasses.replace(config, max_steps=10), tmp_path, progress=False)
-    assert longer.steps == 10
+    resumed = train(graphed, data, config, tmp_path, progress=False)
+    assert resumed.finished and resumed.steps == 8
+    for (name, p), q in zip(graphed.state_dict().items(), model.state_dict().values()):
+        assert_close(p, q, rel_rms=2e-3, name=name)
 
 
 @pytest.mark.gpu
