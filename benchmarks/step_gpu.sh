@@ -18,3 +18,5 @@ timeout "${TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra
 cells="${CELLS:-rebased:64:128,rebased:64:512,rebased:64:1024,rebased:64:2048,rebased:128:2048,based:64:2048}"
 timeout "${BENCH_S:-330}" python3 benchmarks/mqar_cost_gpu.py auto-triton --cells "$cells" \
     --variants "${VARIANTS:-logits,fused,fused-triton,graph,graph-triton}" 2>&1 | tee "$OUT/mqar_step.log"
+timeout "${LOSS_S:-120}" python3 benchmarks/loss_bench.py --device cuda --bf16 --variants plain,fused,fused-triton \
+    --cases 262144:8192:64,65536:8192:128,65536:50304:768 2>&1 | tee "$OUT/loss.md"
