@@ -2,8 +2,8 @@
 # One device call for the MQAR training step: first the GPU tests of its parts (the graphed step against the
 # eager one and its sync-free replays, the fused head + loss, the Triton softmax-gradient kernel), then the
 # step's cost by variant (benchmarks/mqar_cost_gpu.py --variants): logits + F.cross_entropy (the loop before
-# the fused loss), the fused head + loss, and that captured as a CUDA graph. Writes $OUT/step_tests.log and
-# $OUT/mqar_step.log.
+# the fused loss), the fused head + loss, and that captured as a CUDA graph; last the head + loss alone
+# (benchmarks/loss_bench.py). Writes $OUT/step_tests.log, $OUT/mqar_step.log and $OUT/loss.md.
 #   bash benchmarks/step_gpu.sh       # at most 9.5 minutes (TEST_S + BENCH_S + LOSS_S) after the machine starts
 #   CELLS=rebased:64:2048 VARIANTS=fused,graph bash benchmarks/step_gpu.sh
 cd "$(dirname "$0")/.." || exit 1
