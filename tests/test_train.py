@@ -413,3 +413,29 @@ def test_fused_loss_trains_as_the_logits_and_cross_entropy(monkeypatch):
     for (name, p), q in zip(models[True].state_dict().items(), models[False].state_dict().values()):
         assert_close(p, q, rel_rms=1e-5, name=name)
     assert not torch.equal(models[True].lm_head.weight, initial.lm_head.weight)
+
+
+def test_accuracy_by_slice_counts_labelled_positions_per_slice():
+    """Overall and per-slice accuracy and the mean loss, against the same computed over the whole set at once,
+    with batches that split the slices."""
+    from rebased.model import LanguageModel
+    from rebased.presets import tiny
+    from rebased.train.evaluate import accuracy_by_slice
+
+    torch.manual_seed(0)
+    model = LanguageModel(tiny("rebased"))
+    ids = torch.randint(0, 256, (10, 12))
+    logits = model(ids)
+    labels = torch.where(torch.rand(10, 12) < 0.4, logits.argmax(-1), torch.randint(0, 256, (10, 12)))
+    labels[torch.rand(10, 12) < 0.5] = -100
+    labels[3] = -100  # a row without labels
+    mask = labels != -100
+    right = (logits.argmax(-1) == labels) & mask
+    slices = {"first": (0, 4), "rest": (4, 10)}
+    metrics = accuracy_by_slice(model, ids, labels, slices, batch_size=3)
+    assert metrics["accuracy"] == pytest.approx(right.sum().item() / mask.sum().item())
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits[mask], labels[mask]).item(), rel=1e-5)
+    for name, (begin, end) in slices.items():
+        expected = right[begin:end].sum().item() / mask[begin:end].sum().item()
+        assert metrics[f"accuracy/{name}"] == pytest.approx(expected)
+    assert 0 < metrics["accuracy"] < 1

@@ -67,11 +67,13 @@ def label_table(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def to_device(tensors: tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, ...]:
-    """Copies to a GPU from pinned memory, without making the host wait for the work queued before them (a
-    copy from pageable memory does); elsewhere the tensors as they are."""
+    """The tensors on `device`. Host tensors go to a GPU from pinned memory, without making the host wait for
+    the work queued before them (a copy from pageable memory does)."""
     if device.type != "cuda":
-        return tensors
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+        return tuple(t.to(device) for t in tensors)
+    return tuple(
+        t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu" else t.to(device) for t in tensors
+    )
 
 
 class HostBatches:

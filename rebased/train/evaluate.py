@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rebased.train import labelled_logits, labelled_positions, takes_select
+from rebased.train.batches import labelled_positions, to_device
+from rebased.train.labels import IGNORE_INDEX
+from rebased.train.loop import labelled_logits, takes_select
 
 
 @torch.no_grad()
@@ -21,25 +23,26 @@ def accuracy_by_slice(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """{"accuracy": overall, "loss": mean cross-entropy, "accuracy/<slice>": ...} over labelled positions."""
+    """{"accuracy": overall, "loss": mean cross-entropy, "accuracy/<slice>": ...} over labelled positions.
+    The labelled positions are found where the labels are; the counts add up on the device, which the host
+    waits for once, at the end."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(len(inputs), dtype=torch.long)
-    counted = torch.zeros(len(inputs), dtype=torch.long)
-    loss_sum = 0.0
+    device = torch.device(device)
+    correct = torch.zeros(len(inputs), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     select = takes_select(model)
     for start in range(0, len(inputs), batch_size):
-        x = inputs[start : start + batch_size].to(device)
-        y = labels[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size]
         positions, target = labelled_positions(y)
+        x, positions, target = to_device((inputs[start : start + batch_size], positions, target), device)
         logits = labelled_logits(model, x, positions, select).float()
-        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        rows = (positions // y.shape[1]).cpu() + start
-        correct.index_add_(0, rows, (logits.argmax(-1) == target).long().cpu())
-        counted.index_add_(0, rows, torch.ones_like(rows))
+        loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum")
+        correct.index_add_(0, positions // y.shape[1] + start, (logits.argmax(-1) == target).long())
     model.train(was_training)
+    correct, counted = correct.cpu(), (labels != IGNORE_INDEX).sum(1).cpu()
     total = counted.sum().clamp_min(1).item()
-    metrics = {"accuracy": correct.sum().item() / total, "loss": loss_sum / total}
+    metrics = {"accuracy": correct.sum().item() / total, "loss": loss_sum.item() / total}
     for name, (begin, end) in (slices or {}).items():
         metrics[f"accuracy/{name}"] = correct[begin:end].sum().item() / max(counted[begin:end].sum().item(), 1)
     return metrics
