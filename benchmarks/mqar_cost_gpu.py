@@ -38,9 +38,9 @@ from rebased.train import train
 
 # variant -> (TrainConfig settings, whether the fused loss's chunks take the Triton softmax kernel)
 VARIANTS = {
-    "logits": ({"fused_loss": False}, False),
-    "fused": ({"fused_loss": True}, False),
-    "fused-triton": ({"fused_loss": True}, True),
+    "logits": ({"fused_loss": False, "cuda_graph": False}, False),
+    "fused": ({"fused_loss": True, "cuda_graph": False}, False),
+    "fused-triton": ({"fused_loss": True, "cuda_graph": False}, True),
     "graph": ({"fused_loss": True, "cuda_graph": True}, False),
     "graph-triton": ({"fused_loss": True, "cuda_graph": True}, True),
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, False),

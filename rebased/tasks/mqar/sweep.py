@@ -108,6 +108,11 @@ def make_data(run: MQARRun) -> MQARSplits:
     )  # fmt: skip
 
 
+# Whether sweeps on a GPU capture each training step as a CUDA graph (TrainConfig.cuda_graph): not until the
+# graphed step has passed its GPU tests and been timed against the eager one (benchmarks/step_gpu.sh).
+GRAPHED_STEPS_ON_GPU = False
+
+
 def train_config(run: MQARRun, device: str = "auto") -> TrainConfig:
     """The paper's recipe (docs/paper.md): AdamW, weight decay 0.1, cosine decay per epoch, no warmup, early
     stop above 0.99; gradient accumulation keeps a micro-batch within MICRO_BATCH_TOKENS."""
@@ -119,6 +124,7 @@ def train_config(run: MQARRun, device: str = "auto") -> TrainConfig:
         epochs=run.epochs, batch_size=run.batch_size, grad_accumulation=accumulation, lr=run.lr,
         weight_decay=0.1, schedule="cosine", schedule_unit="epoch", early_stop_metric="accuracy",
         early_stop_threshold=0.99, seed=run.seed, device=device,
+        cuda_graph=GRAPHED_STEPS_ON_GPU and resolve_device(device).type == "cuda",
     )  # fmt: skip
 
 
