@@ -10,7 +10,14 @@ from rebased.model import LanguageModel
 from rebased.presets import tiny
 from rebased.testing import assert_close
 from rebased.train import ExampleTensors, TrainConfig, train
-from rebased.train.batches import HostBatches, LabelTableBatches, label_table
+from rebased.train.batches import (
+    HostBatches,
+    LabelTableBatches,
+    batch_source,
+    label_table,
+    memory_of,
+    table_bytes,
+)
 from rebased.train.labels import IGNORE_INDEX
 
 
@@ -35,8 +42,8 @@ def test_label_table_lists_each_rows_labels_in_order_then_padding(monkeypatch, r
     for row in range(7):
         labelled = (labels[row] != IGNORE_INDEX).nonzero().squeeze(1)
         n = len(labelled)
-        assert torch.equal(positions[row, :n], labelled)
-        assert torch.equal(targets[row, :n], labels[row, labelled])
+        assert torch.equal(positions[row, :n].long(), labelled)
+        assert torch.equal(targets[row, :n].long(), labels[row, labelled])
         assert (positions[row, n:] == 0).all() and (targets[row, n:] == IGNORE_INDEX).all()
 
 
@@ -87,3 +94,14 @@ def test_training_through_either_source_gives_the_same_model():
     for (name, p), q in zip(by_table.state_dict().items(), by_host.state_dict().values()):
         assert_close(p, q, rel_rms=1e-5, name=name)
     assert not torch.equal(by_table.lm_head.weight, initial.lm_head.weight)
+
+
+def test_examples_beyond_the_memory_share_come_through_the_host(monkeypatch):
+    ids, labels = random_labels(12, 9)
+    examples = ExampleTensors(ids, labels)
+    assert isinstance(batch_source(examples, torch.device("cpu")), LabelTableBatches)
+    assert table_bytes(examples) == 12 * (4 * 9 + 8 * 9)  # row 1 is labelled everywhere
+    monkeypatch.setattr(
+        "rebased.train.batches.TABLE_MEMORY_SHARE", table_bytes(examples) / memory_of(torch.device("cpu")) / 2
+    )
+    assert isinstance(batch_source(examples, torch.device("cpu")), HostBatches)

@@ -11,7 +11,8 @@ the divisor that makes micro-batches and ranks add up to one big batch's mean.
 HostBatches takes any Examples (windows read from disk, say): each step gathers its rows on the host, finds the
 labelled positions there and copies the result from pinned memory without blocking.
 
-LabelTableBatches takes examples held in memory (ExampleTensors) and moves them to the device once. Each
+LabelTableBatches takes examples held in memory (ExampleTensors) that fit TABLE_MEMORY_SHARE of the device's
+memory and moves them there once. Each
 example's labelled positions are found once, at the start, and kept as a table [N, K] padded to the most labels
 K any example has (padding: position 0 with target IGNORE_INDEX, which the loss skips). A step is then a few
 gathers on the device: no host work that grows with the batch, and every step has the same shapes (n * K
@@ -20,6 +21,7 @@ positions), which is what capturing the step as a CUDA graph needs (rebased.trai
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -29,6 +31,9 @@ from rebased.train.examples import Examples, ExampleTensors
 from rebased.train.labels import IGNORE_INDEX
 
 TABLE_ROWS_PER_PASS = 8192  # label tables are built this many examples at a time: bounded temporaries
+# The most of the device's memory that examples moved there with their label table may take (token ids at 4
+# bytes, each label at 8: its position and target, int32); larger sets of examples come through the host.
+TABLE_MEMORY_SHARE = 0.25
 
 
 class MicroBatch(NamedTuple):
@@ -49,12 +54,13 @@ def labelled_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def label_table(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """labels [N, L] -> (positions [N, K], targets [N, K]): each example's labelled positions t in increasing
-    order and their labels, padded to K = the most labels of any example with position 0 and IGNORE_INDEX."""
+    """labels [N, L] -> (positions [N, K], targets [N, K]), int32: each example's labelled positions t in
+    increasing order and their labels, padded to K = the most labels of any example with position 0 and
+    IGNORE_INDEX."""
     counts = (labels != IGNORE_INDEX).sum(1)
     width = int(counts.max()) if len(labels) else 0
-    positions = torch.zeros(len(labels), width, dtype=torch.long)
-    targets = torch.full((len(labels), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(len(labels), width, dtype=torch.int32)
+    targets = torch.full((len(labels), width), IGNORE_INDEX, dtype=torch.int32)
     for start in range(0, len(labels), TABLE_ROWS_PER_PASS):
         block = labels[start : start + TABLE_ROWS_PER_PASS]
         unlabelled = (block == IGNORE_INDEX).to(torch.uint8)
@@ -114,13 +120,26 @@ class LabelTableBatches:
         for part in parts:
             chosen = rows[part]
             offsets = torch.arange(len(chosen), device=self.device)[:, None] * self.length
-            positions = (self.positions[chosen] + offsets).flatten()
-            micro.append(MicroBatch(self.inputs[chosen], positions, self.targets[chosen].flatten()))
+            positions = (self.positions[chosen].long() + offsets).flatten()
+            micro.append(MicroBatch(self.inputs[chosen], positions, self.targets[chosen].flatten().long()))
         return GlobalBatch(micro, count)
 
 
+def memory_of(device: torch.device) -> int:
+    """Bytes of memory the device has: a GPU's own, or the host's for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def table_bytes(examples: ExampleTensors) -> int:
+    """What LabelTableBatches puts on the device for these examples."""
+    labels = int((examples.labels != IGNORE_INDEX).sum(1).max()) if len(examples) else 0
+    return len(examples) * (4 * examples.inputs.shape[1] + 8 * labels)
+
+
 def batch_source(examples: Examples, device: torch.device) -> HostBatches | LabelTableBatches:
-    """The label table for examples in memory, the host path for the rest."""
-    if isinstance(examples, ExampleTensors):
+    """The label table for examples in memory that fit TABLE_MEMORY_SHARE of the device, the host for the rest."""
+    if isinstance(examples, ExampleTensors) and table_bytes(examples) <= TABLE_MEMORY_SHARE * memory_of(device):
         return LabelTableBatches(examples, device)
     return HostBatches(examples, device)
