@@ -244,7 +244,11 @@ class _Engine:
         needs = [
             (self.env.device.type == "cuda", f"a CUDA device (this run trains on {self.env.device})"),
             (self.env.world == 1, "one process (not DDP)"),
-            (self.batches.fixed_shapes, "examples held in memory (ExampleTensors): the same shapes at every step"),
+            (
+                self.batches.fixed_shapes,
+                "examples in memory that fit a quarter of the device's (ExampleTensors; "
+                "rebased.train.batches.TABLE_MEMORY_SHARE): the same shapes at every step",
+            ),
         ]
         for met, need in needs:
             if not met:
