@@ -392,3 +392,21 @@ def test_shift_conv_makes_the_first_layer_a_frozen_previous_token_shift(tmp_path
     with pytest.raises(ValueError, match="plain BaseConv"):
         build_model(dataclasses.replace(run, model="mamba"))
     assert {r.model for r in experiment("paper-similarity")} == {"rebased", "based", "attention"}
+
+
+def test_training_time_adds_up_runs_by_device_and_task_size():
+    from rebased.tasks.mqar.report import training_time
+
+    results = [
+        {"device": "cuda", "seq_len": 128, "d_model": 64, "seconds": 60.0, "steps": 600},
+        {"device": "cuda", "seq_len": 128, "d_model": 64, "seconds": 180.0, "steps": 1800},
+        {"device": "cuda", "seq_len": 512, "d_model": 64, "seconds": 3600.0, "steps": 36000},
+        {"device": "cpu", "seq_len": 128, "d_model": 64, "seconds": 36.0, "steps": 100},
+        {"seq_len": 128, "d_model": 64},  # a result without timings (written by an older version) is left out
+    ]
+    rows = training_time(results).splitlines()
+    assert "| cpu    | 128 | 64      | 1    | 100   | 0.6       | 360.0     | 0.01      |" in rows
+    assert "| cuda   | 128 | 64      | 2    | 2400  | 2.0       | 100.0     | 0.07      |" in rows
+    assert "| cuda   | 512 | 64      | 1    | 36000 | 60.0      | 100.0     | 1.00      |" in rows
+    assert rows[-1] == "4 runs, 1.08 run-hours in all."
+    assert training_time([]) == ""

@@ -305,7 +305,14 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
     from rebased.files import atomic_write
     from rebased.tasks.mqar.grids import display_name
     from rebased.tasks.mqar.paper_values import PAPER_VALUES
-    from rebased.tasks.mqar.report import paper_comparison, plot_summary, summarise, summary_caption, summary_markdown
+    from rebased.tasks.mqar.report import (
+        paper_comparison,
+        plot_summary,
+        summarise,
+        summary_caption,
+        summary_markdown,
+        training_time,
+    )
 
     cells = summarise(results, runs)
     table = summary_markdown(cells)
@@ -320,9 +327,16 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
         if comparison
         else ""
     )
+    timing = training_time(results)
+    spent = (
+        f"\nTraining time (each run's own wall time in training, evaluations included; runs trained side by side "
+        f"overlap):\n\n{timing}"
+        if timing
+        else ""
+    )
     summary = (
         f"# MQAR: {args.experiment}\n\nCommand: `{command}` ({state})\n\n{summary_caption(cells)} Models "
-        f"(command-line names): {models}.\n\n{table}\n{beside}"
+        f"(command-line names): {models}.\n\n{table}\n{beside}{spent}"
     )
     atomic_write(out / "summary.md", lambda handle: handle.write(summary.encode()))
     print(f"\n{table}")
