@@ -31,6 +31,7 @@ from rebased.train.batches import GlobalBatch, MicroBatch, batch_source
 from rebased.train.examples import Examples, ExampleTensors
 from rebased.train.graphed import GraphedStep, eager_optimizer_state
 from rebased.train.labels import IGNORE_INDEX
+from rebased.train.meter import Meter, RateWindows
 from rebased.train.run_files import RunFiles, RunState
 
 log = logging.getLogger(__name__)
@@ -96,23 +97,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-
-
-@dataclass(frozen=True)
-class Meter:
-    """What one optimizer step is worth, for the progress bar and the metrics: tokens/s, and model FLOPs
-    utilisation where the FLOPs of a step and the hardware's peak are known."""
-
-    tokens_per_step: int
-    flops_per_step: float = 0.0
-    peak_flops: float = 0.0  # the devices' peak FLOP/s, all ranks together; 0: MFU not shown
-
-    def rates(self, steps: int, seconds: float) -> dict[str, float]:
-        tokens_per_s = steps * self.tokens_per_step / max(seconds, 1e-9)
-        rates = {"tokens_per_s": tokens_per_s}
-        if self.flops_per_step and self.peak_flops:
-            rates["mfu"] = steps * self.flops_per_step / max(seconds, 1e-9) / self.peak_flops
-        return rates
 
 
 @dataclass
@@ -216,9 +200,9 @@ class _Engine:
     """The state of one call to train(): model, optimizer, data, and where the run is."""
 
     def __init__(self, model, train_data, config, run_dir, evaluate, progress, env: _Dist, stop_when, meter):
-        self.config, self.env, self.evaluate, self.progress, self.meter = config, env, evaluate, progress, meter
+        self.config, self.env, self.evaluate, self.progress = config, env, evaluate, progress
         self.stop_when = stop_when  # () -> bool, asked after every optimizer step; None: never
-        self.windows: dict[str, tuple[int, float]] = {}  # (step, time) where each rate measurement began
+        self.rates = RateWindows(meter)
         self.interrupted = False
         self.files = RunFiles(run_dir, config)
         self.examples = _check_data(train_data, config, env.world)
@@ -362,9 +346,9 @@ class _Engine:
         return state
 
     def record_evaluation(self, state: RunState, seconds: float) -> None:
-        rates = self.rates(state, "metrics")
+        rates = self.rates.read(state.step, "metrics")
         metrics = self.run_evaluation()
-        self.restart_rates(state)
+        self.rates.restart(state.step)
         entry = {**self.training_row(state, seconds), **rates, **metrics}
         state.history.append(entry)
         self.write_row(entry)
@@ -376,7 +360,7 @@ class _Engine:
 
     def record_training_loss(self, state: RunState, seconds: float) -> None:
         """A row without evaluation, so that a long run's loss curve has more points than its evaluations."""
-        entry = {**self.training_row(state, seconds), **self.rates(state, "metrics")}
+        entry = {**self.training_row(state, seconds), **self.rates.read(state.step, "metrics")}
         state.loss_rows.append(entry)
         self.write_row(entry)
 
@@ -413,7 +397,7 @@ class _Engine:
                 if self.diverged(state):
                     break
                 if self.progress:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", **self.rate_text(state),
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{state.lr:.2e}", **self.rates.text(state.step),
                                     refresh=False)  # fmt: skip
             if config.eval_every_steps and state.step % config.eval_every_steps == 0 and state.batch < steps:
                 self.record_evaluation(state, time.perf_counter() - start)
@@ -443,26 +427,6 @@ class _Engine:
 
     def loss_row_due(self, state: RunState) -> bool:
         return bool(self.config.log_every_steps) and state.step % self.config.log_every_steps == 0
-
-    def rates(self, state: RunState, window: str) -> dict[str, float]:
-        """tokens/s (and MFU) over the steps since this window's last reading."""
-        now = time.perf_counter()
-        step, began = self.windows.get(window, (state.step, now))
-        self.windows[window] = (state.step, now)
-        if self.meter is None or state.step == step:
-            return {}
-        return {name: round(value, 4) for name, value in self.meter.rates(state.step - step, now - began).items()}
-
-    def restart_rates(self, state: RunState) -> None:
-        """Evaluating is not training: the rates start again after it."""
-        self.windows = dict.fromkeys(("bar", "metrics"), (state.step, time.perf_counter()))
-
-    def rate_text(self, state: RunState) -> dict[str, str]:
-        rates = self.rates(state, "bar")
-        text = {"tok/s": f"{rates['tokens_per_s']:,.0f}"} if rates else {}
-        if "mfu" in rates:
-            text["mfu"] = f"{100 * rates['mfu']:.1f}%"
-        return text
 
     @staticmethod
     def count_step(state: RunState, loss: Tensor, skipped: Tensor) -> None:
@@ -521,7 +485,7 @@ class _Engine:
         hide = not self.progress or self.env.rank != 0
         bar = tqdm(total=total, initial=state.step, disable=hide, desc="train", unit="step", dynamic_ncols=True)
         start = time.perf_counter() - state.seconds
-        self.restart_rates(state)
+        self.rates.restart(state.step)
         self.model.train()
         while not state.done:
             self.run_epoch(state, bar, start)  # saves a checkpoint at every epoch end
