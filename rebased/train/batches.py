@@ -112,17 +112,24 @@ class LabelTableBatches:
         small = len(examples) == 0 or int(examples.inputs.max()) < 2**31
         inputs = examples.inputs.int() if small else examples.inputs
         self.inputs, self.positions, self.targets = (t.to(device) for t in (inputs, positions, targets))
+        self.row_starts: dict[int, Tensor] = {}  # micro-batch size -> [n, 1] flat index of each row's first token
 
     def load(self, indices: Tensor, parts: list[slice]) -> GlobalBatch:
         (rows,) = to_device((indices,), self.device)
-        count = (self.targets[rows] != IGNORE_INDEX).sum().clamp_min(1)  # on the device: no wait for it
+        targets = self.targets[rows].long()  # the whole global batch's: its count is the divisor
+        count = (targets != IGNORE_INDEX).sum().clamp_min(1)  # on the device: no wait for it
         micro = []
         for part in parts:
             chosen = rows[part]
-            offsets = torch.arange(len(chosen), device=self.device)[:, None] * self.length
-            positions = (self.positions[chosen].long() + offsets).flatten()
-            micro.append(MicroBatch(self.inputs[chosen], positions, self.targets[chosen].flatten().long()))
+            positions = (self.positions[chosen].long() + self.starts(len(chosen))).flatten()
+            micro.append(MicroBatch(self.inputs[chosen], positions, targets[part].flatten()))
         return GlobalBatch(micro, count)
+
+    def starts(self, rows: int) -> Tensor:
+        """b * L for b < rows, made once per micro-batch size rather than at every step."""
+        if rows not in self.row_starts:
+            self.row_starts[rows] = torch.arange(rows, device=self.device)[:, None] * self.length
+        return self.row_starts[rows]
 
 
 def memory_of(device: torch.device) -> int:
