@@ -3,8 +3,7 @@
 # float64, the table beside chunk-states, parallel, mode=auto and fla, the launch sweep). Output under $OUT.
 # fla travels as wheels in .whl/ (git-ignored): pip download --no-deps flash-linear-attention fla-core -d .whl
 cd "$(dirname "$0")/.." || exit 1
-# REBASED_FUSED_CHUNK=1: the mode=auto row takes the route this benchmark is there to decide on
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD REBASED_FUSED_CHUNK=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=$PWD:/tmp/site

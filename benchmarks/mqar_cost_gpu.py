@@ -13,7 +13,7 @@ per (op path, variant, cell); a cell that fails prints its error and the next on
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --variants logits,fused,graph
 
 The op path is set on every mixer that has one (the linear-attention mixers); softmax attention always runs
-SDPA. REBASED_FUSED_CHUNK=1 in the environment opens the fused chunk kernels' route for chunk-triton.
+SDPA.
 Variants (TrainConfig settings): logits = the head's logits, then F.cross_entropy; fused = the fused head and
 loss (the default); graph = fused, with the step captured as a CUDA graph; graph-logits = logits, graphed;
 -triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU).

@@ -201,18 +201,6 @@ def test_inference_without_final_state():
     assert_close(o, linear_attention_reference(q, k, v, kernel=kernel)[0], rel_rms=1e-2, name="o")
 
 
-def test_a_gpu_takes_the_fused_route_only_when_opted_in(monkeypatch):
-    """Until the GPU benchmark has measured them, CUDA tensors go to chunk-states unless REBASED_FUSED_CHUNK=1."""
-    monkeypatch.delenv("REBASED_FUSED_CHUNK", raising=False)
-    assert dispatch.fused_route_open(torch.device("cpu")) and not dispatch.fused_route_open(torch.device("cuda"))
-    monkeypatch.setenv("REBASED_FUSED_CHUNK", "1")
-    assert dispatch.fused_route_open(torch.device("cuda"))
-    q = torch.empty(512, 1, 12, 16)
-    assert dispatch.prefers_fused_chunk(q, q[..., :5], 512)
-    monkeypatch.setattr(dispatch, "fused_route_open", lambda device: False)
-    assert not dispatch.prefers_fused_chunk(q, q[..., :5], 512)
-
-
 def test_refuses_what_it_does_not_cover():
     options = dict(kernel=Polynomial.rebased(4), initial_state=None, output_final_state=False, normalize=True,
                    eps=1e-12, chunk_size=64)  # fmt: skip
@@ -311,11 +299,9 @@ def test_gpu_mqar_shape_against_float64(dtype, name, value_dim):
 
 @gpu
 @needs_cuda
-def test_gpu_mqar_batch_through_the_dispatcher_equals_the_parallel_kernel(monkeypatch):
-    """B 512, L 2048, 12 heads, q/k 16, v 5 in bf16, as an MQAR step runs it with the GPU route opened: mode="auto"
-    reaches the fused chunk kernels, whose output and gradients match the parallel kernel's (each is within 1% of
-    float64 on its own)."""
-    monkeypatch.setenv("REBASED_FUSED_CHUNK", "1")
+def test_gpu_mqar_batch_through_the_dispatcher_equals_the_parallel_kernel():
+    """B 512, L 2048, 12 heads, q/k 16, v 5 in bf16, as an MQAR step runs it: mode="auto" reaches the fused chunk
+    kernels, whose output and gradients match the parallel kernel's (each is within 1% of float64 on its own)."""
     generator = torch.Generator().manual_seed(512)
     kernel = KERNELS["rebased"](16)
     inputs = make_inputs((512, 2048, 12, 16), 5, generator, torch.bfloat16)

@@ -79,8 +79,16 @@ class GraphedStep:
             group["capturable"] = True  # AdamW refuses a capture otherwise; its step counts are on the device
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward writes the gradients, not adds to them
         self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # waits for the device once, to start the capture from a quiet GPU
-            self.outputs = self.step(self.inputs, self.lr)
+        generator = torch.cuda.default_generators[self.device.index or torch.cuda.current_device()]
+        before = generator.clone_state()
+        try:
+            with torch.cuda.graph(self.graph):  # waits for the device once, to start the capture from a quiet GPU
+                self.outputs = self.step(self.inputs, self.lr)
+        except RuntimeError:
+            # A capture that breaks off leaves the default generator in capture mode, and every later eager
+            # dropout then fails ("Offset increment outside graph capture"): put back its state from before.
+            generator.graphsafe_set_state(before)
+            raise
 
     def give_up(self, error: RuntimeError) -> None:
         """After a failed capture, which ran nothing (a capture records kernels, it does not run them): the

@@ -12,17 +12,15 @@ mode="auto" (rebased.ops.linear_attention) resolves to parallel up to PARALLEL_M
 measured against the chunk-states kernels; where the fused kernels take the call, the chunk form is chosen from
 AUTO_CHUNK_FROM_LENGTH on instead (prefers_chunk_mode).
 
-Not measured yet: the fused kernels have run only under the interpreter, so on a GPU the pair routes to them
-only when asked (REBASED_FUSED_CHUNK=1, or FUSED_ON_GPU set True once benchmarks/fused_chunk_gpu.sh has shown
-them correct and faster there). MIN_PROGRAMS_PER_SM and AUTO_CHUNK_FROM_LENGTH are estimates too (the fused
-kernels' work per token does not grow with T, the parallel kernel's does), to be set from that benchmark.
-fused_chunk_linear_attention can always be called directly.
+Measured on an H200 (benchmarks/fused_chunk_gpu.sh, benchmarks/results/h200_mqar/fused_chunk.md): at batch 512,
+12 heads, q/k 16, the fused kernels take forward+backward 1.0-5x faster than parallel and chunk-states from L 512
+(v 5 and 16), while parallel is ahead at L 256 (v 16) and chunk-states at batch 4, L 16k, v 5 (48 pairs): the
+two thresholds below put each of those shapes on its fastest route.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
@@ -34,16 +32,9 @@ from rebased.ops.triton.fused_chunk import fused_chunk_linear_attention, packed_
 
 FUSED_MAX_HEAD_DIM = 16  # the fused kernels take wider heads too (fused_chunk.refuse), but spill there
 FUSED_MAX_VALUE_DIM = 16
-MIN_PROGRAMS_PER_SM = 4  # (sequence, head) pairs per SM from which the fused kernels are chosen (an estimate)
-AUTO_CHUNK_FROM_LENGTH = 512  # mode="auto" takes the fused chunk kernels from this length (an estimate)
+MIN_PROGRAMS_PER_SM = 4  # (sequence, head) pairs per SM from which the fused kernels are chosen
+AUTO_CHUNK_FROM_LENGTH = 512  # mode="auto" takes the fused chunk kernels from this length
 DEFAULT_SMS = 132  # an H200's, for tensors not on a GPU (the interpreter)
-FUSED_ON_GPU = False  # the route on compiled kernels: off until the GPU benchmark has measured them
-
-
-def fused_route_open(device: torch.device) -> bool:
-    """The interpreter (CPU tensors) always routes, so CI tests the choice; a GPU only once opted in."""
-    return device.type != "cuda" or FUSED_ON_GPU or os.environ.get("REBASED_FUSED_CHUNK") == "1"
-
 
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
@@ -54,10 +45,10 @@ def _sm_count(device: torch.device) -> int:
 
 def prefers_fused_chunk(q: Tensor, v: Tensor, sequences: int) -> bool:
     """Whether the fused kernels take a chunk-mode call: small heads (FUSED_MAX_*), at least MIN_PROGRAMS_PER_SM
-    (sequence, head) pairs for each SM of q's device, and the route open on that device (fused_route_open)."""
+    (sequence, head) pairs for each SM of q's device."""
     small = q.shape[-1] <= FUSED_MAX_HEAD_DIM and v.shape[-1] <= FUSED_MAX_VALUE_DIM
     plenty = sequences * q.shape[2] >= MIN_PROGRAMS_PER_SM * _sm_count(q.device)
-    return small and plenty and fused_route_open(q.device)
+    return small and plenty
 
 
 def prefers_chunk_mode(q: Tensor, v: Tensor, sequences: int, length: int) -> bool:

@@ -50,9 +50,8 @@ Each pass computes r and dd itself from do, the fp32 o and den. The dkdv pass en
 gradient.
 
 Programs: one per (sequence, head), heads of a sequence side by side, longest sequences first; a dense batch is B
-sequences of T (sequences.py), so cu_seqlens costs nothing extra. Not measured on a GPU yet: GPU_LAUNCHES is a
-first guess from compiling for sm_90a (benchmarks/fused_chunk_gpu.py times candidates, each checked against
-float64). Shape letters: C chunk, BD padded q/k dim (16 or 32), BV padded value dim
+sequences of T (sequences.py), so cu_seqlens costs nothing extra. GPU_LAUNCHES says how each kernel is launched
+and where those choices were measured. Shape letters: C chunk, BD padded q/k dim (16 or 32), BV padded value dim
 (a power of two >= 8), BF = BD BV the square state's columns, BVK = max(16, BV) (a dot contracting over values
 needs K >= 16).
 """
@@ -435,12 +434,16 @@ class FusedLaunch:
                     num_warps=self.warps)  # fmt: skip
 
 
-# Per kernel on the GPU, for value dims up to 8 (BV 8: the MQAR models' 5) and wider (BV 16 and up). Not measured
-# yet: chosen from compiling for sm_90a (`benchmarks/fused_chunk_gpu.py --compile`): at BV 8 one warp on chunks of
-# 16 has the fewest instructions, shared-memory bytes and spills per token; at BV 16 two warps on 32 spill less.
-# To be replaced by the fastest set that passes the GPU tests (fused_chunk_gpu.py sweeps candidates at v 5, each
-# checked against float64).
-GPU_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16, warps=1))
+# Per kernel on the GPU, for value dims up to 8 (BV 8: the MQAR models' 5) and wider (BV 16 and up). Up to 8: the
+# fastest of the launches that fused_chunk_gpu.py sweeps on an H200 at B 512, L 2048, v 5, each within its error
+# budget against float64 (benchmarks/results/h200_mqar/fused_chunk.md: 7.7 ms forward+backward against 8.5 ms for
+# one warp on chunks of 16 throughout). Wider: two warps on chunks of 32, which spill least when compiled for
+# sm_90a (`fused_chunk_gpu.py --compile`); at v 16 it runs 1.6-2.4x ahead of fla's kernels as it is.
+GPU_LAUNCHES = {
+    "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
+    "dq": FusedLaunch(chunk=16, warps=1, stages=2),
+    "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
+}
 GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
 # Under the interpreter: chunks of 16, so tiny test shapes cross several chunks.
 INTERPRETER_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16))

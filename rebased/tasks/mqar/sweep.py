@@ -108,9 +108,10 @@ def make_data(run: MQARRun) -> MQARSplits:
     )  # fmt: skip
 
 
-# Whether sweeps on a GPU capture each training step as a CUDA graph (TrainConfig.cuda_graph): not until the
-# graphed step has passed its GPU tests and been timed against the eager one (benchmarks/step_gpu.sh).
-GRAPHED_STEPS_ON_GPU = False
+# Sweeps on a GPU capture each training step as a CUDA graph (TrainConfig.cuda_graph): on an H200 that took a
+# ReBased d 64 step at L 128 from 11.3 to 2.8 ms and at L 2048 from 89 to 68 ms (with the Triton loss:
+# benchmarks/results/h200_mqar/mqar_step.log), and the graphed step passes its GPU tests against the eager one.
+GRAPHED_STEPS_ON_GPU = True
 
 
 def train_config(run: MQARRun, device: str = "auto") -> TrainConfig:
