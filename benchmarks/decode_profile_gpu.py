@@ -78,8 +78,17 @@ def profile_case(kind: str, batch: int, context: int, steps: int) -> dict:
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
     top = sorted(by_name.items(), key=lambda item: -item[1])[:5]
-    return dict(kind=kind, batch=batch, context=context, wall_ms=wall_ms, kernels=len(kernels) / steps,
-                kernel_ms=kernel_ms, floor_gb=floor / 1e9, floor_ms=1e3 * floor / H200_BANDWIDTH, top=top)
+    return dict(
+        kind=kind,
+        batch=batch,
+        context=context,
+        wall_ms=wall_ms,
+        kernels=len(kernels) / steps,
+        kernel_ms=kernel_ms,
+        floor_gb=floor / 1e9,
+        floor_ms=1e3 * floor / H200_BANDWIDTH,
+        top=top,
+    )
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ MIN_PROGRAMS_PER_SM = 4  # (sequence, head) pairs per SM from which the fused ke
 AUTO_CHUNK_FROM_LENGTH = 512  # mode="auto" takes the fused chunk kernels from this length
 DEFAULT_SMS = 132  # an H200's, for tensors not on a GPU (the interpreter)
 
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
