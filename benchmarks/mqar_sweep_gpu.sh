@@ -1,0 +1,36 @@
+#!/bin/bash
+# One device call of an MQAR sweep that outlasts a call: resume from the committed results and the runs left in
+# flight by the last call, train for MINUTES, then send back the grown results.jsonl and the runs in flight now.
+#
+#   EXPERIMENT=paper-fig1 MINUTES=8 ARGS="--models rebased,based --lengths 512,1024,2048 --d-models 64,128" \
+#       bash benchmarks/mqar_sweep_gpu.sh          # carry .sweep (git-ignored); at most MINUTES + 1.5 minutes
+#
+# In: results/mqar/EXPERIMENT/results.jsonl (committed: the finished runs) and .sweep/EXPERIMENT/runs/ (each run
+# still training: its checkpoint, config and metrics). Out, under $OUT: results.jsonl (commit it over the one in
+# results/), sweep.log, and inflight.tgz.* (the runs in flight at the limit, in 15 MB parts). Unpack them for the
+# next call, in this session or a later one:
+#   rm -rf .sweep/EXPERIMENT && mkdir -p .sweep && cat OUT_DIR/inflight.tgz.* | tar xzf - -C .sweep
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+experiment=${EXPERIMENT:-paper-fig1}
+minutes=${MINUTES:-8}
+work=/tmp/sweep
+mkdir -p "$work/$experiment/runs"
+cp "results/mqar/$experiment/results.jsonl" "$work/$experiment/" 2>/dev/null
+if [ -d ".sweep/$experiment/runs" ]; then
+    cp -r ".sweep/$experiment/runs/." "$work/$experiment/runs/"
+fi
+# shellcheck disable=SC2086  # ARGS is a list of options
+timeout "$(awk "BEGIN {print int($minutes * 60 + 90)}")" python3 -c \
+    "import sys; from rebased.cli import main; sys.exit(main(sys.argv[1:]))" \
+    mqar "$experiment" ${ARGS} --out "$work/$experiment" --time-limit "$minutes" 2>&1 \
+    | tee "$OUT/sweep.log" | grep -v "it/s\]$"
+cp "$work/$experiment/results.jsonl" "$OUT/"
+# a run in flight has a checkpoint and no saved model (a finished run saves model.safetensors)
+(
+    cd "$work" || exit 1
+    for run in "$experiment"/runs/*/; do
+        [ -f "$run/checkpoint.pt" ] && [ ! -f "$run/model.safetensors" ] && echo "$run"
+    done
+) | tar czf - -C "$work" -T - | split -b 15m - "$OUT/inflight.tgz."
+ls -l "$OUT"
