@@ -5,7 +5,7 @@ Each (case, variant) runs in a fresh process, so the CPU's peak resident memory 
 (on a GPU: torch.cuda.max_memory_allocated). Time: the median of --repeats runs after one warm-up run.
 
     PYTHONPATH=. python benchmarks/loss_bench.py                                   # CPU, fp32
-    PYTHONPATH=. python benchmarks/loss_bench.py --device cuda --bf16 --variants plain,fused,fused-triton \\
+    PYTHONPATH=. python benchmarks/loss_bench.py --device cuda --bf16 --variants plain,fused-triton,fused-tiles \\
         --cases 262144:8192:64,65536:50304:768
 """
 
@@ -32,7 +32,8 @@ def measure(variant: str, rows: int, vocab: int, dim: int, device: str, bf16: bo
     hidden = torch.randn(rows, dim, generator=generator).to(device).requires_grad_(True)
     weight = (torch.randn(vocab, dim, generator=generator) * dim**-0.5).to(device).requires_grad_(True)
     targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)
-    cross_entropy.AUTO_TRITON_ON_GPU = variant == "fused-triton"
+    cross_entropy.AUTO_TRITON_ON_GPU = variant in ("fused-triton", "fused-tiles")
+    cross_entropy.TILED_MAX_DIM = 256 if variant == "fused-tiles" else 0
 
     def step() -> float:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
@@ -66,7 +67,9 @@ def measure(variant: str, rows: int, vocab: int, dim: int, device: str, bf16: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=CASES, help=f"rows:vocab:dim,... (default {CASES})")
-    parser.add_argument("--variants", default="plain,fused", help="plain, fused, fused-triton (GPU)")
+    parser.add_argument(
+        "--variants", default="plain,fused", help="plain, fused, fused-triton (row kernel, GPU), fused-tiles (GPU)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast, as training on a GPU runs")
     parser.add_argument("--repeats", type=int, default=3)

@@ -16,7 +16,8 @@ The op path is set on every mixer that has one (the linear-attention mixers); so
 SDPA.
 Variants (TrainConfig settings): logits = the head's logits, then F.cross_entropy; fused = the fused head and
 loss (the default); graph = fused, with the step captured as a CUDA graph; graph-logits = logits, graphed;
--triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU).
+-triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU);
+-tiles = the fused loss in the Triton tile kernels, no logits (rebased.ops.cross_entropy.TILED_MAX_DIM).
 mqar_profile_gpu.py imports seconds_per_step from here.
 """
 
@@ -36,15 +37,26 @@ from rebased.tasks.mqar.grids import MQARRun, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
 
-# variant -> (TrainConfig settings, whether the fused loss's chunks take the Triton softmax kernel)
+# variant -> (TrainConfig settings, what computes the fused loss: torch chunks, the Triton row kernel over chunks
+# of logits, or the Triton tile kernels without logits)
 VARIANTS = {
-    "logits": ({"fused_loss": False, "cuda_graph": False}, False),
-    "fused": ({"fused_loss": True, "cuda_graph": False}, False),
-    "fused-triton": ({"fused_loss": True, "cuda_graph": False}, True),
-    "graph": ({"fused_loss": True, "cuda_graph": True}, False),
-    "graph-triton": ({"fused_loss": True, "cuda_graph": True}, True),
-    "graph-logits": ({"fused_loss": False, "cuda_graph": True}, False),
+    "logits": ({"fused_loss": False, "cuda_graph": False}, "torch"),
+    "fused": ({"fused_loss": True, "cuda_graph": False}, "torch"),
+    "fused-triton": ({"fused_loss": True, "cuda_graph": False}, "rows"),
+    "fused-tiles": ({"fused_loss": True, "cuda_graph": False}, "tiles"),
+    "graph": ({"fused_loss": True, "cuda_graph": True}, "torch"),
+    "graph-triton": ({"fused_loss": True, "cuda_graph": True}, "rows"),
+    "graph-tiles": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
+    "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
 }
+
+
+def use_loss_kernel(kernel: str) -> None:
+    """rebased.ops.cross_entropy's switches set so that "auto" on CUDA takes `kernel` (torch, rows or tiles)."""
+    cross_entropy.AUTO_TRITON_ON_GPU = kernel != "torch"
+    cross_entropy.TILED_MAX_DIM = 256 if kernel == "tiles" else 0
+
+
 CELLS = (
     "rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048,rebased:512:2048,based:64:2048,attention:64:2048"
 )
@@ -95,7 +107,8 @@ def seconds_per_step(
         model = with_op_path(build_model(run), mode, backend)
         if norm_backend is not None:
             model = with_norm_backend(model, norm_backend)
-        settings, cross_entropy.AUTO_TRITON_ON_GPU = VARIANTS[variant]
+        settings, kernel = VARIANTS[variant]
+        use_loss_kernel(kernel)
         config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, compile=compile,
                                      **settings)  # fmt: skip
         torch.cuda.synchronize()

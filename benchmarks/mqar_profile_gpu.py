@@ -26,12 +26,12 @@ from mqar_cost_gpu import (  # noqa: E402
     VARIANTS,
     parse_cells,
     seconds_per_step,
+    use_loss_kernel,
     versions,
     with_norm_backend,
     with_op_path,
 )
 
-from rebased.ops import cross_entropy  # noqa: E402
 from rebased.tasks.mqar.grids import MQARRun, paper_pairs  # noqa: E402
 from rebased.tasks.mqar.sweep import build_model, make_data, train_config  # noqa: E402
 from rebased.train import train  # noqa: E402
@@ -43,7 +43,8 @@ def kernel_times(run: MQARRun, norm: str, variant: str, steps: int) -> dict[str,
     """GPU microseconds and calls per CUDA kernel name over a run of `steps` optimizer steps."""
     data = make_data(run)
     model = with_norm_backend(with_op_path(build_model(run), "auto", "triton"), norm)
-    settings, cross_entropy.AUTO_TRITON_ON_GPU = VARIANTS[variant]
+    settings, kernel = VARIANTS[variant]
+    use_loss_kernel(kernel)
     config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, **settings)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         train(model, (data.train.inputs, data.train.labels), config, progress=False)

@@ -1,10 +1,11 @@
 #!/bin/bash
 # One device call for the MQAR training step: first the GPU tests of its parts (the graphed step against the
-# eager one and its sync-free replays, the fused head + loss, the Triton softmax-gradient kernel), then the
-# step's cost by variant (benchmarks/mqar_cost_gpu.py --variants): logits + F.cross_entropy (the loop before
-# the fused loss), the fused head + loss, and that captured as a CUDA graph; last the head + loss alone
-# (benchmarks/loss_bench.py). Writes $OUT/step_tests.log, $OUT/mqar_step.log and $OUT/loss.md.
-#   bash benchmarks/step_gpu.sh       # at most 9.5 minutes (TEST_S + BENCH_S + LOSS_S) after the machine starts
+# eager one and its sync-free replays, the fused head + loss, the Triton softmax-gradient and head-loss tile
+# kernels), then the step's cost by variant (benchmarks/mqar_cost_gpu.py --variants: graph-triton, the graphed
+# step with the row kernel, against graph-tiles, with the tile kernels), the head + loss alone
+# (benchmarks/loss_bench.py), and the kernels of one graphed step at L 2048 (benchmarks/mqar_profile_gpu.py).
+# Writes $OUT/step_tests.log, $OUT/mqar_step.log, $OUT/loss.md and $OUT/mqar_profile.log.
+#   bash benchmarks/step_gpu.sh       # at most 9 minutes (TEST_S + BENCH_S + LOSS_S + PROFILE_S)
 #   CELLS=rebased:64:2048 VARIANTS=fused,graph bash benchmarks/step_gpu.sh
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -13,10 +14,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/step_tests.log"
-timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
-    tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py 2>&1 | tee -a "$OUT/step_tests.log" | tail -8
-cells="${CELLS:-rebased:64:128,rebased:64:512,rebased:64:2048,based:64:2048}"
-timeout "${BENCH_S:-280}" python3 benchmarks/mqar_cost_gpu.py auto-triton --cells "$cells" \
-    --variants "${VARIANTS:-logits,fused,graph,graph-triton}" 2>&1 | tee "$OUT/mqar_step.log"
-timeout "${LOSS_S:-90}" python3 benchmarks/loss_bench.py --device cuda --bf16 --variants plain,fused,fused-triton \
-    --cases 262144:8192:64,65536:8192:128,65536:50304:768 2>&1 | tee "$OUT/loss.md"
+timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
+    tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py tests/test_triton_head_loss.py 2>&1 | tee -a "$OUT/step_tests.log" | tail -8
+cells="${CELLS:-rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048}"
+timeout "${BENCH_S:-200}" python3 benchmarks/mqar_cost_gpu.py auto-triton --cells "$cells" \
+    --variants "${VARIANTS:-graph-triton,graph-tiles}" 2>&1 | tee "$OUT/mqar_step.log"
+timeout "${LOSS_S:-90}" python3 benchmarks/loss_bench.py --device cuda --bf16 --variants plain,fused-triton,fused-tiles \
+    --cases 262144:8192:64,262144:8192:128,65536:50304:768 2>&1 | tee "$OUT/loss.md"
+timeout "${PROFILE_S:-100}" python3 benchmarks/mqar_profile_gpu.py --cells rebased:64:2048 --kernels-only \
+    --variant "${PROFILE_VARIANT:-graph-tiles}" 2>&1 | tee "$OUT/mqar_profile.log"

@@ -22,8 +22,10 @@ chunk's loss and dlogits in one kernel from the matmul's logits (rebased/ops/tri
 math in fp32, dlogits written over the logits, in the matmul dtype, without the chunk's fp32 copies); "auto"
 takes triton for CUDA tensors when AUTO_TRITON_ON_GPU is set, triton is installed at a version the GPU tests
 passed on and the matmul dtype is not fp64, else torch. The matmuls and the dW sum are the same for both.
-Explicit backends never fall back: "triton" refuses fp64 and, outside TRITON_INTERPRET=1, CPU tensors
-(NotImplementedError).
+Where Triton computes the loss and the head is at most TILED_MAX_DIM wide, the tile kernels
+(rebased/ops/triton/head_loss.py) take the whole head instead: each tile of logits made in registers and
+dropped, nothing [M, V] in memory, no chunks. Explicit backends never fall back: "triton" refuses fp64 and,
+outside TRITON_INTERPRET=1, CPU tensors (NotImplementedError).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ CROSS_ENTROPY_BACKENDS = ("torch", "triton", "auto")
 # (tests/test_triton_cross_entropy.py -m gpu, run by benchmarks/step_gpu.sh) and ran the fused loss 2-4x faster
 # than the torch chunks there (benchmarks/results/h200_mqar/loss.md), and faster than the unfused logits too.
 AUTO_TRITON_ON_GPU = True
+# Heads up to this wide take the Triton tile kernels (rebased/ops/triton/head_loss.py: no logits in memory) where
+# Triton computes the loss; wider ones the row kernel over chunks of logits. 0 until the tile kernels have been
+# timed against the row kernel on a GPU (benchmarks/loss_bench.py --variants fused-triton,fused-tiles).
+TILED_MAX_DIM = 0
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -69,17 +75,25 @@ def linear_cross_entropy(
     _validate(hidden, weight, targets, ignore_index, chunk_rows)
     chunk_rows = default_chunk_rows(weight.shape[0]) if chunk_rows is None else chunk_rows
     matmul_dtype = _matmul_dtype(hidden, weight)
-    fused = _fused(backend, hidden, matmul_dtype)
+    kernel = _kernel(backend, hidden, matmul_dtype)
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if grads:
-        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, fused)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, kernel)
     with torch.autocast(hidden.device.type, enabled=False):
-        loss, _, _ = _chunked(hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, False, False, fused)
+        loss, _, _ = _head_loss(hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, False, False, kernel)
     return loss
 
 
-def _fused(backend: str, hidden: Tensor, matmul_dtype: torch.dtype) -> bool:
-    """Whether the chunks' softmax runs in the Triton kernel (backend resolved; see the module docstring)."""
+def _kernel(backend: str, hidden: Tensor, matmul_dtype: torch.dtype) -> str:
+    """What computes the loss (backend resolved; see the module docstring): "torch" (chunks of logits, softmax in
+    torch ops), "rows" (chunks of logits, softmax in the Triton row kernel) or "tiles" (the Triton tile kernels,
+    no logits: heads up to TILED_MAX_DIM wide)."""
+    if not _takes_triton(backend, hidden, matmul_dtype):
+        return "torch"
+    return "tiles" if hidden.shape[1] <= TILED_MAX_DIM else "rows"
+
+
+def _takes_triton(backend: str, hidden: Tensor, matmul_dtype: torch.dtype) -> bool:
     if backend == "torch":
         return False
     from rebased.ops import auto_picks_triton, require_triton  # (imports triton only when asked for)
@@ -98,13 +112,13 @@ def _fused(backend: str, hidden: Tensor, matmul_dtype: torch.dtype) -> bool:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, fused):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, kernel):
         need_dh, need_dw = ctx.needs_input_grad[:2]
         # _chunked casts to matmul_dtype (autocast's choice, made by the caller) itself: autocast left on would
         # only cast operands a second time, and each cast is a copy
         with torch.autocast(hidden.device.type, enabled=False):
-            loss, dh, dw = _chunked(
-                hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, need_dh, need_dw, fused
+            loss, dh, dw = _head_loss(
+                hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, need_dh, need_dw, kernel
             )
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = hidden.dtype, weight.dtype
@@ -125,12 +139,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _chunked(hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, need_dh, need_dw, fused=False):
-    """(loss, dh or None, dW or None): the loss summed over chunks of rows, and each chunk's gradients.
-    fused: each chunk's loss and dlogits from the Triton kernel (written over the chunk's logits), else torch."""
-    rows, softmax_dtype = hidden.shape[0], compute_dtype(matmul_dtype)
+def _head_loss(hidden, weight, targets, ignore_index, chunk_rows, matmul_dtype, need_dh, need_dw, kernel):
+    """(loss, dh or None, dW or None): dh in the matmul dtype, loss and dW in its softmax dtype."""
     h, w = hidden.to(matmul_dtype), weight.to(matmul_dtype)  # once, as autocast casts the whole operands
-    loss = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
+    if kernel == "tiles":
+        from rebased.ops.triton.head_loss import head_loss_tiles
+
+        return head_loss_tiles(h, w, targets, ignore_index, need_dh=need_dh, need_dw=need_dw)
+    return _chunked(h, w, targets, ignore_index, chunk_rows, need_dh, need_dw, fused=kernel == "rows")
+
+
+def _chunked(h, w, targets, ignore_index, chunk_rows, need_dh, need_dw, fused):
+    """The loss summed over chunks of rows, and each chunk's gradients (h and w in the matmul dtype).
+    fused: each chunk's loss and dlogits from the Triton kernel (written over the chunk's logits), else torch."""
+    rows, matmul_dtype = h.shape[0], h.dtype
+    softmax_dtype = compute_dtype(matmul_dtype)
+    loss = torch.zeros((), dtype=softmax_dtype, device=h.device)
     dh = torch.empty_like(h) if need_dh else None
     dw = torch.zeros(w.shape, dtype=softmax_dtype, device=w.device) if need_dw else None
     if fused:
