@@ -77,7 +77,11 @@ def profile_case(kind: str, batch: int, context: int, steps: int) -> dict:
     by_name: dict[str, float] = {}
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
-    top = sorted(by_name.items(), key=lambda item: -item[1])[:5]
+    counts: dict[str, int] = {}
+    for e in kernels:
+        counts[e.name] = counts.get(e.name, 0) + 1
+    every = [(name, ms, counts[name] / steps) for name, ms in sorted(by_name.items(), key=lambda item: -item[1])]
+    top = [(name, ms) for name, ms, _ in every[:5]]
     return dict(
         kind=kind,
         batch=batch,
@@ -88,6 +92,7 @@ def profile_case(kind: str, batch: int, context: int, steps: int) -> dict:
         floor_gb=floor / 1e9,
         floor_ms=1e3 * floor / H200_BANDWIDTH,
         top=top,
+        every=every,
     )
 
 
@@ -97,6 +102,7 @@ def main() -> None:
                                            "attention:64:16384")  # fmt: skip
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--all-kernels", action="store_true", help="every kernel of a step, per case, by GPU time")
     args = parser.parse_args()
     lines = [
         "| model | batch | context | step ms (graph) | kernels per step | kernels' GPU ms | bytes read at least | "
@@ -111,6 +117,9 @@ def main() -> None:
                      f"{row['kernel_ms']:.3f} | {row['floor_gb']:.2f} GB | {row['floor_ms']:.3f} | "
                      f"{row['wall_ms'] / row['floor_ms']:.1f} |")  # fmt: skip
         tops.append(f"- {case}: " + "; ".join(f"{name[:70]} {ms:.3f} ms" for name, ms in row["top"]))
+        if args.all_kernels:
+            tops += ["", f"  | {case}: kernel | calls per step | GPU ms per step |", "  | --- | --- | --- |"]
+            tops += [f"  | {name[:100]} | {calls:.1f} | {ms:.4f} |" for name, ms, calls in row["every"]] + [""]
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()
     text = "\n".join([f"{torch.cuda.get_device_name()}; torch {torch.__version__}", "", *lines, "",
