@@ -95,7 +95,7 @@ def paper_comparison(cells: Sequence[CellSummary], paper: dict[tuple[str, int], 
             rows.append(row)
     if not rows:
         return ""
-    return markdown_table(["model", "L", "d_model", "ours", "paper", "ours - paper", ""], rows)
+    return markdown_table(["model", "L", "d_model", "ours", "paper", "ours - paper", "note"], rows)
 
 
 def training_time(results: Sequence[dict]) -> str:
