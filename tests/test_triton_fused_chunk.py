@@ -234,7 +234,7 @@ def spy_on_the_pair(monkeypatch):
 def test_chunk_pair_runs_fused_kernels_for_many_small_heads(sms, value_dim, fused_expected, monkeypatch):
     """("chunk", "triton") takes the fused kernels where heads are small and (sequence, head) pairs fill the GPU
     (MIN_PROGRAMS_PER_SM = 4 per SM: 4 pairs here), chunk-states otherwise."""
-    monkeypatch.setattr(dispatch, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: sms)
     calls = spy_on_the_pair(monkeypatch)
     generator = torch.Generator().manual_seed(sms + value_dim)
     kernel = KERNELS["rebased"](4)
@@ -248,7 +248,7 @@ def test_chunk_pair_runs_fused_kernels_for_many_small_heads(sms, value_dim, fuse
 
 
 def test_packed_chunk_pair_counts_the_packed_sequences(monkeypatch):
-    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: 1)
     calls = spy_on_the_pair(monkeypatch)
     q = k = torch.zeros(1, 6, 2, 4, device=DEVICE)
     v = torch.zeros(1, 6, 2, 5, device=DEVICE)
@@ -265,7 +265,7 @@ def test_auto_mode_prefers_the_fused_chunk_kernels_from_a_length(length, heads, 
     """mode="auto" on the compiled backend: chunk from AUTO_CHUNK_FROM_LENGTH where the fused kernels take the call,
     else the parallel crossover (4096) as before. (CUDA-only in use: the decision is checked on its own here.)"""
     monkeypatch.setattr(ops, "_runs_fused", lambda q, backend: True)
-    monkeypatch.setattr(dispatch, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(dispatch, "sm_count", lambda device: 1)
     q = torch.empty(1, length, heads, 16)
     v = torch.empty(1, length, heads, 5)
     mode = ops.pick_mode(q, "triton", None)

@@ -26,6 +26,7 @@ if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 from rebased.ops.triton import head_loss  # noqa: E402
 from rebased.ops.triton.head_loss import TileLaunch, head_loss_tiles, row_splits  # noqa: E402
+from rebased.ops.triton.launch import DEFAULT_SMS  # noqa: E402
 
 IGNORE = -100
 
@@ -129,7 +130,7 @@ def test_row_splits_cover_every_row_once(rows, vocab):
     assert split_rows % launch.rows == 0 and splits >= 1
     assert (splits - 1) * split_rows < rows <= splits * split_rows  # none empty, all covered
     if rows >= 262_144 and vocab == 8192:  # MQAR at L 2048: 64 class tiles, split until ~4 programs an SM
-        assert splits * 64 >= head_loss.PROGRAMS_PER_SM * head_loss.DEFAULT_SMS
+        assert splits * 64 >= head_loss.PROGRAMS_PER_SM * DEFAULT_SMS
 
 
 @pytest.mark.parametrize("autocast", [None, *HALF], ids=str)

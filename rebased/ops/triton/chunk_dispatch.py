@@ -20,35 +20,25 @@ two thresholds below put each of those shapes on its fastest route.
 
 from __future__ import annotations
 
-import functools
-
-import torch
 from torch import Tensor
 
 from rebased.ops.common import LinearAttentionState
 from rebased.ops.kernels import Polynomial
 from rebased.ops.triton.chunk_states import chunk_states_linear_attention, packed_chunk_states_linear_attention
 from rebased.ops.triton.fused_chunk import fused_chunk_linear_attention, packed_fused_chunk_linear_attention
+from rebased.ops.triton.launch import sm_count
 
 FUSED_MAX_HEAD_DIM = 16  # the fused kernels take wider heads too (fused_chunk.refuse), but spill there
 FUSED_MAX_VALUE_DIM = 16
 MIN_PROGRAMS_PER_SM = 4  # (sequence, head) pairs per SM from which the fused kernels are chosen
 AUTO_CHUNK_FROM_LENGTH = 512  # mode="auto" takes the fused chunk kernels from this length
-DEFAULT_SMS = 132  # an H200's, for tensors not on a GPU (the interpreter)
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def prefers_fused_chunk(q: Tensor, v: Tensor, sequences: int) -> bool:
     """Whether the fused kernels take a chunk-mode call: small heads (FUSED_MAX_*), at least MIN_PROGRAMS_PER_SM
     (sequence, head) pairs for each SM of q's device."""
     small = q.shape[-1] <= FUSED_MAX_HEAD_DIM and v.shape[-1] <= FUSED_MAX_VALUE_DIM
-    plenty = sequences * q.shape[2] >= MIN_PROGRAMS_PER_SM * _sm_count(q.device)
+    plenty = sequences * q.shape[2] >= MIN_PROGRAMS_PER_SM * sm_count(q.device)
     return small and plenty
 
 

@@ -44,13 +44,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rebased.ops.triton.launch import dot_precision, interpreting
+from rebased.ops.triton.launch import dot_precision, interpreting, sm_count
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TILED_FP32_DOTS = "ieee"  # fp32 inputs: exact fp32 dots (the float64-checked tests run fp32)
 MAX_DIM = 256
 PROGRAMS_PER_SM = 4  # the columns kernel splits the rows until it has about this many programs per SM
-DEFAULT_SMS = 132  # an H200's, for tensors not on a GPU (the interpreter)
 
 
 @dataclass(frozen=True)
@@ -152,9 +151,8 @@ def launches(dim: int) -> dict[str, TileLaunch]:
 def row_splits(rows: int, vocab: int, launch: TileLaunch, device: torch.device) -> tuple[int, int]:
     """(splits, rows per split) for the columns kernel: enough programs for PROGRAMS_PER_SM on each SM, each
     split a whole number of BM-row tiles, no split empty."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
     tiles = triton.cdiv(rows, launch.rows)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, triton.cdiv(vocab, launch.cols))
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), triton.cdiv(vocab, launch.cols))
     per_split = triton.cdiv(tiles, max(1, min(tiles, wanted)))
     return triton.cdiv(tiles, per_split), per_split * launch.rows
 

@@ -3,6 +3,7 @@ smaller launch where a compiled kernel needs more shared memory than the GPU has
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
@@ -14,6 +15,18 @@ from triton.runtime.errors import OutOfResources
 def interpreting() -> bool:
     """Whether TRITON_INTERPRET=1 runs the kernels as Python on CPU tensors (fixed small launches, no compile)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+DEFAULT_SMS = 132  # an H200's, for tensors not on a GPU (the interpreter)
+
+
+@functools.lru_cache(maxsize=8)
+def sm_count(device: torch.device) -> int:
+    """The streaming multiprocessors of device (DEFAULT_SMS for a CPU tensor): what launch sizes are counted
+    against, so that a grid fills the GPU."""
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def dot_precision(dtype: torch.dtype, fp32: str) -> str:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from rebased.ops.triton.launch import interpreting
+from rebased.ops.triton.launch import interpreting, sm_count
 
 MAX_FEATURES = 8192  # one row per tile register block; wider rows go to torch
 
@@ -98,7 +98,7 @@ def _blocks(features: int) -> tuple[int, int]:
 def _backward_programs(row_blocks: int, device: torch.device) -> int:
     if interpreting():
         return min(row_blocks, 3)
-    return min(row_blocks, 8 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(row_blocks, 8 * sm_count(device))
 
 
 class LayerNormFunction(torch.autograd.Function):
