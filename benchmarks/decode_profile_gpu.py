@@ -26,29 +26,11 @@ from rebased.tasks.lm.train import lm_config
 H200_BANDWIDTH = 4.8e12  # bytes/s, the H200's HBM3e peak
 
 
-def state_bytes(decoder: StaticDecoder) -> int:
-    total = 0
-    for layer in decoder.states:
-        stack = [layer]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, torch.Tensor):
-                total += item.numel() * item.element_size()
-            elif isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-            elif hasattr(item, "__dataclass_fields__"):
-                stack.extend(getattr(item, name) for name in item.__dataclass_fields__)
-    return total
-
-
-def read_floor_bytes(model: LanguageModel, decoder: StaticDecoder, kind: str, context: int) -> int:
+def read_floor_bytes(model: LanguageModel, batch: int, context: int) -> int:
+    """What a step must read at least: the weights, and the generation state after `context` tokens (the
+    fixed-size states; attention's cache up to the context)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    states = state_bytes(decoder)
-    if kind == "attention":  # the cache is allocated to capacity; a step reads it up to the context
-        states = states * context // decoder.capacity
-    return weights + states
+    return weights + model.state_size(context, batch).bytes
 
 
 @torch.inference_mode()
@@ -73,7 +55,7 @@ def profile_case(kind: str, batch: int, context: int, steps: int) -> dict:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernel_ms = sum(e.device_time for e in kernels) / 1e3 / steps
-    floor = read_floor_bytes(model, decoder, kind, context)
+    floor = read_floor_bytes(model, batch, context)
     by_name: dict[str, float] = {}
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
