@@ -79,7 +79,8 @@ class GraphedStep:
             group["capturable"] = True  # AdamW refuses a capture otherwise; its step counts are on the device
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward writes the gradients, not adds to them
         self.inputs, self.graph = batch, torch.cuda.CUDAGraph()
-        generator = torch.cuda.default_generators[self.device.index or torch.cuda.current_device()]
+        index = torch.cuda.current_device() if self.device.index is None else self.device.index
+        generator = torch.cuda.default_generators[index]
         before = generator.clone_state()
         try:
             with torch.cuda.graph(self.graph):  # waits for the device once, to start the capture from a quiet GPU
