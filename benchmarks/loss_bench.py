@@ -23,6 +23,15 @@ import torch.nn.functional as F
 CASES = "16384:8192:64,65536:8192:64,4096:50304:768"  # rows:vocab:dim (MQAR at L 512: 65,536 rows of 8,192)
 
 
+def use_loss_kernel(kernel: str) -> None:
+    """rebased.ops.cross_entropy's switches set so that "auto" on CUDA takes `kernel`: "torch" (chunks of logits,
+    softmax in torch ops), "rows" (the Triton row kernel over chunks of logits) or "tiles" (the tile kernels)."""
+    from rebased.ops import cross_entropy
+
+    cross_entropy.AUTO_TRITON_ON_GPU = kernel != "torch"
+    cross_entropy.TILED_MAX_DIM = 256 if kernel == "tiles" else 0
+
+
 def measure(variant: str, rows: int, vocab: int, dim: int, device: str, bf16: bool, repeats: int) -> dict:
     """One variant in this process: seconds per forward+backward and the peak memory above the inputs."""
     from rebased.ops import cross_entropy
@@ -32,8 +41,7 @@ def measure(variant: str, rows: int, vocab: int, dim: int, device: str, bf16: bo
     hidden = torch.randn(rows, dim, generator=generator).to(device).requires_grad_(True)
     weight = (torch.randn(vocab, dim, generator=generator) * dim**-0.5).to(device).requires_grad_(True)
     targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)
-    cross_entropy.AUTO_TRITON_ON_GPU = variant in ("fused-triton", "fused-tiles")
-    cross_entropy.TILED_MAX_DIM = 256 if variant == "fused-tiles" else 0
+    use_loss_kernel({"fused-triton": "rows", "fused-tiles": "tiles"}.get(variant, "torch"))
 
     def step() -> float:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):

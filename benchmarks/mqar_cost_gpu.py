@@ -28,10 +28,10 @@ import statistics
 import time
 
 import torch
+from loss_bench import use_loss_kernel  # benchmarks/ is on the path when a script here runs
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
-from rebased.ops import cross_entropy
 from rebased.ops.norm import LayerNorm
 from rebased.tasks.mqar.grids import MQARRun, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, make_data, train_config
@@ -49,12 +49,6 @@ VARIANTS = {
     "graph-tiles": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
 }
-
-
-def use_loss_kernel(kernel: str) -> None:
-    """rebased.ops.cross_entropy's switches set so that "auto" on CUDA takes `kernel` (torch, rows or tiles)."""
-    cross_entropy.AUTO_TRITON_ON_GPU = kernel != "torch"
-    cross_entropy.TILED_MAX_DIM = 256 if kernel == "tiles" else 0
 
 
 CELLS = (
