@@ -3,6 +3,7 @@ nothing started or changed. No test here trains a model."""
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -69,6 +70,48 @@ def test_suite_config_rejects_lengths_beyond_its_tokens_and_bad_entries():
         SuiteConfig(lengths=(1024, 131072))
     with pytest.raises(ValueError, match="entry 'chunk-triton': expected MODE/BACKEND"):
         SuiteConfig(entries=("chunk-triton",))
+
+
+def test_suite_saves_each_row_as_it_is_timed(monkeypatch, tmp_path):
+    """A suite cut short (a device call's time limit) leaves bench.md with the rows timed so far, marked partial."""
+    from rebased.bench import gpu_suite
+    from rebased.commands import bench
+
+    def fake_time_suite(config, progress, on_row):
+        rows = [gpu_suite.SuiteRow("chunk/triton", 1024, 1.5, 4.25, 10.0, 20.0)]
+        on_row(rows)
+        rows.append(gpu_suite.SuiteRow("chunk/triton", 2048, math.nan, math.nan, math.nan, math.nan, "skipped"))
+        on_row(rows)
+        raise KeyboardInterrupt  # what timeout's SIGTERM or a Ctrl-C leaves
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "_header", lambda config: "# suite header")
+    monkeypatch.setattr(bench, "_check_section", lambda check, checks: "checks")
+    monkeypatch.setattr("rebased.bench.ops.check_modes", lambda config: [])
+    monkeypatch.setattr(gpu_suite, "time_suite", fake_time_suite)
+    argv = ["bench", "--suite", "--lengths", "1024,2048", "--tokens", "4096", "--out", str(tmp_path)]
+    assert main(argv) == INTERRUPTED
+    text = (tmp_path / "bench.md").read_text()
+    assert text.startswith("# suite header\nchecks\n")
+    assert "partial: the suite was still running after these 2 rows" in text
+    assert re.search(r"\| chunk/triton +\| 1024 +\| 1\.5 +\| 4\.25 ", text), text
+    assert "| skipped |" in text.replace("  ", " ")
+
+
+def test_time_suite_hands_over_every_row_including_skipped_ones(monkeypatch):
+    from rebased.bench import gpu_suite
+
+    monkeypatch.setattr(gpu_suite, "_suite_inputs", lambda *args: None)
+    monkeypatch.setattr(gpu_suite, "_time_entry", lambda name, fn, inputs, length: gpu_suite.SuiteRow(
+        name, length, 1.0, 2.0, 3.0, 4.0))  # fmt: skip
+    config = gpu_suite.SuiteConfig(tokens=4096, lengths=(1024, 4096), entries=("chunk/torch", "parallel/torch"),
+                                   peers=False, max_scores_bytes=1e9)  # fmt: skip
+    seen = []
+    rows = gpu_suite.time_suite(config, on_row=lambda so_far: seen.append([(r.name, r.length) for r in so_far]))
+    assert [len(s) for s in seen] == [1, 2, 3, 4]
+    assert seen[-1] == [(r.name, r.length) for r in rows]
+    # parallel/torch at T 4096 would hold 4 x 4096 tokens x 4096 x 16 heads bytes of scores, over 1e9
+    assert [r.note for r in rows] == ["", "", "", "skipped: T^2 memory"]
 
 
 # rebased mqar: arguments

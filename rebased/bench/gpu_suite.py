@@ -140,8 +140,13 @@ def _suite_inputs(config: SuiteConfig, name: str, length: int, fmap, generator: 
     return [x.to("cuda", dtype).contiguous().requires_grad_(True) for x in (q, k, v)]
 
 
-def time_suite(config: SuiteConfig, progress: Callable[[str], None] = lambda _: None) -> list[SuiteRow]:
-    """Forward and forward+backward median times and peak memory for every entry at every length."""
+def time_suite(
+    config: SuiteConfig,
+    progress: Callable[[str], None] = lambda _: None,
+    on_row: Callable[[list[SuiteRow]], None] = lambda _: None,
+) -> list[SuiteRow]:
+    """Forward and forward+backward median times and peak memory for every entry at every length; on_row gets
+    the rows so far after each one (so a caller can save them before a long suite is cut short)."""
     fmap = make_feature_map(config.feature_map, config.head_dim, config.heads)
     generator = torch.Generator().manual_seed(config.seed)
     rows = []
@@ -150,10 +155,11 @@ def time_suite(config: SuiteConfig, progress: Callable[[str], None] = lambda _: 
             scores = 4.0 * config.tokens * length * config.heads
             if quadratic and not name.startswith(("sdpa", "fla")) and scores > config.max_scores_bytes:
                 rows.append(SuiteRow(name, length, math.nan, math.nan, math.nan, math.nan, "skipped: T^2 memory"))
-                continue
-            rows.append(_time_entry(name, fn, _suite_inputs(config, name, length, fmap, generator), length))
-            progress(f"{name} T={length}: {rows[-1]}")
-            torch.cuda.empty_cache()
+            else:
+                rows.append(_time_entry(name, fn, _suite_inputs(config, name, length, fmap, generator), length))
+                progress(f"{name} T={length}: {rows[-1]}")
+                torch.cuda.empty_cache()
+            on_row(rows)
     return rows
 
 

@@ -144,7 +144,13 @@ def _suite(args: argparse.Namespace) -> int:
     checks = check_modes(check) + check_modes(dataclasses.replace(check, modes=("chunk",), backends=("triton",)))
     sections = [_header(config)]
     _emit(sections, _check_section(check, checks), args.out)
-    rows = time_suite(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+
+    def save_partial(rows_so_far):
+        partial = _time_section(config, rows_so_far, done=False)
+        _save(sections + [partial], args.out)
+
+    rows = time_suite(config, progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True),
+                      on_row=save_partial if args.out else lambda _: None)  # fmt: skip
     _emit(sections, _time_section(config, rows), args.out)
     decode = time_decode(config)
     _emit(sections, _decode_section(config, decode), args.out)
@@ -255,12 +261,17 @@ def _write_model_bench(out: str, stem: str, text: str, config, rows: list) -> No
 
 def _emit(sections: list[str], text: str, out: str | None) -> None:
     """Print a section and, with --out, rewrite bench.md so far (a long run cut short keeps what it had)."""
-    import os
-
     if len(sections) == 1:
         print(sections[0])
     sections.append(text)
     print(text, flush=True)
+    _save(sections, out)
+
+
+def _save(sections: list[str], out: str | None) -> None:
+    """With --out, (re)write bench.md from these sections."""
+    import os
+
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "bench.md"), "w") as f:
@@ -277,7 +288,7 @@ def _check_section(check, checks) -> str:
     )
 
 
-def _time_section(config, rows) -> str:
+def _time_section(config, rows, done: bool = True) -> str:
     from rebased.tables import markdown_table
 
     ours = {r.length: r for r in rows if r.name == "chunk/triton"}
@@ -296,7 +307,10 @@ def _time_section(config, rows) -> str:
     return (
         f"\nTime (median ms, triton.testing.do_bench) and peak memory above the inputs (MiB); {config.tokens} "
         f"tokens x {config.heads} heads per call, q/k dim {config.head_dim} (SDPA {config.value_dim}), v dim "
-        f"{config.value_dim}; 'x ours' = time / chunk/triton time at that T:\n" + markdown_table(headers, table)
+        f"{config.value_dim}; 'x ours' = time / chunk/triton time at that T"
+        + ("" if done else f" (partial: the suite was still running after these {len(rows)} rows)")
+        + ":\n"
+        + markdown_table(headers, table)
     )
 
 
