@@ -4,13 +4,14 @@
     PYTHONPATH=. python benchmarks/mqar_profile_gpu.py --cells rebased:64:2048 --kernels-only --variant graph-triton
 
 Per cell (model:d_model:L): ms per optimizer step (batch 512, the paper's settings, op path auto-triton, step
-variant --variant of mqar_cost_gpu.VARIANTS; `mqar_cost_gpu.seconds_per_step`) with torch's LayerNorm (twice:
-a process's first timing has run slow), with the fused one (rebased.ops.norm), and with the fused one under
+variant --variant of mqar_cost_gpu.VARIANTS; `mqar_cost_gpu.seconds_per_step`) with torch's LayerNorm (twice: a
+process's first timing has run slow), with the fused one (rebased.ops.norm), and with the fused one under
 torch.compile; then, with each LayerNorm, the CUDA kernels of one step by GPU time (torch.profiler), so a
 step's cost is attributed to kernels (the linear-attention op, the loss, the norms, casts, the optimizer)
-rather than guessed. The kernels of one step are those of a 15-step run less those of a 5-step run, over 10:
-that leaves out the set-up and, for the graphed variants, the eager warm-up steps and the capture, keeping the
-replayed steps (CUPTI records a graph's kernels).
+rather than guessed: first by part (kernels grouped by name, KERNEL_GROUPS), then the top kernels. The kernels
+of one step are those of a 15-step run less those of a 5-step run, over 10: that leaves out the set-up and, for
+the graphed variants, the eager warm-up steps and the capture, keeping the replayed steps (CUPTI records a
+graph's kernels).
 """
 
 import argparse
@@ -37,6 +38,31 @@ from rebased.tasks.mqar.sweep import build_model, make_data, train_config  # noq
 from rebased.train import train  # noqa: E402
 
 CELLS = "rebased:64:128,rebased:64:512,rebased:64:2048"
+TOP_KERNELS = 30
+# What a kernel does, by a piece of its name (the first group that matches wins): a step's time by part.
+KERNEL_GROUPS = (
+    ("linear-attention op", ("fused_chunk_", "parallel_", "chunk_state", "chunk_output", "chunk_d")),
+    ("head + loss", ("rows_kernel", "cols_kernel", "softmax_grad", "cross_entropy")),
+    ("LayerNorm", ("layer_norm",)),
+    (
+        "gathers and scatter-sums (embeddings, labelled rows)",
+        ("embedding", "sum_and_scatter", "gather", "index_select", "radix", "sort"),
+    ),
+    ("short conv", ("conv",)),
+    ("matmuls", ("gemm", "cutlass", "xmma", "cublas", "sm90_")),
+    ("optimizer", ("multi_tensor", "foreach", "adam")),
+    ("casts", ("copy_kernel",)),
+    ("reductions", ("reduce_kernel",)),
+    ("other elementwise", ("elementwise",)),
+)
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    for group, pieces in KERNEL_GROUPS:
+        if any(piece in lowered for piece in pieces):
+            return group
+    return "other"
 
 
 def kernel_times(run: MQARRun, norm: str, variant: str, steps: int) -> dict[str, tuple[float, int]]:
@@ -67,10 +93,18 @@ def profile_step(run: MQARRun, norm: str, variant: str) -> str:
         per_step[name] = ((total - base_total) / 10 / 1e3, (calls - base_calls) / 10)
     rows = sorted(per_step.items(), key=lambda item: -item[1][0])
     total_ms = sum(ms for ms, _ in per_step.values())
+    groups: dict[str, list[float]] = {}
+    for name, (ms, calls) in rows:
+        group = groups.setdefault(kernel_group(name), [0.0, 0.0])
+        group[0], group[1] = group[0] + ms, group[1] + calls
     lines = [f"GPU time per step {total_ms:.2f} ms in {sum(n for _, n in per_step.values()):.0f} kernels", "",
-             "| kernel | ms per step | share | calls per step |", "| --- | --- | --- | --- |"]  # fmt: skip
-    for name, (ms, calls) in rows[:20]:
-        lines.append(f"| {name[:90]} | {ms:.3f} | {ms / total_ms:.1%} | {calls:.1f} |")
+             "| part (by kernel name) | ms per step | share | kernels per step |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+    for group, (ms, calls) in sorted(groups.items(), key=lambda item: -item[1][0]):
+        lines.append(f"| {group} | {ms:.3f} | {ms / total_ms:.1%} | {calls:.1f} |")
+    lines += ["", "| kernel | ms per step | share | calls per step |", "| --- | --- | --- | --- |"]
+    for name, (ms, calls) in rows[:TOP_KERNELS]:
+        lines.append(f"| {name[:160]} | {ms:.3f} | {ms / total_ms:.1%} | {calls:.1f} |")
     return "\n".join(lines)
 
 
