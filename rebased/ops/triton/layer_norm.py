@@ -24,6 +24,12 @@ from torch import Tensor
 from rebased.ops.triton.launch import interpreting, sm_count
 
 MAX_FEATURES = 8192  # one row per tile register block; wider rows go to torch
+# GPU launches (benchmarks/layer_norm_bench.py sweeps them): a tile of about TILE_ELEMENTS elements (rows x
+# padded features), NUM_WARPS warps a program, and BACKWARD_PROGRAMS_PER_SM backward programs on each SM, each
+# walking its share of the row blocks.
+TILE_ELEMENTS = 4096
+NUM_WARPS = 4
+BACKWARD_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -89,16 +95,16 @@ def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N,
 
 
 def _blocks(features: int) -> tuple[int, int]:
-    """(BM, BN): tiles of about 4096 elements on the GPU; 4 rows under the interpreter, so tiny tests cross
-    several row blocks."""
+    """(BM, BN): tiles of about TILE_ELEMENTS elements on the GPU; 4 rows under the interpreter, so tiny tests
+    cross several row blocks."""
     bn = max(16, triton.next_power_of_2(features))
-    return (4 if interpreting() else max(1, 4096 // bn)), bn
+    return (4 if interpreting() else max(1, TILE_ELEMENTS // bn)), bn
 
 
 def _backward_programs(row_blocks: int, device: torch.device) -> int:
     if interpreting():
         return min(row_blocks, 3)
-    return min(row_blocks, 8 * sm_count(device))
+    return min(row_blocks, BACKWARD_PROGRAMS_PER_SM * sm_count(device))
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -114,7 +120,8 @@ class LayerNormFunction(torch.autograd.Function):
         if rows:
             layer_norm_fwd_kernel[(triton.cdiv(rows, bm),)](
                 x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
-                rows, features, eps, BM=bm, BN=bn, HAS_W=weight is not None, HAS_B=bias is not None, num_warps=4,
+                rows, features, eps, BM=bm, BN=bn, HAS_W=weight is not None, HAS_B=bias is not None,
+                num_warps=NUM_WARPS,
             )  # fmt: skip
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.shape, ctx.bias_dtype = shape, None if bias is None else bias.dtype
@@ -133,7 +140,7 @@ class LayerNormFunction(torch.autograd.Function):
         if programs:
             layer_norm_bwd_kernel[(programs,)](
                 x2, weight if weight is not None else x2, dy2, mean, rstd, dx, dw_part, db_part, rows, features,
-                BM=bm, BN=bn, HAS_W=weight is not None, num_warps=4,
+                BM=bm, BN=bn, HAS_W=weight is not None, num_warps=NUM_WARPS,
             )  # fmt: skip
         dw = None if weight is None else dw_part.sum(0).to(weight.dtype)
         db = None if ctx.bias_dtype is None else db_part.sum(0).to(ctx.bias_dtype)
