@@ -17,8 +17,9 @@ SDPA.
 Variants (TrainConfig settings): logits = the head's logits, then F.cross_entropy; fused = the fused head and
 loss (the default); graph = fused, with the step captured as a CUDA graph; graph-logits = logits, graphed;
 -triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU);
--tiles = the fused loss in the Triton tile kernels, no logits (rebased.ops.cross_entropy.TILED_MAX_DIM).
-mqar_profile_gpu.py imports seconds_per_step from here.
+-tiles = the fused loss in the Triton tile kernels, no logits (rebased.ops.cross_entropy.TILED_MAX_DIM);
+-embedding = the token embedding's gradient from the Triton kernel (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU).
+mqar_profile_gpu.py imports seconds_per_step and apply_variant from here.
 """
 
 import argparse
@@ -38,7 +39,7 @@ from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
 
 # variant -> (TrainConfig settings, what computes the fused loss: torch chunks, the Triton row kernel over chunks
-# of logits, or the Triton tile kernels without logits)
+# of logits, or the Triton tile kernels without logits); a name ending in -embedding also takes the embedding kernel
 VARIANTS = {
     "logits": ({"fused_loss": False, "cuda_graph": False}, "torch"),
     "fused": ({"fused_loss": True, "cuda_graph": False}, "torch"),
@@ -48,7 +49,18 @@ VARIANTS = {
     "graph-triton": ({"fused_loss": True, "cuda_graph": True}, "rows"),
     "graph-tiles": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
+    "graph-tiles-embedding": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
 }
+
+
+def apply_variant(variant: str) -> dict:
+    """Set the kernel switches the variant names; return its TrainConfig settings."""
+    from rebased.ops import embedding
+
+    settings, kernel = VARIANTS[variant]
+    use_loss_kernel(kernel)
+    embedding.EMBEDDING_TRITON_ON_GPU = variant.endswith("-embedding")
+    return settings
 
 
 CELLS = (
@@ -101,8 +113,7 @@ def seconds_per_step(
         model = with_op_path(build_model(run), mode, backend)
         if norm_backend is not None:
             model = with_norm_backend(model, norm_backend)
-        settings, kernel = VARIANTS[variant]
-        use_loss_kernel(kernel)
+        settings = apply_variant(variant)
         config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, compile=compile,
                                      **settings)  # fmt: skip
         torch.cuda.synchronize()

@@ -25,9 +25,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 from mqar_cost_gpu import (  # noqa: E402
     VARIANTS,
+    apply_variant,
     parse_cells,
     seconds_per_step,
-    use_loss_kernel,
     versions,
     with_norm_backend,
     with_op_path,
@@ -69,8 +69,7 @@ def kernel_times(run: MQARRun, norm: str, variant: str, steps: int) -> dict[str,
     """GPU microseconds and calls per CUDA kernel name over a run of `steps` optimizer steps."""
     data = make_data(run)
     model = with_norm_backend(with_op_path(build_model(run), "auto", "triton"), norm)
-    settings, kernel = VARIANTS[variant]
-    use_loss_kernel(kernel)
+    settings = apply_variant(variant)
     config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, **settings)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         train(model, (data.train.inputs, data.train.labels), config, progress=False)

@@ -1,11 +1,12 @@
 #!/bin/bash
 # One device call for the MQAR training step: first the GPU tests of its parts (the graphed step against the
-# eager one and its sync-free replays, the fused head + loss, the Triton softmax-gradient and head-loss tile
-# kernels), then the step's cost by variant (benchmarks/mqar_cost_gpu.py --variants: graph-triton, the graphed
-# step with the row kernel, against graph-tiles, with the tile kernels), the head + loss alone
-# (benchmarks/loss_bench.py), and the kernels of one graphed step at L 2048 (benchmarks/mqar_profile_gpu.py).
-# Writes $OUT/step_tests.log, $OUT/mqar_step.log, $OUT/loss.md and $OUT/mqar_profile.log.
-#   bash benchmarks/step_gpu.sh       # at most 9 minutes (TEST_S + BENCH_S + LOSS_S + PROFILE_S)
+# eager one and its sync-free replays, the fused head + loss, the Triton softmax-gradient, head-loss tile and
+# embedding-gradient kernels), then the step's cost by variant (benchmarks/mqar_cost_gpu.py --variants:
+# graph-tiles, the graphed step sweeps run, against graph-tiles-embedding, with the embedding kernel), the head +
+# loss alone (benchmarks/loss_bench.py), the kernels of one graphed step at L 2048 by part
+# (benchmarks/mqar_profile_gpu.py), and the LayerNorm's launch sets (benchmarks/layer_norm_bench.py).
+# Writes $OUT/step_tests.log, mqar_step.log, loss.md, mqar_profile.log and layer_norm.md.
+#   bash benchmarks/step_gpu.sh       # at most 9.5 minutes (TEST_S + BENCH_S + LOSS_S + PROFILE_S + NORM_S)
 #   CELLS=rebased:64:2048 VARIANTS=fused,graph bash benchmarks/step_gpu.sh
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -15,11 +16,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/step_tests.log"
 timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
-    tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py tests/test_triton_head_loss.py 2>&1 | tee -a "$OUT/step_tests.log" | tail -8
+    tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py tests/test_triton_head_loss.py \
+    tests/test_triton_embedding.py 2>&1 | tee -a "$OUT/step_tests.log" | tail -8
 cells="${CELLS:-rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048}"
 timeout "${BENCH_S:-200}" python3 benchmarks/mqar_cost_gpu.py auto-triton --cells "$cells" \
-    --variants "${VARIANTS:-graph-triton,graph-tiles}" 2>&1 | tee "$OUT/mqar_step.log"
-timeout "${LOSS_S:-90}" python3 benchmarks/loss_bench.py --device cuda --bf16 --variants plain,fused-triton,fused-tiles \
+    --variants "${VARIANTS:-graph-tiles,graph-tiles-embedding}" 2>&1 | tee "$OUT/mqar_step.log"
+timeout "${LOSS_S:-60}" python3 benchmarks/loss_bench.py --device cuda --bf16 --variants plain,fused-triton,fused-tiles \
     --cases 262144:8192:64,262144:8192:128,65536:50304:768 2>&1 | tee "$OUT/loss.md"
 timeout "${PROFILE_S:-100}" python3 benchmarks/mqar_profile_gpu.py --cells rebased:64:2048 --kernels-only \
-    --variant "${PROFILE_VARIANT:-graph-tiles}" 2>&1 | tee "$OUT/mqar_profile.log"
+    --variant "${PROFILE_VARIANT:-graph-tiles-embedding}" 2>&1 | tee "$OUT/mqar_profile.log"
+timeout "${NORM_S:-60}" python3 benchmarks/layer_norm_bench.py 2>&1 | tee "$OUT/layer_norm.md"

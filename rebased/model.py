@@ -28,6 +28,7 @@ from rebased.config import ModelConfig
 from rebased.mixers import make_mixer
 from rebased.ops.common import compute_dtype
 from rebased.ops.cross_entropy import linear_cross_entropy
+from rebased.ops.embedding import Embedding
 from rebased.ops.norm import LayerNorm
 
 # forward(..., targets=) takes the fused head and loss from this many logits (rows x vocabulary) up, where the
@@ -122,7 +123,7 @@ class LanguageModel(nn.Module):
         # Recompute each block's activations in the backward pass instead of keeping them: less memory for
         # about one more forward pass. A training setting, not part of the model's config.
         self.checkpoint_layers = False
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embedding = Embedding(cfg.vocab_size, cfg.d_model)  # nn.Embedding whose gradient may come from Triton
         positions = cfg.max_position_embeddings
         self.position_embedding = nn.Embedding(positions, cfg.d_model) if positions > 0 else None
         self.drop = nn.Dropout(cfg.embed_dropout)

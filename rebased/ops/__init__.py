@@ -32,6 +32,7 @@ from rebased.ops.common import (
     validate_inputs,
     validate_state,
 )
+from rebased.ops.embedding import Embedding
 from rebased.ops.kernels import Polynomial
 from rebased.ops.norm import LayerNorm, layer_norm
 from rebased.ops.parallel import parallel_linear_attention
@@ -247,6 +248,7 @@ __all__ = [
     "MODES",
     "PARALLEL_MAX_LENGTH",
     "VARLEN_IMPLEMENTATIONS",
+    "Embedding",
     "LayerNorm",
     "LinearAttentionState",
     "Polynomial",
