@@ -30,7 +30,9 @@ from rebased.ops.triton.launch import interpreting
 MAX_DIM = 256
 MAX_SPLITS = 16  # a frequent id's rows over this many programs
 PARTS_ELEMENTS = 2**25  # the parts' fp32 elements at most (128 MB)
-GPU_TILE = (64, 64, 4)  # BV ids, BT positions, warps
+# (BV ids, BT positions, warps) by the largest D they take. Not yet timed: compiled for sm_90a (fp32 dy), these
+# hold the [BV, BD] accumulator without spilling (128, 128 and 160 registers); 4 warps at D 128 or 256 spill.
+GPU_TILES = ((64, (64, 64, 8)), (128, (64, 32, 8)), (256, (32, 32, 8)))
 INTERPRETER_TILE = (16, 16, 1)  # small tests cross several id blocks and position tiles
 
 
@@ -73,7 +75,7 @@ def embedding_grad(ids: Tensor, dy: Tensor, vocab: int) -> Tensor:
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     dim = dy.shape[1]
-    bv, bt, warps = INTERPRETER_TILE if interpreting() else GPU_TILE
+    bv, bt, warps = INTERPRETER_TILE if interpreting() else next(t for d, t in GPU_TILES if dim <= d)
     splits = splits_for(vocab, dim)
     blocks = triton.cdiv(vocab, bv)
     order = torch.argsort(ids, stable=True)
