@@ -11,6 +11,13 @@ per (op path, variant, cell); a cell that fails prints its error and the next on
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton chunk-torch   # PATH: MODE-BACKEND
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --cells rebased:64:1024,based:64:2048
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --variants logits,fused,graph
+    PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --variants graph-tiles --batch-scales 1,4 \
+        --cells rebased:16:256,rebased:64:512 --pairs 32
+
+--batch-scales R,...: each cell also at R times the paper's batch (and R times the micro-batch), reported per
+512 examples. That bounds what training R runs of a grid as one stacked model could gain: a stacked model runs
+the same kernels on R times the rows (its linear layers as batched matmuls, no cheaper). If R x 512 costs R
+times 512, stacking cannot pay.
 
 The op path is set on every mixer that has one (the linear-attention mixers); softmax attention always runs
 SDPA.
@@ -23,6 +30,7 @@ mqar_profile_gpu.py imports seconds_per_step and apply_variant from here.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import statistics
@@ -34,6 +42,7 @@ from loss_bench import use_loss_kernel  # benchmarks/ is on the path when a scri
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
 from rebased.ops.norm import LayerNorm
+from rebased.tasks.mqar import sweep
 from rebased.tasks.mqar.grids import MQARRun, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
@@ -131,26 +140,42 @@ def main() -> None:
     parser.add_argument("paths", nargs="+", help="op paths MODE-BACKEND: auto-triton, chunk-torch, ...")
     parser.add_argument("--cells", default=CELLS, help=f"model:d_model:L,... (default {CELLS})")
     parser.add_argument("--variants", default="fused", help=f"step variants, comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--batch-scales", default="1", help="batch multiples, comma-separated (default 1)")
+    parser.add_argument("--pairs", type=int, default=None, help="key-value pairs (default: the paper's L / 4)")
     args = parser.parse_args()
     print(versions(), flush=True)
+    scales = [int(scale) for scale in args.batch_scales.split(",")]
     for path, variant in itertools.product(args.paths, args.variants.split(",")):
         mode, backend = path.split("-")
-        label = f"{path} {variant}"
-        for model, d_model, seq_len in parse_cells(args.cells):
+        for (model, d_model, seq_len), scale in itertools.product(parse_cells(args.cells), scales):
             if (mode, backend) == ("parallel", "torch") and seq_len > 512:
                 continue  # the T x T scores of a 128-example micro-batch at L 2048 take tens of GB
-            run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=16 * 512,
-                          test_examples=512)  # fmt: skip
+            label = f"{path} {variant}" + (f" x{scale}" if scale != 1 else "")
+            cell = f"{label:30s} {model:9s} d{d_model:<4d} L{seq_len:<5d}"
+            pairs = args.pairs or paper_pairs(seq_len)
+            run = MQARRun(model, d_model, seq_len, pairs, 1e-3, batch_size=512 * scale,
+                          train_examples=16 * 512 * scale, test_examples=512)  # fmt: skip
             try:
-                step = seconds_per_step(run, mode, backend, variant=variant)
-                epoch = step * (100_000 // 512)
+                with micro_batch_scaled(scale):
+                    step = seconds_per_step(run, mode, backend, variant=variant)
+                epoch = step / scale * (100_000 // 512)
                 mem = torch.cuda.max_memory_allocated() / 2**30
-                print(f"{label:26s} {model:9s} d{d_model:<4d} L{seq_len:<5d} {step * 1e3:8.1f} ms/step "
-                      f"{epoch:7.1f} s/epoch  peak {mem:5.1f} GiB", flush=True)  # fmt: skip
+                print(f"{cell} {step * 1e3:8.1f} ms/step {step / scale * 1e3:8.1f} ms per 512 {epoch:7.1f} s/epoch"
+                      f"  peak {mem:5.1f} GiB", flush=True)  # fmt: skip
             except Exception as error:  # noqa: BLE001 - report and go on to the next cell
-                print(f"{label:26s} {model:9s} d{d_model:<4d} L{seq_len:<5d} FAILED {type(error).__name__}: "
-                      f"{str(error)[:150]}", flush=True)  # fmt: skip
+                print(f"{cell} FAILED {type(error).__name__}: {str(error)[:150]}", flush=True)
             torch.cuda.reset_peak_memory_stats()
+
+
+@contextlib.contextmanager
+def micro_batch_scaled(scale: int):
+    """The sweep's micro-batch cap times `scale` (a stacked model of `scale` runs takes each run's micro-batch)."""
+    saved = sweep.MICRO_BATCH_TOKENS
+    sweep.MICRO_BATCH_TOKENS = saved * scale
+    try:
+        yield
+    finally:
+        sweep.MICRO_BATCH_TOKENS = saved
 
 
 if __name__ == "__main__":
