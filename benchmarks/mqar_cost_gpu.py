@@ -25,7 +25,8 @@ Variants (TrainConfig settings): logits = the head's logits, then F.cross_entrop
 loss (the default); graph = fused, with the step captured as a CUDA graph; graph-logits = logits, graphed;
 -triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU);
 -tiles = the fused loss in the Triton tile kernels, no logits (rebased.ops.cross_entropy.TILED_MAX_DIM);
--embedding = the token embedding's gradient from the Triton kernel (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU).
+-embedding = the token embedding's gradient from the Triton kernel (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
+-compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 mqar_profile_gpu.py imports seconds_per_step and apply_variant from here.
 """
 
@@ -59,6 +60,7 @@ VARIANTS = {
     "graph-tiles": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
     "graph-tiles-embedding": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
+    "graph-tiles-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "tiles"),
 }
 
 
@@ -123,8 +125,8 @@ def seconds_per_step(
         if norm_backend is not None:
             model = with_norm_backend(model, norm_backend)
         settings = apply_variant(variant)
-        config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None, compile=compile,
-                                     **settings)  # fmt: skip
+        config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None,
+                                     **({"compile": compile} | settings))  # fmt: skip
         torch.cuda.synchronize()
         start = time.perf_counter()
         train(model, (data.train.inputs, data.train.labels), config, progress=False)
