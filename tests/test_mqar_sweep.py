@@ -111,6 +111,24 @@ def test_summary_marks_cells_with_runs_pending_and_compares_only_finished_cells(
     assert "| Based   | 256 | 64      | 0.750 | 0.99  | -0.240       | differs by more than 0.05 |" in table
 
 
+def test_pending_cells_lists_every_cell_with_runs_left_cheapest_first():
+    from rebased.tasks.mqar.grids import grid
+    from rebased.tasks.mqar.report import pending_cells
+
+    planned = grid(("rebased", "based"), (64, 128), (256, 512), (1e-3, 3e-3, 1e-2), (0, 1), pairs=lambda _: 16)
+    table = pending_cells(planned, fake_results(), {("rebased", 512): {64: 0.89}})
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    # L 256 d 64: 4 of 6 runs of each model done; the other six cells have none; short L and small d first
+    assert [row[:3] for row in rows] == [
+        ["ReBased", "256", "64"], ["Based", "256", "64"], ["ReBased", "256", "128"], ["Based", "256", "128"],
+        ["ReBased", "512", "64"], ["Based", "512", "64"], ["ReBased", "512", "128"], ["Based", "512", "128"],
+    ]  # fmt: skip
+    assert [row[3] for row in rows] == ["4 of 6"] * 2 + ["0 of 6"] * 6
+    assert [row[4] for row in rows] == [""] * 4 + ["0.89"] + [""] * 3
+    finished = [dict(run_id=run.run_id) for run in planned]
+    assert pending_cells(planned, finished, {}) == ""
+
+
 def test_results_file_round_trips_and_plot_is_written(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in fake_results()))

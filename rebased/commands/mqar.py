@@ -307,6 +307,7 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
     from rebased.tasks.mqar.paper_values import PAPER_VALUES
     from rebased.tasks.mqar.report import (
         paper_comparison,
+        pending_cells,
         plot_summary,
         summarise,
         summary_caption,
@@ -327,6 +328,8 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
         if comparison
         else ""
     )
+    pending = pending_cells(runs, results, PAPER_VALUES.get(args.experiment, {}))
+    still = f"\nStill to train, in the order the sweep takes them:\n\n{pending}\n" if pending else ""
     timing = training_time(results)
     spent = (
         f"\nTraining time (each run's own wall time in training, evaluations included; runs trained side by side "
@@ -336,7 +339,7 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
     )
     summary = (
         f"# MQAR: {args.experiment}\n\nCommand: `{command}` ({state})\n\n{summary_caption(cells)} Models "
-        f"(command-line names): {models}.\n\n{table}\n{beside}{spent}"
+        f"(command-line names): {models}.\n\n{table}\n{beside}{still}{spent}"
     )
     atomic_write(out / "summary.md", lambda handle: handle.write(summary.encode()))
     print(f"\n{table}")

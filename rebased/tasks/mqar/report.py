@@ -1,6 +1,6 @@
 """What a sweep's results say: per-cell summaries (best lr, mean and spread over seeds, runs pending), the
-markdown table, the comparison with the paper's values, and the figure (learning curves for a one-cell
-experiment, accuracy against d_model or L for a grid)."""
+markdown table, the comparison with the paper's values, the cells still to train, and the figure (learning
+curves for a one-cell experiment, accuracy against d_model or L for a grid)."""
 
 from __future__ import annotations
 
@@ -96,6 +96,28 @@ def paper_comparison(cells: Sequence[CellSummary], paper: dict[tuple[str, int], 
     if not rows:
         return ""
     return markdown_table(["model", "L", "d_model", "ours", "paper", "ours - paper", "note"], rows)
+
+
+def pending_cells(
+    planned: Sequence[MQARRun], results: Sequence[dict], paper: dict[tuple[str, int], dict[int, float]]
+) -> str:
+    """The cells with runs still to train, in the order a sweep trains them (cheapest first): runs finished of
+    those planned, and the paper's value where it has one. Empty when nothing is pending."""
+    done = {r["run_id"] for r in results}
+    planned_by_cell: dict[tuple, list[MQARRun]] = defaultdict(list)
+    for run in planned:
+        planned_by_cell[run.cell].append(run)
+    rows = []
+    by_cost = sorted(planned_by_cell.items(), key=lambda item: (item[0][2], item[0][1], model_order(item[0][0])))
+    for (model, d_model, seq_len), runs in by_cost:
+        finished = sum(run.run_id in done for run in runs)
+        if finished < len(runs):
+            theirs = paper.get((model, seq_len), {}).get(d_model)
+            rows.append([display_name(model), seq_len, d_model, f"{finished} of {len(runs)}",
+                         "" if theirs is None else f"{theirs:.2f}"])  # fmt: skip
+    if not rows:
+        return ""
+    return markdown_table(["model", "L", "d_model", "runs finished", "paper"], rows)
 
 
 def training_time(results: Sequence[dict]) -> str:
