@@ -305,6 +305,23 @@ def test_several_d_models_plot_accuracy_panels_and_one_cell_without_metrics_fall
     assert [ax.get_xlabel() for ax in across_lengths.axes] == ["sequence length L"]
 
 
+def test_accuracy_panels_show_the_papers_values_and_the_lengths_still_to_train():
+    from rebased.tasks.mqar.grids import grid
+    from rebased.tasks.mqar.report import summary_figure
+
+    planned = grid(("rebased", "based"), (64, 128), (256, 1024), (1e-3,), (0,), pairs=lambda _: 16)
+    rows = [dict(run_id=run.run_id, model=run.model, d_model=run.d_model, seq_len=256, lr=1e-3, seed=0,
+                 accuracy=0.9) for run in planned if run.seq_len == 256]  # fmt: skip
+    paper = {("rebased", 1024): {64: 0.55, 128: 0.98}, ("based", 256): {64: 0.99}}
+    figure = summary_figure(summarise(rows, planned), rows, None, paper, planned)
+    assert [ax.get_title() for ax in figure.axes] == ["L = 256", "L = 1024"]  # 1024: nothing finished yet
+    short, long = ({line.get_gid(): line for line in ax.get_lines() if line.get_gid()} for ax in figure.axes)
+    assert sorted(short) == ["based", "paper/based", "rebased"] and sorted(long) == ["paper/rebased"]
+    assert list(long["paper/rebased"].get_xdata()) == [64, 128]
+    assert list(long["paper/rebased"].get_ydata()) == [0.55, 0.98]
+    assert [t.get_text() for t in figure.axes[-1].get_legend().get_texts()] == ["ReBased", "Based", "paper"]
+
+
 # Stopping: a StopRequest (Ctrl-C), a results line cut short
 
 

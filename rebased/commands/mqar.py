@@ -343,5 +343,5 @@ def _write_outputs(args: argparse.Namespace, runs, results, out: Path) -> str:
     )
     atomic_write(out / "summary.md", lambda handle: handle.write(summary.encode()))
     print(f"\n{table}")
-    plot = plot_summary(cells, out / "accuracy.png", results, out / "runs")
+    plot = plot_summary(cells, out / "accuracy.png", results, out / "runs", PAPER_VALUES.get(args.experiment), runs)
     return ", ".join(str(p) for p in (out / "results.jsonl", out / "summary.md", plot) if p)

@@ -171,8 +171,16 @@ def learning_curves(results: Sequence[dict], cells: Sequence[CellSummary], runs_
     return sorted(curves, key=lambda c: (model_order(c.model), c.seed))
 
 
+Paper = dict[tuple[str, int], dict[int, float]]  # (model, L) -> {d_model: accuracy}, as in paper_values
+
+
 def plot_summary(
-    cells: Sequence[CellSummary], path: str | Path, results: Sequence[dict] = (), runs_dir: str | Path | None = None
+    cells: Sequence[CellSummary],
+    path: str | Path,
+    results: Sequence[dict] = (),
+    runs_dir: str | Path | None = None,
+    paper: Paper | None = None,
+    planned: Sequence[MQARRun] = (),
 ) -> Path | None:
     """summary_figure() written to `path`; None without matplotlib."""
     try:
@@ -180,21 +188,29 @@ def plot_summary(
     except ImportError:
         log.warning("matplotlib is not installed: no plot")
         return None
-    summary_figure(cells, results, runs_dir).savefig(path, dpi=120)
+    summary_figure(cells, results, runs_dir, paper, planned).savefig(path, dpi=120)
     return Path(path)
 
 
-def summary_figure(cells: Sequence[CellSummary], results: Sequence[dict] = (), runs_dir: str | Path | None = None):
+def summary_figure(
+    cells: Sequence[CellSummary],
+    results: Sequence[dict] = (),
+    runs_dir: str | Path | None = None,
+    paper: Paper | None = None,
+    planned: Sequence[MQARRun] = (),
+):
     """The figure that says most about these cells: for one (d_model, L) cell, where accuracy at one x
     position would repeat the table, its learning curves (curves_figure, from runs_dir's metrics.jsonl when
     there); for several d_models, accuracy against d_model per L (the paper's Fig. 1 layout); for one
-    d_model at several L, accuracy against L."""
-    if len({(c.d_model, c.seq_len) for c in cells}) == 1 and runs_dir is not None:
+    d_model at several L, accuracy against L. Accuracy figures draw the paper's values beside ours, over every
+    planned cell, so a length with nothing finished yet still has its panel."""
+    grid = {(c.model, c.d_model, c.seq_len) for c in cells} | {run.cell for run in planned}
+    if len({(d, length) for _, d, length in grid}) == 1 and runs_dir is not None:
         curves = learning_curves(results, cells, runs_dir)
         if curves:
             return curves_figure(curves, cells)
-    several_d = len({c.d_model for c in cells}) > 1 or len({c.seq_len for c in cells}) == 1
-    return accuracy_figure(cells, "d_model" if several_d else "seq_len")
+    several_d = len({d for _, d, _ in grid}) > 1 or len({length for _, _, length in grid}) == 1
+    return accuracy_figure(cells, "d_model" if several_d else "seq_len", paper or {}, sorted(grid))
 
 
 def _plain(value: float, position=None) -> str:
@@ -241,19 +257,31 @@ def curves_figure(curves: Sequence[Curve], cells: Sequence[CellSummary]):
     return figure
 
 
-def accuracy_figure(cells: Sequence[CellSummary], x: str = "d_model"):
+def accuracy_figure(
+    cells: Sequence[CellSummary], x: str = "d_model", paper: Paper | None = None, grid: Sequence[tuple] = ()
+):
     """Accuracy against x ("d_model": one panel per L, as the paper's Fig. 1; "seq_len": one panel), one line
     per model (gid MODEL), ± std over seeds where a cell has more than one; hollow markers on cells with runs
-    still pending."""
+    still pending; the paper's values at the cells of `grid` ((model, d_model, L), planned or finished) as a
+    dashed line per model (gid paper/MODEL)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    panels = sorted({c.seq_len for c in cells}) if x == "d_model" else [None]
-    colours = _colours([c.model for c in cells])
+    grid = sorted(set(grid) | {(c.model, c.d_model, c.seq_len) for c in cells})
+    panels = sorted({length for _, _, length in grid}) if x == "d_model" else [None]
+    colours = _colours([model for model, _, _ in grid])
     figure = Figure(figsize=(3.2 * len(panels) if x == "d_model" else 4.5, 3.0))
     axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for ax, length in zip(axes, panels):
         for model in colours:
+            theirs = sorted(
+                ({"d_model": d, "seq_len": n}[x], paper[(model, n)][d])
+                for m, d, n in grid
+                if m == model and (length is None or n == length) and d in (paper or {}).get((model, n), {})
+            )
+            if theirs:
+                ax.plot(*zip(*theirs), ls="--", marker="x", lw=1, color=colours[model], alpha=0.6,
+                        gid=f"paper/{model}")  # fmt: skip
             mine = [c for c in cells if c.model == model and (length is None or c.seq_len == length)]
             if not mine:
                 continue
@@ -266,13 +294,13 @@ def accuracy_figure(cells: Sequence[CellSummary], x: str = "d_model"):
             if pending:  # hollow marker: this cell still has runs to train, its best lr may change
                 ax.plot(*zip(*pending), "o", markersize=9, markerfacecolor="white", color=colours[model])
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({getattr(c, x) for c in cells}), minor=False)
+        ax.set_xticks(sorted({d if x == "d_model" else n for _, d, n in grid}), minor=False)
         ax.xaxis.set_major_formatter(_plain)
         ax.minorticks_off()
         if length is not None:
             ax.set_title(f"L = {length}")
         else:
-            ax.set_title(f"d_model = {', '.join(str(d) for d in sorted({c.d_model for c in cells}))}")
+            ax.set_title(f"d_model = {', '.join(str(d) for d in sorted({d for _, d, _ in grid}))}")
         ax.set_xlabel("d_model" if x == "d_model" else "sequence length L")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
@@ -280,6 +308,8 @@ def accuracy_figure(cells: Sequence[CellSummary], x: str = "d_model"):
     handles = [Line2D([], [], color=colours[m], marker="o", label=display_name(m)) for m in colours]
     if any(c.missing for c in cells):
         handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white", ls="", label="runs pending"))
+    if any(line.get_gid().startswith("paper/") for ax in axes for line in ax.lines if line.get_gid()):
+        handles.append(Line2D([], [], color="grey", marker="x", ls="--", lw=1, label="paper"))
     axes[-1].legend(handles=handles, fontsize=8)
     figure.tight_layout()
     return figure
