@@ -167,34 +167,49 @@ def head_loss_tiles(
     targets [M] int64, all on one CUDA device (or the CPU under TRITON_INTERPRET=1)."""
     _check(hidden, weight, targets)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    (rows, dim), vocab = hidden.shape, weight.shape[0]
-    bd = max(16, triton.next_power_of_2(dim))
-    prec = dot_precision(hidden.dtype, TILED_FP32_DOTS)
-    device = hidden.device
-    row_loss = torch.empty(rows, dtype=torch.float32, device=device)
-    lse = torch.empty(rows, dtype=torch.float32, device=device)
-    dh = torch.empty_like(hidden) if need_dh else None
+    (rows, dim), device = hidden.shape, hidden.device
     if rows == 0:
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_dw else None
-        return row_loss.sum(), dh, dw
+        return torch.zeros((), device=device), torch.empty_like(hidden) if need_dh else None, dw
     launch = launches(dim)
-    by_rows = launch["rows"]
-    rows_kernel[(triton.cdiv(rows, by_rows.rows),)](
-        hidden, weight, targets, row_loss, lse, hidden if dh is None else dh, rows, vocab, dim, ignore_index,
-        hidden.stride(0), weight.stride(0), dim, BM=by_rows.rows, BN=by_rows.cols, BD=bd, WRITE_DH=need_dh,
-        PREC=prec, num_warps=by_rows.warps,
-    )  # fmt: skip
-    dw = None
-    if need_dw:
-        by_cols = launch["cols"]
-        splits, split_rows = row_splits(rows, vocab, by_cols, device)
-        parts = torch.empty(splits, vocab, dim, dtype=torch.float32, device=device)
-        cols_kernel[(triton.cdiv(vocab, by_cols.cols), splits)](
-            hidden, weight, targets, lse, parts, rows, vocab, dim, ignore_index, split_rows, hidden.stride(0),
-            weight.stride(0), BM=by_cols.rows, BN=by_cols.cols, BD=bd, PREC=prec, num_warps=by_cols.warps,
-        )  # fmt: skip
-        dw = parts.sum(0)
+    row_loss, lse, dh = launch_rows(hidden, weight, targets, ignore_index, need_dh, launch["rows"])
+    dw = launch_cols(hidden, weight, targets, ignore_index, lse, launch["cols"]) if need_dw else None
     return row_loss.sum(), dh, dw
+
+
+def launch_rows(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, need_dh: bool, launch: TileLaunch
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The rows kernel at `launch` on checked, contiguous, non-empty inputs: (row losses, lse, dh or None)."""
+    (rows, dim), vocab = hidden.shape, weight.shape[0]
+    row_loss = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(row_loss)
+    dh = torch.empty_like(hidden) if need_dh else None
+    rows_kernel[(triton.cdiv(rows, launch.rows),)](
+        hidden, weight, targets, row_loss, lse, hidden if dh is None else dh, rows, vocab, dim, ignore_index,
+        hidden.stride(0), weight.stride(0), dim, BM=launch.rows, BN=launch.cols, BD=_padded(dim), WRITE_DH=need_dh,
+        PREC=dot_precision(hidden.dtype, TILED_FP32_DOTS), num_warps=launch.warps,
+    )  # fmt: skip
+    return row_loss, lse, dh
+
+
+def launch_cols(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, lse: Tensor, launch: TileLaunch
+) -> Tensor:
+    """The columns kernel at `launch` (the rows' lse from launch_rows), its row splits summed: dW in fp32."""
+    (rows, dim), vocab = hidden.shape, weight.shape[0]
+    splits, split_rows = row_splits(rows, vocab, launch, hidden.device)
+    parts = torch.empty(splits, vocab, dim, dtype=torch.float32, device=hidden.device)
+    cols_kernel[(triton.cdiv(vocab, launch.cols), splits)](
+        hidden, weight, targets, lse, parts, rows, vocab, dim, ignore_index, split_rows, hidden.stride(0),
+        weight.stride(0), BM=launch.rows, BN=launch.cols, BD=_padded(dim),
+        PREC=dot_precision(hidden.dtype, TILED_FP32_DOTS), num_warps=launch.warps,
+    )  # fmt: skip
+    return parts.sum(0)
+
+
+def _padded(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
 
 
 def _check(hidden: object, weight: object, targets: object) -> None:
