@@ -1,10 +1,10 @@
 #!/bin/bash
-# One device call for the MQAR training step, each stage capped (TEST_S, BENCH_S, ... seconds; 530 in all):
+# One device call for the MQAR training step, each stage capped (TEST_S, BENCH_S, ... seconds; 560 in all):
 # - the GPU tests of its parts: the graphed step against the eager one and its sync-free replays, the fused head
 #   + loss, the Triton softmax-gradient, head-loss tile and embedding-gradient kernels ($OUT/step_tests.log);
 # - the step's cost by variant (benchmarks/mqar_cost_gpu.py): graph-tiles, what sweeps run, against
 #   graph-tiles-embedding, with the embedding kernel (mqar_step.log);
-# - the kernels of one graphed step at L 2048, by part (benchmarks/mqar_profile_gpu.py: mqar_profile.log);
+# - the kernels of one graphed step at L 2048, d_model 64 and 128, by part (mqar_profile_gpu.py: mqar_profile.log);
 # - the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could gain), at
 #   the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
 # - the step with the forward under torch.compile inside the graph (mqar_step_compile.log).
@@ -20,10 +20,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 timeout "${TEST_S:-100}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
     tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py tests/test_triton_head_loss.py \
     tests/test_triton_embedding.py 2>&1 | tee -a "$OUT/step_tests.log" | tail -8
-cells="${CELLS:-rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048}"
+cells="${CELLS:-rebased:64:512,rebased:64:2048,rebased:128:2048}"
 timeout "${BENCH_S:-120}" python3 benchmarks/mqar_cost_gpu.py auto-triton --cells "$cells" \
     --variants "${VARIANTS:-graph-tiles,graph-tiles-embedding}" 2>&1 | tee "$OUT/mqar_step.log"
-timeout "${PROFILE_S:-80}" python3 benchmarks/mqar_profile_gpu.py --cells rebased:64:2048 --kernels-only \
+timeout "${PROFILE_S:-110}" python3 benchmarks/mqar_profile_gpu.py --cells rebased:64:2048,rebased:128:2048 --kernels-only \
     --variant "${PROFILE_VARIANT:-graph-tiles-embedding}" 2>&1 | tee "$OUT/mqar_profile.log"
 # what stacking 4 runs into one model could gain at most: the paper's batch against 4 times it, per 512 examples
 {
