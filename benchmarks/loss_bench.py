@@ -20,16 +20,21 @@ import time
 import torch
 import torch.nn.functional as F
 
+from rebased.ops import cross_entropy as committed_switches
+
 CASES = "16384:8192:64,65536:8192:64,4096:50304:768"  # rows:vocab:dim (MQAR at L 512: 65,536 rows of 8,192)
+# the loss switches as committed, read before use_loss_kernel changes them
+COMMITTED = (committed_switches.AUTO_TRITON_ON_GPU, committed_switches.TILED_MAX_DIM)
 
 
 def use_loss_kernel(kernel: str) -> None:
     """rebased.ops.cross_entropy's switches set so that "auto" on CUDA takes `kernel`: "torch" (chunks of logits,
-    softmax in torch ops), "rows" (the Triton row kernel over chunks of logits) or "tiles" (the tile kernels)."""
+    softmax in torch ops), "rows" (the Triton row kernel over chunks of logits), "tiles" (the tile kernels) or
+    "committed" (the switches as committed: what training runs)."""
     from rebased.ops import cross_entropy
 
-    cross_entropy.AUTO_TRITON_ON_GPU = kernel != "torch"
-    cross_entropy.TILED_MAX_DIM = 256 if kernel == "tiles" else 0
+    cross_entropy.AUTO_TRITON_ON_GPU = kernel != "torch" if kernel != "committed" else COMMITTED[0]
+    cross_entropy.TILED_MAX_DIM = {"tiles": 256, "committed": COMMITTED[1]}.get(kernel, 0)
 
 
 def measure(variant: str, rows: int, vocab: int, dim: int, device: str, bf16: bool, repeats: int) -> dict:

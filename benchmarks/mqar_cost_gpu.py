@@ -25,6 +25,7 @@ Variants (TrainConfig settings): logits = the head's logits, then F.cross_entrop
 loss (the default); graph = fused, with the step captured as a CUDA graph; graph-logits = logits, graphed;
 -triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU);
 -tiles = the fused loss in the Triton tile kernels, no logits (rebased.ops.cross_entropy.TILED_MAX_DIM);
+-committed = the loss switches as committed (what a sweep runs: the tiles up to TILED_MAX_DIM, the row kernel beyond);
 -embedding = the token embedding's gradient from the Triton kernel (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 mqar_profile_gpu.py imports seconds_per_step and apply_variant from here.
@@ -61,6 +62,9 @@ VARIANTS = {
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
     "graph-tiles-embedding": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
     "graph-tiles-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "tiles"),
+    "graph-committed": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-embedding": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
 }
 
 
