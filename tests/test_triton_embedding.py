@@ -128,11 +128,15 @@ def test_embedding_backends_match_nn_embedding(monkeypatch):
         assert calls == [1, 1]
 
 
-def test_embedding_refuses_what_it_does_not_implement():
+def test_embedding_refuses_what_it_does_not_implement(monkeypatch):
     with pytest.raises(ValueError, match="does not take padding_idx"):
         ops_embedding.Embedding(10, 4, padding_idx=0)
     with pytest.raises(ValueError, match="unknown backend 'trition'"):
         ops_embedding.embedding(torch.zeros(2, dtype=torch.int64), torch.zeros(3, 4), backend="trition")
+    monkeypatch.setattr(kernel, "interpreting", lambda: False)  # CPU tensors, compiled: refused at the call
+    with pytest.raises(NotImplementedError, match="needs CUDA tensors"):
+        ops_embedding.embedding(torch.zeros(2, dtype=torch.int64), torch.zeros(3, 4, requires_grad=True),
+                                backend="triton")  # fmt: skip
 
 
 @pytest.mark.gpu

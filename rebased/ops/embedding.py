@@ -22,8 +22,8 @@ from rebased.ops.common import check_choice
 
 EMBEDDING_BACKENDS = ("torch", "triton", "auto")
 _KERNEL_MODULE = "rebased.ops.triton.embedding"
-# Whether "auto" may take the kernel. Off until it has been timed in an MQAR step on a GPU
-# (benchmarks/mqar_cost_gpu.py --variants graph-tiles,graph-tiles-embedding) and its GPU tests have passed.
+# Whether "auto" may take the kernel. Off until it has been timed in an MQAR step on a GPU (benchmarks/step_gpu.sh:
+# mqar_cost_gpu.py --variants graph-committed,graph-committed-embedding) and its GPU tests have passed.
 EMBEDDING_TRITON_ON_GPU = False
 
 
@@ -37,6 +37,9 @@ def embedding(ids: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
         backend = "triton" if fused else "torch"
     elif backend == "triton":
         require_triton("embedding(backend='triton')", weight)
+        kernel = importlib.import_module(_KERNEL_MODULE)
+        if not weight.is_cuda and not kernel.interpreting():  # refused here, not first in the backward
+            raise NotImplementedError(f"embedding(backend='triton') needs CUDA tensors, got {weight.device}")
     if backend == "torch" or not weight.requires_grad:
         return F.embedding(ids, weight)
     return _TritonGradEmbedding.apply(ids, weight)
