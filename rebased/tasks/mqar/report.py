@@ -19,6 +19,9 @@ from rebased.train.run_files import METRICS_FILE
 log = logging.getLogger(__name__)
 
 
+Paper = dict[tuple[str, int], dict[int, float]]  # (model, L) -> {d_model: accuracy}, as in paper_values
+
+
 @dataclass
 class CellSummary:
     model: str
@@ -80,7 +83,7 @@ def summary_markdown(cells: Sequence[CellSummary]) -> str:
     return markdown_table(["model", "L", *(f"d_model {d}" for d in d_models)], table)
 
 
-def paper_comparison(cells: Sequence[CellSummary], paper: dict[tuple[str, int], dict[int, float]]) -> str:
+def paper_comparison(cells: Sequence[CellSummary], paper: Paper) -> str:
     """Ours beside the paper, one row per finished cell both have: ours, paper, difference, and a flag where
     they differ by more than CLOSE. Empty when no cell is in both."""
     from rebased.tasks.mqar.paper_values import CLOSE
@@ -98,9 +101,7 @@ def paper_comparison(cells: Sequence[CellSummary], paper: dict[tuple[str, int], 
     return markdown_table(["model", "L", "d_model", "ours", "paper", "ours - paper", "note"], rows)
 
 
-def pending_cells(
-    planned: Sequence[MQARRun], results: Sequence[dict], paper: dict[tuple[str, int], dict[int, float]]
-) -> str:
+def pending_cells(planned: Sequence[MQARRun], results: Sequence[dict], paper: Paper) -> str:
     """The cells with runs still to train, in the order a sweep trains them (cheapest first): runs finished of
     those planned, and the paper's value where it has one. Empty when nothing is pending."""
     done = {r["run_id"] for r in results}
@@ -169,9 +170,6 @@ def learning_curves(results: Sequence[dict], cells: Sequence[CellSummary], runs_
         steps, accuracy, loss = ([e[k] for e in entries] for k in ("step", "accuracy", "train_loss"))
         curves.append(Curve(r["model"], r["seed"], steps, accuracy, loss))
     return sorted(curves, key=lambda c: (model_order(c.model), c.seed))
-
-
-Paper = dict[tuple[str, int], dict[int, float]]  # (model, L) -> {d_model: accuracy}, as in paper_values
 
 
 def plot_summary(
