@@ -11,10 +11,14 @@
 # In: results/mqar/EXPERIMENT/results.jsonl (committed: the finished runs) and .sweep/EXPERIMENT/runs/ (each run
 # still training: its checkpoint, config and metrics). Out, under $OUT: results.jsonl (commit it over the one in
 # results/), sweep.log, and inflight.tgz.* (the runs in flight at the limit, in 15 MB parts). Unpack them for the
-# next call, in this session or a later one:
+# next call, in this session or a later one (and carry .triton_cache too, from triton_cache.tgz):
 #   rm -rf .sweep/EXPERIMENT && mkdir -p .sweep && cat OUT_DIR/inflight.tgz.* | tar xzf - -C .sweep
+#   rm -rf .triton_cache && tar xzf OUT_DIR/triton_cache.tgz
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# Triton's compiled kernels in the repository (git-ignored), so a later call skips compiling them: on the same
+# warm machine as it is, and on a fresh one when .triton_cache is carried (unpack $OUT/triton_cache.tgz first)
+export TRITON_CACHE_DIR=$PWD/.triton_cache
 experiment=${EXPERIMENT:-paper-fig1}
 minutes=${MINUTES:-9}
 work=/tmp/sweep
@@ -36,4 +40,5 @@ cp "$work/$experiment/results.jsonl" "$OUT/"
         [ -f "$run/checkpoint.pt" ] && [ ! -f "$run/model.safetensors" ] && echo "$run"
     done
 ) | tar czf - -C "$work" -T - | split -b 15m - "$OUT/inflight.tgz."
+[ -d .triton_cache ] && tar czf "$OUT/triton_cache.tgz" .triton_cache
 ls -l "$OUT"
