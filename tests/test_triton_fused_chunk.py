@@ -93,9 +93,9 @@ def check(got, want, rel_rms):
 
 
 # (kernel, batch, length, heads, q/k dim, value dim, initial state). Chunks of 16 under the interpreter: lengths
-# 1, chunk - 1, chunk, chunk + 1 and three chunks; value dims 5 and 8 (one state block of 8 columns per j), 16
-# and 42 (BV 64); q/k 16 (the MQAR models'), 4 and 12 (padded to 16), 32 (BD 32); several heads and two sequences
-# (each program finds its own rows and state row).
+# 1, chunk - 1, chunk, chunk + 1 and three chunks; value dims 1, 2 and 4 (the kernel ablation's), 5 and 8 (one
+# state block of 8 columns per j), 16 and 42 (BV 64); q/k 16 (the MQAR models'), 4 and 12 (padded to 16), 32
+# (BD 32); several heads and two sequences (each program finds its own rows and state row).
 CASES = [
     ("rebased", 1, 1, 1, 16, 5, False),
     ("rebased", 1, 15, 2, 16, 8, True),
@@ -106,6 +106,10 @@ CASES = [
     ("based", 1, 17, 1, 4, 16, False),
     ("linear", 1, 20, 2, 12, 5, True),
     ("const_square", 1, 33, 1, 16, 8, True),
+    # the kernel ablation's models: 12 heads of q/k 16 and v 1, 2, 2, 4 at d_model 16, 24, 32, 48
+    ("rebased", 2, 19, 12, 16, 1, False),
+    ("rebased", 1, 17, 3, 16, 2, True),
+    ("based", 1, 33, 2, 16, 4, True),
 ]
 
 
@@ -278,9 +282,14 @@ def test_auto_mode_prefers_the_fused_chunk_kernels_from_a_length(length, heads, 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize(("name", "value_dim"), [("rebased", 5), ("rebased", 16), ("based", 5), ("based", 11)])
+@pytest.mark.parametrize(
+    ("name", "value_dim"),
+    [("rebased", 5), ("rebased", 16), ("based", 5), ("based", 11), ("rebased", 1), ("rebased", 2), ("based", 4)],
+    ids=["rebased-v5", "rebased-v16", "based-v5", "based-v11", "ablation-v1", "ablation-v2", "ablation-v4"],
+)
 def test_gpu_mqar_shape_against_float64(dtype, name, value_dim):
-    """The MQAR models' heads (12 of q/k 16, value dims 5 to 16) at L 2048, from a state: bf16 every gradient within
+    """The MQAR models' heads (12 of q/k 16, value dims 1 to 16: 1, 2 and 4 are the kernel ablation's d_model 16-48)
+    at L 2048, from a state: bf16 every gradient within
     1% relative RMS of float64 at every position, fp32 1e-4 overall (the chunk and parallel kernels' bound).
     Batch 4, not 512: the float64 reference keeps every step's state for its backward."""
     generator = torch.Generator().manual_seed(value_dim)
