@@ -327,18 +327,24 @@ def mqar_gpu_run(**config_changes):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_graphed_step_trains_as_the_eager_one(tmp_path):
+@pytest.mark.parametrize("embedding_kernel", [False, True], ids=["torch-embedding", "triton-embedding"])
+def test_gpu_graphed_step_trains_as_the_eager_one(tmp_path, monkeypatch, caplog, embedding_kernel):
     """Three eager warm-up steps, the capture, then replays, stopped after 6 steps and resumed without the graph
     to 8: the weights match the eager run's (the same kernels in the same order; bf16 autocast and the kernels'
-    atomics leave rounding differences), and the checkpoint holds the optimizer as the eager step keeps it."""
+    atomics leave rounding differences), and the checkpoint holds the optimizer as the eager step keeps it. With
+    the token embedding's gradient from the Triton kernel too (its sort and search captured in the graph)."""
+    from rebased.ops import embedding
     from rebased.train.graphed import WARMUP_STEPS
 
+    monkeypatch.setattr(embedding, "EMBEDDING_TRITON_ON_GPU", embedding_kernel)
     model, data, config = mqar_gpu_run(max_steps=8)
     graphed = copy.deepcopy(model)
     train(model, data, config, progress=False)
     steps = iter(range(1, 100))
-    stopped = train(graphed, data, dataclasses.replace(config, cuda_graph=True), tmp_path, progress=False,
-                    stop_when=lambda: next(steps) >= 6)  # fmt: skip
+    with caplog.at_level("WARNING", logger="rebased.train.graphed"):
+        stopped = train(graphed, data, dataclasses.replace(config, cuda_graph=True), tmp_path, progress=False,
+                        stop_when=lambda: next(steps) >= 6)  # fmt: skip
+    assert "could not be captured" not in caplog.text  # the replays ran, not the eager fallback
     assert not stopped.finished and stopped.steps == 6 > WARMUP_STEPS + 1
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["optimizer"]["param_groups"]
     assert all(isinstance(g["lr"], float) and not g["capturable"] for g in saved)
