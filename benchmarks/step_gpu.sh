@@ -24,7 +24,7 @@ timeout "${TEST_S:-90}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra 
 # the fused chunk kernels at the kernel ablation's value dims (1, 2, 4), before its sweep runs them
 timeout "${ABLATION_TEST_S:-60}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
     tests/test_triton_fused_chunk.py -k "gpu_mqar_shape and ablation" 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
-cells="${CELLS:-rebased:64:512,rebased:64:2048,rebased:128:2048}"
+cells="${CELLS:-rebased:64:512,rebased:64:2048,rebased:128:2048,based:64:2048}"
 timeout "${BENCH_S:-110}" python3 benchmarks/mqar_cost_gpu.py auto-triton --cells "$cells" \
     --variants "${VARIANTS:-graph-committed,graph-committed-embedding}" 2>&1 | tee "$OUT/mqar_step.log"
 timeout "${PROFILE_S:-100}" python3 benchmarks/mqar_profile_gpu.py --cells rebased:64:2048,rebased:128:2048 --kernels-only \
