@@ -122,8 +122,10 @@ def test_embedding_backends_match_nn_embedding(monkeypatch):
         assert torch.equal(got, want)
         assert_close(module.weight.grad, reference_module.weight.grad, rel_rms=1e-6, atol=1e-6, name=backend)
     assert calls == [1]  # "auto": off on the CPU, and EMBEDDING_TRITON_ON_GPU is off until timed
+    monkeypatch.setattr(ops_embedding, "EMBEDDING_TRITON_ON_GPU", True)
+    ops_embedding.Embedding(40, 12, backend="auto")(ids.cpu()).sum().backward()  # CPU tensors: torch even so
+    assert calls == [1]
     if HAS_CUDA:
-        monkeypatch.setattr(ops_embedding, "EMBEDDING_TRITON_ON_GPU", True)
         ops_embedding.Embedding(40, 12, backend="auto").to(DEVICE)(ids).sum().backward()
         assert calls == [1, 1]
 

@@ -33,7 +33,7 @@ def embedding(ids: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
     from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
 
     if backend == "auto":
-        fused = EMBEDDING_TRITON_ON_GPU and _kernel_takes(weight) and auto_picks_triton(weight)
+        fused = EMBEDDING_TRITON_ON_GPU and auto_picks_triton(weight) and _kernel_takes(weight)  # (imports triton)
         backend = "triton" if fused else "torch"
     elif backend == "triton":
         require_triton("embedding(backend='triton')", weight)
