@@ -11,9 +11,8 @@
 # In: results/mqar/EXPERIMENT/results.jsonl (committed: the finished runs) and .sweep/EXPERIMENT/runs/ (each run
 # still training: its checkpoint, config and metrics). Out, under $OUT: results.jsonl (commit it over the one in
 # results/), sweep.log, and inflight.tgz.* (the runs in flight at the limit, in 15 MB parts). Unpack them for the
-# next call, in this session or a later one (and carry .triton_cache too, from triton_cache.tgz):
-#   rm -rf .sweep/EXPERIMENT && mkdir -p .sweep && cat OUT_DIR/inflight.tgz.* | tar xzf - -C .sweep
-#   rm -rf .triton_cache && tar xzf OUT_DIR/triton_cache.tgz
+# next call, in this session or a later one, with benchmarks/mqar_sweep_unpack.sh OUT_DIR (which also takes
+# triton_cache.tgz into .triton_cache, for the next call to carry beside .sweep, and remakes the summary).
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # Triton's compiled kernels in the repository (git-ignored), so a later call skips compiling them: on the same

@@ -1,0 +1,23 @@
+#!/bin/bash
+# After a device call of benchmarks/mqar_sweep_gpu.sh, on this machine: take what it sent back (DIR, the call's
+# files) into the repository: results.jsonl over the committed one, the runs in flight into .sweep/EXPERIMENT
+# (for the next call to carry), Triton's cache into .triton_cache, then remake summary.md and accuracy.png.
+#   EXPERIMENT=paper-fig1 ARGS="--models rebased,based" bash benchmarks/mqar_sweep_unpack.sh DIR
+# ARGS are the report's `rebased mqar` options (the grid whose summary to write), not the call's subset.
+set -e
+cd "$(dirname "$0")/.."
+dir=${1:?usage: bash benchmarks/mqar_sweep_unpack.sh DIR, the folder of the device call files}
+experiment=${EXPERIMENT:-paper-fig1}
+[ -f "$dir/results.jsonl" ] || { echo "no results.jsonl in $dir: nothing taken" >&2; exit 1; }
+cp "$dir/results.jsonl" "results/mqar/$experiment/results.jsonl"
+rm -rf ".sweep/$experiment" && mkdir -p .sweep
+if ls "$dir"/inflight.tgz.* >/dev/null 2>&1; then
+    cat "$dir"/inflight.tgz.* | tar xzf - -C .sweep
+fi
+if [ -f "$dir/triton_cache.tgz" ]; then
+    rm -rf .triton_cache && tar xzf "$dir/triton_cache.tgz"
+fi
+echo "in flight now:" ".sweep/$experiment/runs/"*
+# shellcheck disable=SC2086  # ARGS is a list of options
+python3 -c "import sys; from rebased.cli import main; sys.exit(main(sys.argv[1:]))" \
+    mqar "$experiment" ${ARGS} --out "results/mqar/$experiment" --report | tail -3
