@@ -23,6 +23,7 @@ if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 from rebased.ops.triton import embedding as kernel  # noqa: E402
+from rebased.ops.triton import launch  # noqa: E402
 from rebased.ops.triton.embedding import embedding_grad  # noqa: E402
 
 
@@ -137,7 +138,7 @@ def test_embedding_refuses_what_it_does_not_implement(monkeypatch):
         ops_embedding.Embedding(10, 4, padding_idx=0)
     with pytest.raises(ValueError, match="unknown backend 'trition'"):
         ops_embedding.embedding(torch.zeros(2, dtype=torch.int64), torch.zeros(3, 4), backend="trition")
-    monkeypatch.setattr(kernel, "interpreting", lambda: False)  # CPU tensors, compiled: refused at the call
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # CPU tensors, compiled: refused at the call
     with pytest.raises(NotImplementedError, match="needs CUDA tensors"):
         ops_embedding.embedding(torch.zeros(2, dtype=torch.int64), torch.zeros(3, 4, requires_grad=True),
                                 backend="triton")  # fmt: skip

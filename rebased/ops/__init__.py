@@ -84,12 +84,15 @@ def auto_picks_triton(x: Tensor) -> bool:
 
 
 def require_triton(what: str, x: Tensor) -> None:
-    """An explicit backend="triton": NotImplementedError without the package; for CUDA tensors (where the
-    compiled kernels run) one warning on a Triton version the GPU tests did not pass on: they run anyway."""
+    """An explicit backend="triton": NotImplementedError without the package, or for tensors off CUDA outside
+    TRITON_INTERPRET=1 (where the kernels cannot run); for CUDA tensors (where the compiled kernels run) one
+    warning on a Triton version the GPU tests did not pass on: they run anyway."""
     if not _load_triton():
         raise NotImplementedError(f"{what} needs the triton package, which is not installed")
     if x.is_cuda:
         _triton_versions().check_trusted("backend='triton' runs the kernels anyway")
+    elif not importlib.import_module(f"{_TRITON_MODULE}.launch").interpreting():
+        raise NotImplementedError(f"{what} needs CUDA tensors (or TRITON_INTERPRET=1), got device {x.device}")
 
 
 def resolve_backend(mode: str, backend: str, q: Tensor) -> Callable:

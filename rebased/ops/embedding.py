@@ -36,10 +36,7 @@ def embedding(ids: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
         fused = EMBEDDING_TRITON_ON_GPU and auto_picks_triton(weight) and _kernel_takes(weight)  # (imports triton)
         backend = "triton" if fused else "torch"
     elif backend == "triton":
-        require_triton("embedding(backend='triton')", weight)
-        kernel = importlib.import_module(_KERNEL_MODULE)
-        if not weight.is_cuda and not kernel.interpreting():  # refused here, not first in the backward
-            raise NotImplementedError(f"embedding(backend='triton') needs CUDA tensors, got {weight.device}")
+        require_triton("embedding(backend='triton')", weight)  # (refuses CPU tensors here, not in the backward)
     if backend == "torch" or not weight.requires_grad:
         return F.embedding(ids, weight)
     return _TritonGradEmbedding.apply(ids, weight)
