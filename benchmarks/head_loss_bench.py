@@ -39,39 +39,38 @@ def inputs(rows: int, vocab: int, dim: int):
 
 
 def sweep_rows(case, hidden, weight, targets, committed: TileLaunch) -> TileLaunch:
-    want_loss, want_lse, want_dh = launch_rows(hidden, weight, targets, -100, True, committed)
-    best = (float("inf"), committed)
-    for launch in [committed] + [c for c in ROWS if c != committed]:
-        try:
-            loss, _, dh = launch_rows(hidden, weight, targets, -100, True, launch)
-            ms = triton.testing.do_bench(functools.partial(launch_rows, hidden, weight, targets, -100, True, launch),
-                                         return_mode="median")  # fmt: skip
-        except Exception as error:  # noqa: BLE001 - a launch that cannot run is a row of the table
-            print(f"| {case} | rows | {_text(launch)} | failed: {type(error).__name__} | |", flush=True)
-            continue
-        errors = {"loss": error_report(loss.sum(), want_loss.sum())[1], "dh": error_report(dh, want_dh)[1]}
-        ok = all(errors[name] <= TOLERANCE[name] for name in errors)
-        print(f"| {case} | rows | {_text(launch)} | {ms:.3f} | {_errors(errors, ok)} |", flush=True)
-        if ok and ms < best[0]:
-            best = (ms, launch)
-    return best[1]
+    def run(launch):
+        return launch_rows(hidden, weight, targets, -100, True, launch)
+
+    want_loss, _, want_dh = run(committed)
+    return sweep(case, "rows", ROWS, committed, run, lambda out: {
+        "loss": error_report(out[0].sum(), want_loss.sum())[1], "dh": error_report(out[2], want_dh)[1]})  # fmt: skip
 
 
 def sweep_cols(case, hidden, weight, targets, committed: TileLaunch, rows_launch: TileLaunch) -> TileLaunch:
     _, lse, _ = launch_rows(hidden, weight, targets, -100, False, rows_launch)
-    want = launch_cols(hidden, weight, targets, -100, lse, committed)
+
+    def run(launch):
+        return launch_cols(hidden, weight, targets, -100, lse, launch)
+
+    want = run(committed)
+    return sweep(case, "cols", COLS, committed, run, lambda dw: {"dW": error_report(dw, want)[1]})
+
+
+def sweep(case: str, kernel: str, candidates, committed: TileLaunch, run, errors_of) -> TileLaunch:
+    """Run and time `run(launch)` at the committed launch, then every other candidate; print a row each (its
+    errors_of(outputs) against the committed launch's); return the fastest launch within TOLERANCE."""
     best = (float("inf"), committed)
-    for launch in [committed] + [c for c in COLS if c != committed]:
+    for launch in [committed] + [c for c in candidates if c != committed]:
         try:
-            dw = launch_cols(hidden, weight, targets, -100, lse, launch)
-            ms = triton.testing.do_bench(functools.partial(launch_cols, hidden, weight, targets, -100, lse, launch),
-                                         return_mode="median")  # fmt: skip
+            outputs = run(launch)
+            ms = triton.testing.do_bench(functools.partial(run, launch), return_mode="median")
         except Exception as error:  # noqa: BLE001 - a launch that cannot run is a row of the table
-            print(f"| {case} | cols | {_text(launch)} | failed: {type(error).__name__} | |", flush=True)
+            print(f"| {case} | {kernel} | {_text(launch)} | failed: {type(error).__name__} | |", flush=True)
             continue
-        errors = {"dW": error_report(dw, want)[1]}
-        ok = errors["dW"] <= TOLERANCE["dW"]
-        print(f"| {case} | cols | {_text(launch)} | {ms:.3f} | {_errors(errors, ok)} |", flush=True)
+        errors = errors_of(outputs)
+        ok = all(errors[name] <= TOLERANCE[name] for name in errors)
+        print(f"| {case} | {kernel} | {_text(launch)} | {ms:.3f} | {_errors(errors, ok)} |", flush=True)
         if ok and ms < best[0]:
             best = (ms, launch)
     return best[1]

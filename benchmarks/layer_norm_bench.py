@@ -17,6 +17,8 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.testing
 
 from rebased.ops.triton import layer_norm as fused
 from rebased.testing import error_report
@@ -55,8 +57,6 @@ def forward(x, weight, bias, use_torch: bool):
 
 def time_one(x, weight, bias, dy, use_torch: bool) -> tuple[float, float, list[torch.Tensor]]:
     """(forward ms, backward ms, [y, dx, dgamma, dbeta])."""
-    import triton.testing
-
     forward_ms = triton.testing.do_bench(lambda: forward(x, weight, bias, use_torch), return_mode="median")
     y = forward(x, weight, bias, use_torch)
     grads = torch.autograd.grad(y, (x, weight, bias), dy.to(y.dtype), retain_graph=True)
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--cases", default=CASES, help=f"rows:features:dtype,... (default {CASES})")
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-    print(f"{gpu}; torch {torch.__version__}; triton {__import__('triton').__version__}")
+    print(f"{gpu}; torch {torch.__version__}; triton {triton.__version__}")
     committed = (fused.TILE_ELEMENTS, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM)
     launch_sets = [committed] + [s for s in itertools.product(TILES, WARPS, PROGRAMS_PER_SM) if s != committed]
     print("\n| rows x features, input | launch (tile, warps, programs/SM) | fwd ms | bwd ms | worst rel. RMS |")

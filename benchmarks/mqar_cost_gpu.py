@@ -60,8 +60,6 @@ VARIANTS = {
     "graph-triton": ({"fused_loss": True, "cuda_graph": True}, "rows"),
     "graph-tiles": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
-    "graph-tiles-embedding": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
-    "graph-tiles-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "tiles"),
     "graph-committed": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-embedding": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
