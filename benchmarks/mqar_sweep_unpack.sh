@@ -1,7 +1,8 @@
 #!/bin/bash
-# After a GPU call of benchmarks/mqar_sweep_gpu.sh, in the working copy: take what the call sent back (DIR, the call's
-# files) into the repository: results.jsonl over the committed one, the runs in flight into .sweep/EXPERIMENT
-# (for the next call to carry), Triton's cache into .triton_cache, then remake summary.md and accuracy.png.
+# After a GPU call of benchmarks/mqar_sweep_gpu.sh, in the working copy: take what the call sent back (DIR, the
+# call's files) into the repository: results.jsonl over the committed one, the runs in flight into
+# .sweep/EXPERIMENT (for the next call to carry), Triton's cache into .triton_cache, then remake summary.md and
+# accuracy.png.
 #   EXPERIMENT=paper-fig1 ARGS="--models rebased,based" bash benchmarks/mqar_sweep_unpack.sh DIR
 # ARGS are the report's `rebased mqar` options (the grid whose summary to write), not the call's subset.
 set -e
