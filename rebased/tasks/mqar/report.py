@@ -255,17 +255,14 @@ def curves_figure(curves: Sequence[Curve], cells: Sequence[CellSummary]):
     return figure
 
 
-def accuracy_figure(
-    cells: Sequence[CellSummary], x: str = "d_model", paper: Paper | None = None, grid: Sequence[tuple] = ()
-):
+def accuracy_figure(cells: Sequence[CellSummary], x: str, paper: Paper, grid: Sequence[tuple]):
     """Accuracy against x ("d_model": one panel per L, as the paper's Fig. 1; "seq_len": one panel), one line
     per model (gid MODEL), ± std over seeds where a cell has more than one; hollow markers on cells with runs
-    still pending; the paper's values at the cells of `grid` ((model, d_model, L), planned or finished) as a
-    dashed line per model (gid paper/MODEL)."""
+    still pending; the paper's values at the cells of `grid` ((model, d_model, L) of every cell planned or
+    finished: summary_figure's) as a dashed line per model (gid paper/MODEL)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    grid = sorted(set(grid) | {(c.model, c.d_model, c.seq_len) for c in cells})
     panels = sorted({length for _, _, length in grid}) if x == "d_model" else [None]
     colours = _colours([model for model, _, _ in grid])
     figure = Figure(figsize=(3.2 * len(panels) if x == "d_model" else 4.5, 3.0))
@@ -275,7 +272,7 @@ def accuracy_figure(
             theirs = sorted(
                 ({"d_model": d, "seq_len": n}[x], paper[(model, n)][d])
                 for m, d, n in grid
-                if m == model and (length is None or n == length) and d in (paper or {}).get((model, n), {})
+                if m == model and (length is None or n == length) and d in paper.get((model, n), {})
             )
             if theirs:
                 ax.plot(*zip(*theirs), ls="--", marker="x", lw=1, color=colours[model], alpha=0.6,
