@@ -59,13 +59,13 @@ class TileLaunch:
     warps: int
 
 
-# Per kernel on the GPU, for heads up to 64 wide and wider: chosen by compiling for sm_90a (bf16, 8 warps), the
-# largest tiles that compile without spilling registers to the stack (rows at D 64: 64 x 128 in 190 registers,
-# where 128 x 128 spills; columns: 128 x 64 in 200), and 64 x 64 for D 65-128 (254 and 255 registers, at most
-# 16 bytes of stack). Timed on an H200 (benchmarks/loss_bench.py --variants fused-tiles): the D 64 launches beat
-# the row kernel 2.5x, the wide ones lose to it by 1.5x at D 128, so only D <= 64 takes them by default.
-GPU_LAUNCHES = {"rows": TileLaunch(64, 128, 8), "cols": TileLaunch(128, 64, 8)}
-GPU_LAUNCHES_WIDE = {"rows": TileLaunch(64, 64, 8), "cols": TileLaunch(64, 64, 8)}
+# Per kernel on the GPU, for heads up to 64 wide and wider (bf16): the fastest launches of
+# benchmarks/head_loss_bench.py on an H200 (benchmarks/results/h200_mqar/head_loss_4508870.md, 65,536 rows x
+# 8,192 classes, ms per launch). D 64: rows 64 x 64 tiles with 4 warps 0.69 (the earlier 64 x 128, 8 warps:
+# 1.23), columns 128 x 64, 4 warps 0.59 (0.68). D 128: rows 64 x 128, 4 warps 0.90 (64 x 64, 8 warps: 1.93),
+# columns 64 x 64, 4 warps 0.62 (1.86). Four warps win everywhere: twice the registers a thread, no spills.
+GPU_LAUNCHES = {"rows": TileLaunch(64, 64, 4), "cols": TileLaunch(128, 64, 4)}
+GPU_LAUNCHES_WIDE = {"rows": TileLaunch(64, 128, 4), "cols": TileLaunch(64, 64, 4)}
 # Under the interpreter: 16 x 16, so small test shapes cross several tiles both ways.
 INTERPRETER_LAUNCHES = {"rows": TileLaunch(16, 16, 1), "cols": TileLaunch(16, 16, 1)}
 
