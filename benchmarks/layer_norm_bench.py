@@ -6,7 +6,7 @@ beside torch's F.layer_norm, with each launch set's gradients checked against to
 A case is rows:features:input dtype. An MQAR micro-batch at the paper's batch is 262,144 tokens. Its blocks'
 LayerNorms take the fp32 residual stream over d_model features. The feature map's take the bf16 projections
 of q and k over 12 x 16 = 192 features. Every output is bf16, as under autocast, and so is the incoming
-gradient. A launch set is (TILE_ELEMENTS, NUM_WARPS, BACKWARD_PROGRAMS_PER_SM) of
+gradient. A launch set is (TILE_BYTES, NUM_WARPS, BACKWARD_PROGRAMS_PER_SM) of
 rebased/ops/triton/layer_norm.py. The table lists every set, the committed one first, and ends with the fastest
 set per case. Time: the median of triton.testing.do_bench, forward alone and backward alone (dx, dgamma and
 dbeta from a saved forward).
@@ -24,7 +24,7 @@ from rebased.ops.triton import layer_norm as fused
 from rebased.testing import error_report
 
 CASES = "262144:64:float32,262144:192:bfloat16,262144:128:float32,262144:384:bfloat16"
-TILES = (2048, 4096, 8192, 16384)
+TILES = (4096, 8192, 16384, 32768, 65536)  # bytes of input a tile
 WARPS = (4, 8)
 PROGRAMS_PER_SM = (4, 8, 16, 32)
 DEVICE = "cuda"
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(f"{gpu}; torch {torch.__version__}; triton {triton.__version__}")
-    committed = (fused.TILE_ELEMENTS, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM)
+    committed = (fused.TILE_BYTES, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM)
     launch_sets = [committed] + [s for s in itertools.product(TILES, WARPS, PROGRAMS_PER_SM) if s != committed]
     print("\n| rows x features, input | launch (tile, warps, programs/SM) | fwd ms | bwd ms | worst rel. RMS |")
     print("| --- | --- | --- | --- | --- |")
@@ -83,14 +83,14 @@ def main() -> None:
         torch_fwd, torch_bwd, want = time_one(x, weight, bias, dy, use_torch=True)
         print(f"| {case} | torch F.layer_norm | {torch_fwd:.4f} | {torch_bwd:.4f} | |", flush=True)
         for launch in launch_sets:
-            fused.TILE_ELEMENTS, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM = launch
+            fused.TILE_BYTES, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM = launch
             fwd, bwd, got = time_one(x, weight, bias, dy, use_torch=False)
             error = max(error_report(g, w)[1] for g, w in zip(got, want))
             mark = "" if error <= TOLERANCE else f" ABOVE {TOLERANCE:g}"
             print(f"| {case} | {launch} | {fwd:.4f} | {bwd:.4f} | {error:.1e}{mark} |", flush=True)
             if error <= TOLERANCE and bwd + fwd < best.get(case, (float("inf"),))[0]:
                 best[case] = (fwd + bwd, launch, fwd, bwd)
-        fused.TILE_ELEMENTS, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM = committed
+        fused.TILE_BYTES, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM = committed
         del x, weight, bias, dy, want
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

@@ -24,10 +24,13 @@ from torch import Tensor
 from rebased.ops.triton.launch import interpreting, sm_count
 
 MAX_FEATURES = 8192  # one row per tile register block; wider rows go to torch
-# GPU launches (benchmarks/layer_norm_bench.py sweeps them): a tile of about TILE_ELEMENTS elements (rows x
-# padded features), NUM_WARPS warps a program, and BACKWARD_PROGRAMS_PER_SM backward programs on each SM, each
-# walking its share of the row blocks.
-TILE_ELEMENTS = 4096
+# GPU launches (benchmarks/layer_norm_bench.py sweeps them): a tile of about TILE_BYTES of input (rows x padded
+# features x the input's element size), NUM_WARPS warps a program, and BACKWARD_PROGRAMS_PER_SM backward
+# programs on each SM, each walking its share of the row blocks. 16 KB tiles were the fastest or within 0.01 ms
+# of it, forward + backward, in three of the four MQAR cases on an H200 (benchmarks/results/h200_mqar/
+# layer_norm_4508870.md, 262,144 rows): 64 fp32 features 0.20 ms (32 KB: 0.26), 192 bf16 0.32 (8 KB: 0.42),
+# 384 bf16 0.48 (8 KB: 0.62). The fourth, 128 fp32, scatters between 0.24 and 0.49 ms with no order in the tile.
+TILE_BYTES = 16384
 NUM_WARPS = 4
 BACKWARD_PROGRAMS_PER_SM = 8
 
@@ -94,11 +97,11 @@ def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, dw_part, db_part, M, N,
     tl.store(db_part + pid * N + cols, db_acc, mask=cols < N)
 
 
-def _blocks(features: int) -> tuple[int, int]:
-    """(BM, BN): tiles of about TILE_ELEMENTS elements on the GPU; 4 rows under the interpreter, so tiny tests
+def _blocks(features: int, element_size: int) -> tuple[int, int]:
+    """(BM, BN): tiles of about TILE_BYTES of input on the GPU; 4 rows under the interpreter, so tiny tests
     cross several row blocks."""
     bn = max(16, triton.next_power_of_2(features))
-    return (4 if interpreting() else max(1, TILE_ELEMENTS // bn)), bn
+    return (4 if interpreting() else max(1, TILE_BYTES // (bn * element_size))), bn
 
 
 def _backward_programs(row_blocks: int, device: torch.device) -> int:
@@ -116,7 +119,7 @@ class LayerNormFunction(torch.autograd.Function):
         y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
-        bm, bn = _blocks(features)
+        bm, bn = _blocks(features, x2.element_size())
         if rows:
             layer_norm_fwd_kernel[(triton.cdiv(rows, bm),)](
                 x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
@@ -133,7 +136,7 @@ class LayerNormFunction(torch.autograd.Function):
         rows, features = x2.shape
         dy2 = dy.reshape(rows, features).contiguous()
         dx = torch.empty_like(x2)
-        bm, bn = _blocks(features)
+        bm, bn = _blocks(features, x2.element_size())
         programs = _backward_programs(triton.cdiv(rows, bm), x2.device)
         dw_part = torch.zeros(max(1, programs), features, dtype=torch.float32, device=x2.device)
         db_part = torch.zeros_like(dw_part)
