@@ -159,6 +159,7 @@ def test_sweep_trains_resumes_and_runs_workers(tmp_path):
     results = run_sweep(tiny_runs(), tmp_path / "a", progress=False, on_result=lambda r, done, total: seen.append(r))
     assert [r["model"] for r in results] == ["based", "attention"] and len(seen) == 2
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 4 for r in results)
+    assert all(r["cuda_graph"] is None for r in results)  # (no graphs on the CPU)
     assert load(tmp_path / "a" / "runs" / results[0]["run_id"]).num_params() == results[0]["params"]
     again = run_sweep(tiny_runs(), tmp_path / "a", progress=False, on_result=lambda *a: seen.append(a))
     assert [r["seconds"] for r in again] == [r["seconds"] for r in results]  # read back, not retrained

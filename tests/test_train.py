@@ -3,8 +3,10 @@ stop, atomic checkpoints, SIGKILL-then-resume = uninterrupted (bitwise), torchru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -313,6 +316,89 @@ def test_cuda_graph_step_says_what_it_needs():
         run(TrainConfig(epochs=1, cuda_graph=True, **QUICK))
 
 
+class FakeCapture:
+    """The CUDA pieces GraphedStep touches, on the CPU: streams that run in place, a graph whose replay calls
+    the captured step again, a generator state to save and put back. `fail_captures` of them raise first."""
+
+    def __init__(self, monkeypatch, fail_captures: int):
+        self.fail_captures, self.collector_during_capture, self.graphs = fail_captures, [], 0
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+
+        class GraphContext:
+            def __init__(self, graph):
+                pass
+
+            def __enter__(self):
+                fake.capturing = True
+
+            def __exit__(self, *exc):
+                fake.capturing = False
+                if fake.fail_captures:
+                    fake.fail_captures -= 1
+                    raise RuntimeError("operation failed due to a previous error during capture")
+                fake.graphs += 1
+
+        class Generator:
+            def clone_state(self):
+                return "state"
+
+            def graphsafe_set_state(self, state):
+                fake.restored = state
+
+        self.capturing, self.replays, self.restored = False, 0, None
+        cuda = torch.cuda
+        stream = types.SimpleNamespace(wait_stream=lambda other: None)
+        monkeypatch.setattr(cuda, "Stream", lambda device: stream)
+        monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: stream)
+        monkeypatch.setattr(cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(cuda, "default_generators", (Generator(),))
+        monkeypatch.setattr(cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(cuda, "graph", GraphContext)
+
+    def step(self, batch, lr):
+        if self.capturing:
+            self.collector_during_capture.append(gc.isenabled())
+        self.steps.append("captured" if self.capturing else "eager")
+        return torch.zeros(()), torch.zeros(())
+
+
+@pytest.mark.parametrize("fail_captures", [0, 1, 2])
+def test_graphed_step_retries_a_failed_capture_once_then_trains_eagerly(monkeypatch, caplog, fail_captures):
+    """GraphedStep's sequence on stand-ins for the CUDA calls: WARMUP_STEPS eager steps, the capture, replays.
+    A failed capture is tried again after WARMUP_STEPS more eager steps; a second failure leaves every later
+    step eager, with a warning each time. The cycle collector is off during a capture and on again after it,
+    and a failed capture puts back the generator's state."""
+    from rebased.train.graphed import CAPTURE_ATTEMPTS, WARMUP_STEPS, GraphedStep
+
+    fake = FakeCapture(monkeypatch, fail_captures)
+    fake.steps = []
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    graphed = GraphedStep(fake.step, optimizer, torch.device("cpu"))
+    batch = types.SimpleNamespace(count=torch.zeros((), dtype=torch.int64), parts=[])
+    with caplog.at_level("WARNING", logger="rebased.train.graphed"):
+        for _ in range(12):
+            graphed(batch, 0.1)
+    assert gc.isenabled() and fake.collector_during_capture and not any(fake.collector_during_capture)
+    warmup = ["eager"] * WARMUP_STEPS
+    if fail_captures == 0:
+        assert fake.steps == warmup + ["captured"] and fake.replays == 12 - WARMUP_STEPS
+    elif fail_captures < CAPTURE_ATTEMPTS:
+        assert fake.steps == warmup + ["captured", "eager"] + warmup + ["captured"]
+        assert fake.replays == 12 - 2 * WARMUP_STEPS - 1 and "trying again" in caplog.text
+    else:
+        rest = ["eager"] * (12 - 2 * (WARMUP_STEPS + 1))
+        assert fake.steps == warmup + ["captured", "eager"] + warmup + ["captured", "eager"] + rest
+        assert fake.replays == 0 and "so it runs without one" in caplog.text
+    assert graphed.replaying == (fail_captures < CAPTURE_ATTEMPTS)
+    assert (fake.restored == "state") == (fail_captures > 0)
+    assert caplog.text.count("could not be captured") == fail_captures
+
+
 def mqar_gpu_run(**config_changes):
     """A small MQAR ReBased training set-up on the GPU: (model, (inputs, labels), config)."""
     from rebased.tasks.mqar.grids import MQARRun
@@ -345,7 +431,7 @@ def test_gpu_graphed_step_trains_as_the_eager_one(tmp_path, monkeypatch, caplog,
         stopped = train(graphed, data, dataclasses.replace(config, cuda_graph=True), tmp_path, progress=False,
                         stop_when=lambda: next(steps) >= 6)  # fmt: skip
     assert "could not be captured" not in caplog.text  # the replays ran, not the eager fallback
-    assert not stopped.finished and stopped.steps == 6 > WARMUP_STEPS + 1
+    assert not stopped.finished and stopped.steps == 6 > WARMUP_STEPS + 1 and stopped.cuda_graph is True
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["optimizer"]["param_groups"]
     assert all(isinstance(g["lr"], float) and not g["capturable"] for g in saved)
     resumed = train(graphed, data, config, tmp_path, progress=False)
@@ -371,7 +457,7 @@ def test_gpu_step_that_cannot_be_captured_trains_on_eagerly(monkeypatch, caplog)
     monkeypatch.setattr(train_module._Engine, "compute_step", waiting)
     with caplog.at_level("WARNING", logger="rebased.train.graphed"):
         result = train(graphed, data, dataclasses.replace(config, cuda_graph=True), progress=False)
-    assert result.steps == 6
+    assert result.steps == 6 and result.cuda_graph is False
     assert "could not be captured" in caplog.text
     for (name, p), q in zip(graphed.state_dict().items(), model.state_dict().values()):
         assert_close(p, q, rel_rms=2e-3, name=name)

@@ -12,11 +12,12 @@ training steps. The next step is captured once, on that step's batch tensors as 
 step from then on copies its batch into those tensors, writes its learning rate into the device tensor the
 captured AdamW reads, and replays. Same kernels in the same order as the eager step, so the same training.
 A model whose step cannot be captured (a mixer that waits for the device, say) trains on eagerly, with a
-warning.
+warning, after CAPTURE_ATTEMPTS tries (a failure can be passing: see capture()). `replaying` says which it is.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -28,6 +29,7 @@ from rebased.train.batches import GlobalBatch
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's guidance for whole-network capture)
+CAPTURE_ATTEMPTS = 2  # a failed capture is tried again after WARMUP_STEPS more eager steps, once
 
 StepFunction = Callable[[GlobalBatch, "float | Tensor"], tuple[Tensor, Tensor]]
 
@@ -38,8 +40,9 @@ class GraphedStep:
     def __init__(self, step: StepFunction, optimizer: torch.optim.Optimizer, device: torch.device,
                  warmup_steps: int = WARMUP_STEPS):  # fmt: skip
         self.step, self.optimizer, self.device = step, optimizer, device
-        self.warmup_left = warmup_steps
-        self.failed = False  # the capture failed: every step eager (give_up)
+        self.warmup_steps = self.warmup_left = warmup_steps
+        self.attempts_left = CAPTURE_ATTEMPTS
+        self.failed = False  # every capture attempt failed: every step eager (give_up)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: GlobalBatch | None = None
         self.outputs: tuple[Tensor, Tensor] | None = None
@@ -65,6 +68,11 @@ class GraphedStep:
         total, skipped = self.outputs
         return total.clone(), skipped.clone()  # the next replay overwrites the graph's own outputs
 
+    @property
+    def replaying(self) -> bool:
+        """Whether the steps since the capture replay the graph (False before it and after a capture gave up)."""
+        return self.graph is not None
+
     def eager_on_side_stream(self, batch: GlobalBatch, lr: float) -> tuple[Tensor, Tensor]:
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
@@ -82,6 +90,13 @@ class GraphedStep:
         index = torch.cuda.current_device() if self.device.index is None else self.device.index
         generator = torch.cuda.default_generators[index]
         before = generator.clone_state()
+        # Python's cycle collector off for the capture: one that runs inside it can free a dead cycle's CUDA
+        # memory (a finished run's trainer and graph, in a sweep or benchmark that trains many in one process),
+        # and the capture fails ("operation failed due to a previous error during capture"). Seen once in seven
+        # trainings of one benchmark process on an H200; torch.cuda.graph no longer collects before capturing.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with torch.cuda.graph(self.graph):  # waits for the device once, to start the capture from a quiet GPU
                 self.outputs = self.step(self.inputs, self.lr)
@@ -90,12 +105,20 @@ class GraphedStep:
             # dropout then fails ("Offset increment outside graph capture"): put back its state from before.
             generator.graphsafe_set_state(before)
             raise
+        finally:
+            if collecting:
+                gc.enable()
 
     def give_up(self, error: RuntimeError) -> None:
         """After a failed capture, which ran nothing (a capture records kernels, it does not run them): the
-        optimizer as the eager step keeps it, and every later step eager."""
-        log.warning("the training step could not be captured as a CUDA graph, so it runs without one: %s", error)
-        self.failed, self.graph, self.inputs, self.outputs = True, None, None, None
+        optimizer as the eager step keeps it, and eager steps: WARMUP_STEPS of them before the next attempt,
+        or all of them once the attempts are spent."""
+        self.attempts_left -= 1
+        self.failed = self.attempts_left == 0
+        then = "so it runs without one" if self.failed else f"trying again after {self.warmup_steps} eager steps"
+        log.warning("the training step could not be captured as a CUDA graph, %s: %s", then, error)
+        self.warmup_left = 0 if self.failed else self.warmup_steps
+        self.graph, self.inputs, self.outputs = None, None, None
         for group in self.optimizer.param_groups:
             group["capturable"] = False
         self.optimizer.zero_grad(set_to_none=True)

@@ -109,6 +109,9 @@ class TrainResult:
     finished: bool = True  # False: stopped at stop_at; train() again with the same run_dir resumes it
     diverged: bool = False  # stopped after max_skipped_in_a_row non-finite steps; the weights are the last good
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    # TrainConfig.cuda_graph runs: whether this call's steps ended replaying the captured graph (False: they ran
+    # eagerly, every capture attempt having failed, or the call ended before its capture); None without it
+    cuda_graph: bool | None = None
 
 
 # Decay shapes on progress p in [0, 1]: the fraction of (lr - min_lr) left.
@@ -470,6 +473,7 @@ class _Engine:
         return TrainResult(
             history, best, state.stopped_early, state.step, state.seconds, finished=state.done,
             diverged=state.diverged, skipped_steps=int(state.skipped_steps),
+            cuda_graph=None if self.graphed is None else self.graphed.replaying,
         )  # fmt: skip
 
     def run(self) -> TrainResult:

@@ -166,6 +166,7 @@ def run_one(
         "state_bytes": model.state_size(run.seq_len).bytes,
         "seconds": result.seconds,  # training time, summed over the calls a resumed run took
         "device": device.type,
+        "cuda_graph": result.cuda_graph,  # the last call's steps replayed a CUDA graph (None: not asked for)
     }
 
 
