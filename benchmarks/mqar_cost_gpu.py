@@ -26,8 +26,12 @@ loss (the default); graph = fused, with the step captured as a CUDA graph; graph
 -triton = the fused loss's chunks through the Triton softmax kernel (rebased.ops.cross_entropy.AUTO_TRITON_ON_GPU);
 -tiles = the fused loss in the Triton tile kernels, no logits (rebased.ops.cross_entropy.TILED_MAX_DIM);
 -committed = the loss switches as committed (what a sweep runs: the tiles up to TILED_MAX_DIM, the row kernel beyond);
--embedding = the token embedding's gradient from the Triton kernel (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
+-torch-embedding = the token embedding's gradient from torch's backward, not the Triton kernel that every other
+variant takes as committed (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
+
+--micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
+(rebased.tasks.mqar.sweep.MICRO_BATCH_TOKENS, 262,144 as committed: 4 micro-batches at L 2048).
 mqar_profile_gpu.py imports seconds_per_step and apply_variant from here.
 """
 
@@ -43,6 +47,7 @@ from loss_bench import use_loss_kernel  # benchmarks/ is on the path when a scri
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
+from rebased.ops import embedding
 from rebased.ops.norm import LayerNorm
 from rebased.tasks.mqar import sweep
 from rebased.tasks.mqar.grids import MQARRun, paper_pairs
@@ -50,7 +55,8 @@ from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
 
 # variant -> (TrainConfig settings, what computes the fused loss: torch chunks, the Triton row kernel over chunks
-# of logits, or the Triton tile kernels without logits); a name ending in -embedding also takes the embedding kernel
+# of logits, or the Triton tile kernels without logits); a name ending in -torch-embedding takes torch's embedding
+# backward
 VARIANTS = {
     "logits": ({"fused_loss": False, "cuda_graph": False}, "torch"),
     "fused": ({"fused_loss": True, "cuda_graph": False}, "torch"),
@@ -61,18 +67,19 @@ VARIANTS = {
     "graph-tiles": ({"fused_loss": True, "cuda_graph": True}, "tiles"),
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
     "graph-committed": ({"fused_loss": True, "cuda_graph": True}, "committed"),
-    "graph-committed-embedding": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-torch-embedding": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
 }
 
 
+COMMITTED_EMBEDDING = embedding.EMBEDDING_TRITON_ON_GPU
+
+
 def apply_variant(variant: str) -> dict:
     """Set the kernel switches the variant names; return its TrainConfig settings."""
-    from rebased.ops import embedding
-
     settings, kernel = VARIANTS[variant]
     use_loss_kernel(kernel)
-    embedding.EMBEDDING_TRITON_ON_GPU = variant.endswith("-embedding")
+    embedding.EMBEDDING_TRITON_ON_GPU = COMMITTED_EMBEDDING and not variant.endswith("-torch-embedding")
     return settings
 
 
@@ -146,16 +153,20 @@ def main() -> None:
     parser.add_argument("--variants", default="fused", help=f"step variants, comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--batch-scales", default="1", help="batch multiples, comma-separated (default 1)")
     parser.add_argument("--pairs", type=int, default=None, help="key-value pairs (default: the paper's L / 4)")
+    parser.add_argument("--micro-batch-tokens", default=str(sweep.MICRO_BATCH_TOKENS),
+                        help=f"micro-batch token caps, comma-separated (default {sweep.MICRO_BATCH_TOKENS})")  # fmt: skip
     args = parser.parse_args()
     print(versions(), flush=True)
     scales = [int(scale) for scale in args.batch_scales.split(",")]
-    for path, variant in itertools.product(args.paths, args.variants.split(",")):
+    caps = [int(cap) for cap in args.micro_batch_tokens.split(",")]
+    for path, variant, cap in itertools.product(args.paths, args.variants.split(","), caps):
         mode, backend = path.split("-")
+        sweep.MICRO_BATCH_TOKENS = cap
         for (model, d_model, seq_len), scale in itertools.product(parse_cells(args.cells), scales):
             if (mode, backend) == ("parallel", "torch") and seq_len > 512:
                 continue  # the T x T scores of a 128-example micro-batch at L 2048 take tens of GB
-            label = f"{path} {variant}" + (f" x{scale}" if scale != 1 else "")
-            cell = f"{label:30s} {model:9s} d{d_model:<4d} L{seq_len:<5d}"
+            label = f"{path} {variant}" + (f" x{scale}" if scale != 1 else "") + (f" mb{cap}" if len(caps) > 1 else "")
+            cell = f"{label:44s} {model:9s} d{d_model:<4d} L{seq_len:<5d}"
             pairs = args.pairs or paper_pairs(seq_len)
             run = MQARRun(model, d_model, seq_len, pairs, 1e-3, batch_size=512 * scale,
                           train_examples=16 * 512 * scale, test_examples=512)  # fmt: skip
