@@ -33,7 +33,7 @@ from rebased.ops.triton.launch import dot_precision
 from rebased.tables import markdown_table
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-INPUTS = {"q", "k", "v", "x", "y", "do", "o", "dq", "dk", "dv"}
+INPUTS = {"q", "k", "v", "x", "y", "do", "o", "dq", "dk", "dv", "dx", "dy"}
 
 
 def signature(kernel, consts: dict, fp32_pointers: set[str], ints: set[str], inputs: str) -> dict:

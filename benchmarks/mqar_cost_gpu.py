@@ -28,6 +28,7 @@ loss (the default); graph = fused, with the step captured as a CUDA graph; graph
 -committed = the loss switches as committed (what a sweep runs: the tiles up to TILED_MAX_DIM, the row kernel beyond);
 -torch-embedding = the token embedding's gradient from torch's backward, not the Triton kernel that every other
 variant takes as committed (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
+-short-conv = the BaseConv's short convolution in the Triton kernels (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
@@ -47,7 +48,7 @@ from loss_bench import use_loss_kernel  # benchmarks/ is on the path when a scri
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
-from rebased.ops import embedding
+from rebased.ops import conv, embedding
 from rebased.ops.norm import LayerNorm
 from rebased.tasks.mqar import sweep
 from rebased.tasks.mqar.grids import MQARRun, paper_pairs
@@ -68,11 +69,13 @@ VARIANTS = {
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
     "graph-committed": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-torch-embedding": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-short-conv": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
 }
 
 
 COMMITTED_EMBEDDING = embedding.EMBEDDING_TRITON_ON_GPU
+COMMITTED_SHORT_CONV = conv.SHORT_CONV_TRITON_ON_GPU
 
 
 def apply_variant(variant: str) -> dict:
@@ -80,6 +83,7 @@ def apply_variant(variant: str) -> dict:
     settings, kernel = VARIANTS[variant]
     use_loss_kernel(kernel)
     embedding.EMBEDDING_TRITON_ON_GPU = COMMITTED_EMBEDDING and not variant.endswith("-torch-embedding")
+    conv.SHORT_CONV_TRITON_ON_GPU = COMMITTED_SHORT_CONV or variant.endswith("-short-conv")
     return settings
 
 
@@ -153,8 +157,8 @@ def main() -> None:
     parser.add_argument("--variants", default="fused", help=f"step variants, comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--batch-scales", default="1", help="batch multiples, comma-separated (default 1)")
     parser.add_argument("--pairs", type=int, default=None, help="key-value pairs (default: the paper's L / 4)")
-    parser.add_argument("--micro-batch-tokens", default=str(sweep.MICRO_BATCH_TOKENS),
-                        help=f"micro-batch token caps, comma-separated (default {sweep.MICRO_BATCH_TOKENS})")  # fmt: skip
+    caps_help = f"micro-batch token caps, comma-separated (default {sweep.MICRO_BATCH_TOKENS})"
+    parser.add_argument("--micro-batch-tokens", default=str(sweep.MICRO_BATCH_TOKENS), help=caps_help)
     args = parser.parse_args()
     print(versions(), flush=True)
     scales = [int(scale) for scale in args.batch_scales.split(",")]

@@ -111,6 +111,7 @@ def test_embedding_backends_match_nn_embedding(monkeypatch):
     "auto" runs it only where EMBEDDING_TRITON_ON_GPU allows, on CUDA."""
     calls = []
     monkeypatch.setattr(kernel, "embedding_grad", lambda *a: calls.append(1) or embedding_grad(*a))
+    monkeypatch.setattr(ops_embedding, "EMBEDDING_TRITON_ON_GPU", False)
     reference_module = nn.Embedding(40, 12).to(DEVICE)
     ids = grad_inputs(3 * 17, 40, 1, filler=0.5, seed=5)[0].reshape(3, 17)
     want = reference_module(ids)
@@ -122,7 +123,7 @@ def test_embedding_backends_match_nn_embedding(monkeypatch):
         got.square().sum().backward()
         assert torch.equal(got, want)
         assert_close(module.weight.grad, reference_module.weight.grad, rel_rms=1e-6, atol=1e-6, name=backend)
-    assert calls == [1]  # "auto": off on the CPU, and EMBEDDING_TRITON_ON_GPU is off until timed
+    assert calls == [1]  # "auto": torch, with EMBEDDING_TRITON_ON_GPU off
     monkeypatch.setattr(ops_embedding, "EMBEDDING_TRITON_ON_GPU", True)
     takes = ops_embedding._kernel_takes  # imports the Triton module: only once triton is known to run here
     monkeypatch.setattr(ops_embedding, "_kernel_takes", lambda w: w.is_cuda and takes(w) or pytest.fail("on CPU"))

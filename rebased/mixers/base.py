@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rebased.ops.common import check_choice
+from rebased.ops.conv import CONV_BACKENDS, short_conv
+
 
 def copy_state_(target: object, source: object) -> None:
     """Copy a state (tensors in NamedTuples, tuples and lists) into another of the same structure, in place."""
@@ -73,15 +76,17 @@ class Mixer(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal Conv1d with bias over [B, T, C]; the state is the last K - 1 inputs [B, K - 1, C]."""
+    """Depthwise causal Conv1d with bias over [B, T, C] (rebased.ops.short_conv's backends: `backend`); the state
+    is the last K - 1 inputs [B, K - 1, C]."""
 
-    def __init__(self, channels: int, kernel_size: int):
+    def __init__(self, channels: int, kernel_size: int, backend: str = "auto"):
         super().__init__()
-        self.kernel_size = kernel_size
+        check_choice("backend", backend, CONV_BACKENDS)
+        self.kernel_size, self.backend = kernel_size, backend
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        return short_conv(x, self.conv.weight, self.conv.bias, backend=self.backend)
 
     def tail(self, x: Tensor, state: Tensor | None = None) -> Tensor:
         """The last K - 1 inputs after x (zeros before the start), [B, K - 1, C]."""

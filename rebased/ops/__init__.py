@@ -32,6 +32,7 @@ from rebased.ops.common import (
     validate_inputs,
     validate_state,
 )
+from rebased.ops.conv import short_conv
 from rebased.ops.embedding import Embedding
 from rebased.ops.kernels import Polynomial
 from rebased.ops.norm import LayerNorm, layer_norm
@@ -260,4 +261,5 @@ __all__ = [
     "linear_attention_reference",
     "linear_attention_step",
     "pick_mode",
+    "short_conv",
 ]

@@ -119,3 +119,10 @@ def normalise(numerator: Tensor, denominator: Tensor, kernel: Polynomial | None,
     if kernel is not None and kernel.non_negative:
         denominator = denominator.clamp_min(0.0)
     return numerator / (denominator.unsqueeze(-1) + eps)
+
+
+def autocast_output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a fused op writes for the next one: autocast's on x's device under autocast, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

@@ -13,20 +13,13 @@ from __future__ import annotations
 
 import importlib
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rebased.ops.common import check_choice
+from rebased.ops.common import autocast_output_dtype, check_choice
 
 NORM_BACKENDS = ("torch", "triton", "auto")
 _FUSED_MODULE = "rebased.ops.triton.layer_norm"
-
-
-def _output_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, backend: str = "auto") -> Tensor:
@@ -40,7 +33,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
         require_triton("layer_norm(backend='triton')", x)
     if backend == "torch":
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    return importlib.import_module(_FUSED_MODULE).fused_layer_norm(x, weight, bias, eps, _output_dtype(x))
+    return importlib.import_module(_FUSED_MODULE).fused_layer_norm(x, weight, bias, eps, autocast_output_dtype(x))
 
 
 class LayerNorm(nn.LayerNorm):

@@ -1,0 +1,47 @@
+"""The short causal depthwise convolution of the BaseConv, Hyena and Mamba mixers, over [B, T, C]: torch, or
+Triton kernels on CUDA.
+
+    y[b, t, c] = bias[c] + sum_k W[c, 0, k] x[b, t - (K - 1) + k, c]       (Conv1d's weight [C, 1, K])
+
+backend "torch" is nn.Conv1d's function on the transposed input, cut to T outputs (the reference); "triton"
+keeps [B, T, C] throughout and writes y in the dtype the next op takes (autocast's dtype under autocast, else
+x's), with fp32 math and weights (rebased/ops/triton/short_conv.py says why); "auto" takes triton for CUDA
+tensors when SHORT_CONV_TRITON_ON_GPU is set and triton is installed at a version the GPU tests passed on,
+else torch. Explicit backends never fall back.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from rebased.ops.common import autocast_output_dtype, check_choice
+
+CONV_BACKENDS = ("torch", "triton", "auto")
+_KERNEL_MODULE = "rebased.ops.triton.short_conv"
+# Whether "auto" may take the kernels on a GPU: off until they have been timed in an MQAR step on one
+# (benchmarks/mqar_cost_gpu.py --variants graph-committed,graph-committed-short-conv) and their GPU tests pass.
+SHORT_CONV_TRITON_ON_GPU = False
+
+
+def short_conv(x: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str = "auto") -> Tensor:
+    """x [B, T, C], weight [C, 1, K], bias [C] or None -> y [B, T, C]: causal (y at t sees x up to t)."""
+    check_choice("backend", backend, CONV_BACKENDS)
+    from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
+
+    if backend == "auto":
+        fused = SHORT_CONV_TRITON_ON_GPU and auto_picks_triton(x) and weight.shape[-1] <= _kernels().MAX_TAPS
+        backend = "triton" if fused else "torch"
+    elif backend == "triton":
+        require_triton("short_conv(backend='triton')", x)
+    if backend == "torch":
+        taps, steps = weight.shape[-1], x.shape[1]
+        y = F.conv1d(x.transpose(1, 2), weight, bias, padding=taps - 1, groups=x.shape[2])
+        return y[..., :steps].transpose(1, 2)
+    return _kernels().short_conv(x, weight, bias, autocast_output_dtype(x))
+
+
+def _kernels():
+    return importlib.import_module(_KERNEL_MODULE)
