@@ -329,8 +329,8 @@ class FakeCapture:
                 fake.replays += 1
 
         class GraphContext:
-            def __init__(self, graph):
-                pass
+            def __init__(self, graph, stream):
+                fake.capture_streams.append(stream)
 
             def __enter__(self):
                 fake.capturing = True
@@ -349,12 +349,13 @@ class FakeCapture:
             def graphsafe_set_state(self, state):
                 fake.restored = state
 
-        self.capturing, self.replays, self.restored = False, 0, None
+        self.capturing, self.replays, self.restored, self.capture_streams = False, 0, None, []
         cuda = torch.cuda
-        stream = types.SimpleNamespace(wait_stream=lambda other: None)
-        monkeypatch.setattr(cuda, "Stream", lambda device: stream)
+        stream = lambda: types.SimpleNamespace(wait_stream=lambda other: None)  # noqa: E731
+        current = stream()
+        monkeypatch.setattr(cuda, "Stream", lambda device: stream())
         monkeypatch.setattr(cuda, "stream", lambda stream: contextlib.nullcontext())
-        monkeypatch.setattr(cuda, "current_stream", lambda device=None: stream)
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: current)
         monkeypatch.setattr(cuda, "current_device", lambda: 0)
         monkeypatch.setattr(cuda, "default_generators", (Generator(),))
         monkeypatch.setattr(cuda, "CUDAGraph", Graph)
@@ -371,8 +372,8 @@ class FakeCapture:
 def test_graphed_step_retries_a_failed_capture_once_then_trains_eagerly(monkeypatch, caplog, fail_captures):
     """GraphedStep's sequence on stand-ins for the CUDA calls: WARMUP_STEPS eager steps, the capture, replays.
     A failed capture is tried again after WARMUP_STEPS more eager steps; a second failure leaves every later
-    step eager, with a warning each time. The cycle collector is off during a capture and on again after it,
-    and a failed capture puts back the generator's state."""
+    step eager, with a warning each time. The capture runs on the warm-up's side stream, the cycle collector is
+    off during it and on again after it, and a failed capture puts back the generator's state."""
     from rebased.train.graphed import CAPTURE_ATTEMPTS, WARMUP_STEPS, GraphedStep
 
     fake = FakeCapture(monkeypatch, fail_captures)
@@ -384,6 +385,7 @@ def test_graphed_step_retries_a_failed_capture_once_then_trains_eagerly(monkeypa
         for _ in range(12):
             graphed(batch, 0.1)
     assert gc.isenabled() and fake.collector_during_capture and not any(fake.collector_during_capture)
+    assert fake.capture_streams and all(stream is graphed.side for stream in fake.capture_streams)
     warmup = ["eager"] * WARMUP_STEPS
     if fail_captures == 0:
         assert fake.steps == warmup + ["captured"] and fake.replays == 12 - WARMUP_STEPS

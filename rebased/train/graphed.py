@@ -98,7 +98,9 @@ class GraphedStep:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(self.graph):  # waits for the device once, to start the capture from a quiet GPU
+            # On the warm-up's stream: the autograd nodes the warm-up made remember their stream, and a capture on
+            # another one would have to wait for it. Waits for the device once, to start from a quiet GPU.
+            with torch.cuda.graph(self.graph, stream=self.side):
                 self.outputs = self.step(self.inputs, self.lr)
         except RuntimeError:
             # A capture that breaks off leaves the default generator in capture mode, and every later eager
