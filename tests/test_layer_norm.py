@@ -4,22 +4,18 @@ tiles, 3 backward programs, so the partial sums and the strided row walk are exe
 compiled kernels at the MQAR feature map's shape."""
 
 import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_setup import device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+DEVICE = device_or_skip()
 
 from rebased.ops.norm import LayerNorm, layer_norm  # noqa: E402
 from rebased.testing import assert_close  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
 def inputs(rows, features, dtype, affine, seed=0):

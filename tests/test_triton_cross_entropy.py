@@ -6,27 +6,21 @@ under CPU bf16 autocast). Without CUDA the kernel runs under TRITON_INTERPRET=1 
 V of 17 or 100 walks the two-pass path and a V up to 16 the one-block path; gpu tests run the compiled kernel
 at MQAR's and an LM's vocabulary."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_setup import device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+DEVICE = device_or_skip()
 
 from rebased.ops.cross_entropy import linear_cross_entropy  # noqa: E402
-from rebased.testing import assert_close  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
 from rebased.ops.triton import cross_entropy as fused  # noqa: E402
 from rebased.ops.triton import launch  # noqa: E402
 from rebased.ops.triton.cross_entropy import softmax_grad_rows  # noqa: E402
 from rebased.ops.triton.launch import interpreting  # noqa: E402
+from rebased.testing import assert_close  # noqa: E402
 
 IGNORE = -100
 SHIFT = 10.0

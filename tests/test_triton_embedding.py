@@ -5,26 +5,20 @@ gradients; the same bits on every call; and rebased.ops.embedding / Embedding th
 nn.Embedding. Without CUDA the kernel runs under TRITON_INTERPRET=1 with 16 x 16 tiles; gpu tests run the
 compiled kernel at an MQAR micro-batch's shape."""
 
-import os
-
 import pytest
 import torch
 from torch import nn
+from triton_setup import device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+DEVICE = device_or_skip()
 
 from rebased.ops import embedding as ops_embedding  # noqa: E402
-from rebased.testing import assert_close  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
 from rebased.ops.triton import embedding as kernel  # noqa: E402
 from rebased.ops.triton import launch  # noqa: E402
 from rebased.ops.triton.embedding import embedding_grad  # noqa: E402
+from rebased.testing import assert_close  # noqa: E402
 
 
 def grad_inputs(positions, vocab, dim, filler=0.0, seed=0, dtype=torch.float32):

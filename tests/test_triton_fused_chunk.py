@@ -6,15 +6,17 @@ chunks of 16: tiny shapes, one (sequence, head) pair a program, so each case lis
 crossing every option. Tests marked gpu run the compiled kernels at the MQAR models' shapes.
 """
 
-import os
-
 import pytest
 import torch
+from triton_setup import device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+DEVICE = device_or_skip()
 
+import rebased.ops as ops  # noqa: E402
+import rebased.ops.triton.chunk_dispatch as dispatch  # noqa: E402
+import rebased.ops.triton.fused_chunk as fused  # noqa: E402
 from rebased.ops import (  # noqa: E402
     IMPLEMENTATIONS,
     VARLEN_IMPLEMENTATIONS,
@@ -24,14 +26,6 @@ from rebased.ops import (  # noqa: E402
     linear_attention_reference,
 )
 from rebased.testing import assert_close, error_report, per_position_relative_error  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-import rebased.ops as ops  # noqa: E402
-import rebased.ops.triton.chunk_dispatch as dispatch  # noqa: E402
-import rebased.ops.triton.fused_chunk as fused  # noqa: E402
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

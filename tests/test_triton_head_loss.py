@@ -6,27 +6,21 @@ splits of the dW kernel; and linear_cross_entropy taking them (TILED_MAX_DIM)
 against its torch backend. Without CUDA the kernels run under TRITON_INTERPRET=1 with 16 x 16 tiles, so these
 sizes cross several tiles both ways; gpu tests run the compiled kernels at MQAR's shape."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_setup import device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+DEVICE = device_or_skip()
 
 from rebased.ops import cross_entropy  # noqa: E402
 from rebased.ops.cross_entropy import linear_cross_entropy  # noqa: E402
-from rebased.testing import assert_close  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
 from rebased.ops.triton import head_loss  # noqa: E402
 from rebased.ops.triton.head_loss import TileLaunch, head_loss_tiles, row_splits  # noqa: E402
 from rebased.ops.triton.launch import DEFAULT_SMS  # noqa: E402
+from rebased.testing import assert_close  # noqa: E402
 
 IGNORE = -100
 

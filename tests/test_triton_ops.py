@@ -6,15 +6,18 @@ the compiled kernels at realistic shapes, in bf16 and fp32.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
+from triton_setup import device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+DEVICE = device_or_skip()
 
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+import rebased.ops.triton as triton_ops  # noqa: E402
 from rebased.ops import (  # noqa: E402
     LinearAttentionState,
     Polynomial,
@@ -23,14 +26,6 @@ from rebased.ops import (  # noqa: E402
     linear_attention_step,
 )
 from rebased.testing import assert_close, error_report, per_position_relative_error  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-from triton.runtime.errors import OutOfResources  # noqa: E402
-
-import rebased.ops.triton as triton_ops  # noqa: E402
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

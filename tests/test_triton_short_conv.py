@@ -5,24 +5,18 @@ every call; rebased.ops.short_conv and the ShortConv module through their backen
 run under TRITON_INTERPRET=1 with 8 x 16 tiles; gpu tests run the compiled kernels at an MQAR micro-batch's
 shape and inside a CUDA graph."""
 
-import os
-
 import pytest
 import torch
+from triton_setup import device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+DEVICE = device_or_skip()
 
 from rebased.ops import conv as ops_conv  # noqa: E402
-from rebased.testing import assert_close  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
-
 from rebased.ops.triton import launch  # noqa: E402
 from rebased.ops.triton import short_conv as kernel  # noqa: E402
+from rebased.testing import assert_close  # noqa: E402
 
 
 def conv_inputs(batch, steps, channels, taps, bias=True, seed=0, dtype=torch.float32):

@@ -1,0 +1,18 @@
+"""What every Triton kernel test module does first: skip without triton, and pick the device the kernels run
+on (CUDA, or CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets when there is no CUDA)."""
+
+import os
+
+import pytest
+import torch
+
+
+def device_or_skip() -> str:
+    """'cuda' or 'cpu'; skips the calling module (at its import) when triton is missing, or when there is no
+    CUDA and TRITON_INTERPRET is not 1 (the kernels could not run)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+    return "cpu"
