@@ -168,6 +168,13 @@ def _state_offsets(BD: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
+def _state_row(n, h, H, BD: tl.constexpr, BV: tl.constexpr):
+    """Where (sequence row n, head h)'s packed state starts: rows of state_size() floats, heads side by side."""
+    z2, s1, z1, s0, z0 = _state_offsets(BD, BV)
+    return (n * H + h) * (z0 + 1)
+
+
+@triton.jit
 def _load_state(ptr, base, BD: tl.constexpr, BV: tl.constexpr):
     """One (sequence, head)'s packed state; the square part transposed, as the kernels hold it: [BF, BD]."""
     cd, cv, cf = tl.arange(0, BD), tl.arange(0, BV), tl.arange(0, BD * BV)
@@ -288,8 +295,8 @@ def fused_chunk_fwd_kernel(q, k, v, o, o32, den, state0, state, seqs, H, D, V, s
     state0's packed row; FINAL: write the last state to state's."""
     start, T, n, h = _program(seqs, H)
     qk_base, v_base, row_base = _bases(start, h, H, D, V)
-    P: tl.constexpr = BD * BD * BV + BD * BD + BD * BV + BD + BV + 1
-    s2t, z2, s1, z1, s0, z0 = _start_state(state0, (n * H + h) * P, INIT, BD, BV)
+    row = _state_row(n, h, H, BD, BV)
+    s2t, z2, s1, z1, s0, z0 = _start_state(state0, row, INIT, BD, BV)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     for c in tl.range(0, tl.cdiv(T, C), num_stages=STAGES):
         t = c * C + tl.arange(0, C)
@@ -313,7 +320,7 @@ def fused_chunk_fwd_kernel(q, k, v, o, o32, den, state0, state, seqs, H, D, V, s
         s2t, z2, s1, z1, s0, z0 = _add_keys(k + qk_base, v + v_base, t, kt, vt, T, s2t, z2, s1, z1, s0, z0, H, D, V,
                                             a0, a1, a2, C, BD, BV, HAS0, HAS1, HAS2, FLAT, LOW, PREC)  # fmt: skip
     if FINAL:
-        _store_state(state, (n * H + h) * P, s2t, z2, s1, z1, s0, z0, BD, BV)
+        _store_state(state, row, s2t, z2, s1, z1, s0, z0, BD, BV)
 
 
 @triton.jit
@@ -326,8 +333,8 @@ def fused_chunk_dq_kernel(q, k, v, do, o32, den, dq, state0, seqs, H, D, V, scal
     the chunk (rebuilt as in the forward) gives; the state's symmetry makes d(q^T S2 q)/dq = 2 S2 q."""
     start, T, n, h = _program(seqs, H)
     qk_base, v_base, row_base = _bases(start, h, H, D, V)
-    P: tl.constexpr = BD * BD * BV + BD * BD + BD * BV + BD + BV + 1
-    s2t, z2, s1, z1, s0, z0 = _start_state(state0, (n * H + h) * P, INIT, BD, BV)
+    row = _state_row(n, h, H, BD, BV)
+    s2t, z2, s1, z1, s0, z0 = _start_state(state0, row, INIT, BD, BV)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     for c in tl.range(0, tl.cdiv(T, C), num_stages=STAGES):
         t = c * C + tl.arange(0, C)
@@ -364,8 +371,8 @@ def fused_chunk_dkdv_kernel(q, k, v, do, o32, den, dk, dv, dstate, dstate0, seqs
     dstate0."""
     start, T, n, h = _program(seqs, H)
     qk_base, v_base, row_base = _bases(start, h, H, D, V)
-    P: tl.constexpr = BD * BD * BV + BD * BD + BD * BV + BD + BV + 1
-    ds2t, dz2, ds1, dz1, ds0, dz0 = _start_state(dstate, (n * H + h) * P, DFINAL, BD, BV)
+    row = _state_row(n, h, H, BD, BV)
+    ds2t, dz2, ds1, dz1, ds0, dz0 = _start_state(dstate, row, DFINAL, BD, BV)
     cd, cv = tl.arange(0, BD), tl.arange(0, BV)
     chunks = tl.cdiv(T, C)
     for i in tl.range(0, chunks, num_stages=STAGES):
@@ -409,7 +416,7 @@ def fused_chunk_dkdv_kernel(q, k, v, do, o32, den, dk, dv, dstate, dstate0, seqs
             ds0 += a0 * tl.sum(dot.to(tl.float32) * r[:, None], 0)
             dz0 += a0 * tl.sum(e, 0)
     if DINIT:
-        _store_state(dstate0, (n * H + h) * P, ds2t, dz2, ds1, dz1, ds0, dz0, BD, BV)
+        _store_state(dstate0, row, ds2t, dz2, ds1, dz1, ds0, dz0, BD, BV)
 
 
 # ---- host side -----------------------------------------------------------------------------------------------
