@@ -12,7 +12,7 @@ training steps. The next step is captured once, on that step's batch tensors as 
 step from then on copies its batch into those tensors, writes its learning rate into the device tensor the
 captured AdamW reads, and replays. Same kernels in the same order as the eager step, so the same training.
 A model whose step cannot be captured (a mixer that waits for the device, say) trains on eagerly, with a
-warning, after CAPTURE_ATTEMPTS tries (a failure can be passing: see capture()). `replaying` says which it is.
+warning, after CAPTURE_ATTEMPTS tries (a failure can be transient: see capture()). `replaying` says which it is.
 """
 
 from __future__ import annotations
