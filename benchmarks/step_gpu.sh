@@ -11,7 +11,9 @@
 # - profile: the kernels of one graphed step at L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
 # - stack: the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could
 #   gain), at the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
-# - compile: the step with the forward under torch.compile inside the graph (mqar_step_compile.log).
+# - compile: the step with the forward under torch.compile inside the graph (mqar_step_compile.log);
+# - others: the step of the rest of Fig. 1's models (ConvAttention, Mamba, RWKV) at L 512 and 2048, to size
+#   their runs (mqar_step_others.log).
 #   bash benchmarks/step_gpu.sh
 #   STAGES="step" CELLS=rebased:64:2048 MICRO_BATCHES=524288 bash benchmarks/step_gpu.sh
 cd "$(dirname "$0")/.." || exit 1
@@ -58,4 +60,9 @@ fi
 if [[ $stages == *" compile "* ]]; then
     timeout "${COMPILE_S:-80}" "${cost[@]}" --variants graph-committed-compile --cells rebased:64:2048 \
         2>&1 | tee "$OUT/mqar_step_compile.log"
+fi
+if [[ $stages == *" others "* ]]; then
+    timeout "${OTHERS_S:-150}" "${cost[@]}" --variants graph-committed \
+        --cells "${OTHER_CELLS:-attention:64:512,mamba:64:512,rwkv:64:512,attention:64:2048,mamba:64:2048,rwkv:64:2048}" \
+        2>&1 | tee "$OUT/mqar_step_others.log"
 fi
