@@ -160,6 +160,7 @@ def test_sweep_trains_resumes_and_runs_workers(tmp_path):
     assert [r["model"] for r in results] == ["based", "attention"] and len(seen) == 2
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 4 for r in results)
     assert all(r["cuda_graph"] is None for r in results)  # (no graphs on the CPU)
+    assert all(0 < r["eval_seconds"] < r["seconds"] for r in results)  # the evaluations' share of the time
     assert load(tmp_path / "a" / "runs" / results[0]["run_id"]).num_params() == results[0]["params"]
     again = run_sweep(tiny_runs(), tmp_path / "a", progress=False, on_result=lambda *a: seen.append(a))
     assert [r["seconds"] for r in again] == [r["seconds"] for r in results]  # read back, not retrained
@@ -434,15 +435,15 @@ def test_training_time_adds_up_runs_by_device_and_task_size():
     from rebased.tasks.mqar.report import training_time
 
     results = [
-        {"device": "cuda", "seq_len": 128, "d_model": 64, "seconds": 60.0, "steps": 600},
-        {"device": "cuda", "seq_len": 128, "d_model": 64, "seconds": 180.0, "steps": 1800},
-        {"device": "cuda", "seq_len": 512, "d_model": 64, "seconds": 3600.0, "steps": 36000},
+        {"device": "cuda", "seq_len": 128, "d_model": 64, "seconds": 60.0, "steps": 600, "eval_seconds": 6.0},
+        {"device": "cuda", "seq_len": 128, "d_model": 64, "seconds": 180.0, "steps": 1800},  # (no eval_seconds)
+        {"device": "cuda", "seq_len": 512, "d_model": 64, "seconds": 3600.0, "steps": 36000, "eval_seconds": 720.0},
         {"device": "cpu", "seq_len": 128, "d_model": 64, "seconds": 36.0, "steps": 100},
         {"seq_len": 128, "d_model": 64},  # a result without timings (written by an older version) is left out
     ]
     rows = training_time(results).splitlines()
-    assert "| cpu    | 128 | 64      | 1    | 100   | 0.6       | 360.0     | 0.01      |" in rows
-    assert "| cuda   | 128 | 64      | 2    | 2400  | 2.0       | 100.0     | 0.07      |" in rows
-    assert "| cuda   | 512 | 64      | 1    | 36000 | 60.0      | 100.0     | 1.00      |" in rows
+    assert "| cpu    | 128 | 64      | 1    | 100   | 0.6       | 360.0     | -          | 0.01      |" in rows
+    assert "| cuda   | 128 | 64      | 2    | 2400  | 2.0       | 100.0     | 10% of 1   | 0.07      |" in rows
+    assert "| cuda   | 512 | 64      | 1    | 36000 | 60.0      | 100.0     | 20% of 1   | 1.00      |" in rows
     assert rows[-1] == "4 runs, 1.08 run-hours in all."
     assert training_time([]) == ""

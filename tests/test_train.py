@@ -211,7 +211,7 @@ def finish(process: subprocess.Popen) -> None:
 
 def metrics_without_time(run_dir: Path) -> list[dict]:
     lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "eval_seconds")} for line in lines]
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tmp_path):

@@ -101,7 +101,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    history: list[dict]  # one dict per evaluation: epoch, step, lr, train_loss, seconds, and evaluate()'s metrics
+    # one dict per evaluation: epoch, step, lr, train_loss, seconds, evaluate()'s metrics and eval_seconds (the
+    # evaluation's own wall time)
+    history: list[dict]
     best: dict  # the history entry with the best early_stop_metric (or the last, if None)
     stopped_early: bool
     steps: int
@@ -349,8 +351,15 @@ class _Engine:
         return state
 
     def record_evaluation(self, state: RunState, seconds: float) -> None:
+        if self.evaluate is not None and self.env.device.type == "cuda":
+            # The host runs ahead of the device: wait for the queued training steps (once per evaluation), so
+            # that they count in the training window's rates and not in the evaluation's seconds.
+            torch.cuda.synchronize(self.env.device)
         rates = self.rates.read(state.step, "metrics")
+        started = time.perf_counter()
         metrics = self.run_evaluation()
+        if self.evaluate is not None:
+            metrics["eval_seconds"] = round(time.perf_counter() - started, 3)  # evaluate() ends waiting for it
         self.rates.restart(state.step)
         entry = {**self.training_row(state, seconds), **rates, **metrics}
         state.history.append(entry)

@@ -123,9 +123,10 @@ def pending_cells(planned: Sequence[MQARRun], results: Sequence[dict], paper: Pa
 
 def training_time(results: Sequence[dict]) -> str:
     """Where the training time went, by device and task size (L, d_model): finished runs, their optimizer steps,
-    mean minutes a run, ms a step (what a faster step shows up in) and run-hours in all. A run's seconds are its
-    own wall time in train(), evaluations included; runs trained side by side (--workers, shards on one GPU)
-    overlap, so their run-hours add up to more than the device spent."""
+    mean minutes a run, ms a step (what a faster step shows up in), the evaluations' share of that time (runs
+    that recorded eval_seconds) and run-hours in all. A run's seconds are its own wall time in train(),
+    evaluations included; runs trained side by side (--workers, shards on one GPU) overlap, so their run-hours
+    add up to more than the device spent."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
         if "seconds" in r and "steps" in r:
@@ -135,11 +136,14 @@ def training_time(results: Sequence[dict]) -> str:
     rows = []
     for (device, seq_len, d_model), runs in sorted(groups.items()):
         seconds, steps = sum(r["seconds"] for r in runs), sum(r["steps"] for r in runs)
+        timed = [r for r in runs if "eval_seconds" in r]
+        evals = sum(r["eval_seconds"] for r in timed) / max(sum(r["seconds"] for r in timed), 1e-9)
         rows.append([device, seq_len, d_model, len(runs), steps, f"{seconds / 60 / len(runs):.1f}",
-                     f"{1e3 * seconds / max(steps, 1):.1f}", f"{seconds / 3600:.2f}"])  # fmt: skip
+                     f"{1e3 * seconds / max(steps, 1):.1f}", f"{100 * evals:.0f}% of {len(timed)}" if timed else "-",
+                     f"{seconds / 3600:.2f}"])  # fmt: skip
     hours = sum(r["seconds"] for runs in groups.values() for r in runs) / 3600
     count = sum(len(runs) for runs in groups.values())
-    headers = ["device", "L", "d_model", "runs", "steps", "min / run", "ms / step", "run-hours"]
+    headers = ["device", "L", "d_model", "runs", "steps", "min / run", "ms / step", "evaluating", "run-hours"]
     return f"{markdown_table(headers, rows)}\n\n{count} runs, {hours:.2f} run-hours in all.\n"
 
 

@@ -165,6 +165,7 @@ def run_one(
         "params": model.num_params(),
         "state_bytes": model.state_size(run.seq_len).bytes,
         "seconds": result.seconds,  # training time, summed over the calls a resumed run took
+        "eval_seconds": round(sum(entry.get("eval_seconds", 0.0) for entry in result.history), 3),  # of those
         "device": device.type,
         "cuda_graph": result.cuda_graph,  # the last call's steps replayed a CUDA graph (None: not asked for)
     }
