@@ -310,16 +310,17 @@ def _drop_seen(part: MQARData, train: Sequence[MQARData]) -> MQARData:
 
 
 def _concat(parts: Sequence[MQARData]) -> MQARData:
-    """Stack single-segment parts, padding to the longest seq_len; slices follow the row order."""
+    """Stack single-segment parts, padding to the longest seq_len; slices follow the row order. One part is
+    returned as it is (a paper-scale split is 1.6 GB: a padded copy took seconds)."""
+    if len(parts) == 1:
+        return parts[0]
     width = max(p.inputs.shape[1] for p in parts)
     inputs, labels, slices, start = [], [], [], 0
     for p in parts:
         pad = width - p.inputs.shape[1]
-        inputs.append(torch.nn.functional.pad(p.inputs, (0, pad), value=0))
-        labels.append(torch.nn.functional.pad(p.labels, (0, pad), value=IGNORE_INDEX))
+        inputs.append(torch.nn.functional.pad(p.inputs, (0, pad), value=0) if pad else p.inputs)
+        labels.append(torch.nn.functional.pad(p.labels, (0, pad), value=IGNORE_INDEX) if pad else p.labels)
         s = p.slices[0]
         slices.append(MQARSlice(s.name, start, start + len(p), s.seq_len, s.num_kv_pairs))
         start += len(p)
-    if len(parts) == 1:
-        return MQARData(parts[0].inputs, parts[0].labels, tuple(slices))
     return MQARData(torch.cat(inputs), torch.cat(labels), tuple(slices))
