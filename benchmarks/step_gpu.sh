@@ -39,7 +39,7 @@ if [[ $stages == *" step "* ]]; then
     {
         timeout "${BENCH_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-short-conv \
             --cells "${CELLS:-rebased:64:512,rebased:64:2048,rebased:128:2048,based:64:2048}"
-        timeout "${MICRO_S:-45}" "${cost[@]}" --variants graph-committed --cells rebased:64:2048,rebased:128:2048 \
+        timeout "${MICRO_S:-60}" "${cost[@]}" --variants graph-committed --cells rebased:64:2048,rebased:128:2048 \
             --micro-batch-tokens "${MICRO_BATCHES:-1048576}"
         timeout "${TILES_S:-60}" "${cost[@]}" --variants graph-committed,graph-tiles --cells "${WIDE_CELLS:-rebased:128:1024}"
         timeout "${TILES_S:-60}" "${cost[@]}" --variants graph-tiles --cells rebased:128:2048
