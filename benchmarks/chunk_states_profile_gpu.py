@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
+from environment import versions
 from torch.profiler import ProfilerActivity, profile
 
 import rebased.ops.triton.chunk_states as CS
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=[""], help="tile sets, one per argument; '' is the code's")
     parser.add_argument("--no-layer-norm", action="store_true", help="skip the LayerNorm profile")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
+    print(versions(), flush=True)
     for configs in args.configs:
         for case in args.cases.split(","):
             chunk, length = map(int, case.split(":"))

@@ -364,7 +364,7 @@ def compile_candidates() -> None:
 
 
 def environment() -> str:
-    import triton
+    from environment import versions  # benchmarks/ is on the path when this script runs
 
     try:
         import fla
@@ -372,7 +372,7 @@ def environment() -> str:
         peers = f"fla {getattr(fla, '__version__', '?')}"
     except ImportError:
         peers = "fla not installed"
-    return f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; {peers}"
+    return f"{versions()}; {peers}"
 
 
 def main() -> None:

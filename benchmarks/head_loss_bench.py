@@ -17,6 +17,7 @@ import itertools
 
 import torch
 import triton.testing
+from environment import versions
 
 from rebased.ops.triton import head_loss
 from rebased.ops.triton.head_loss import TileLaunch, launch_cols, launch_rows
@@ -88,8 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=CASES, help=f"rows:vocab:dim,... (default {CASES})")
     args = parser.parse_args()
-    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-    print(f"{gpu}; torch {torch.__version__}; triton {triton.__version__}")
+    print(versions(DEVICE))
     print("\nEach kernel's median ms per launch (rows x cols tile, warps), the committed launch first; relative RMS")
     print("against the committed launch's outputs.\n")
     print("| rows x vocab x dim | kernel | launch | ms | relative RMS |")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from environment import versions
 
 from rebased.ops.triton import layer_norm as fused
 from rebased.testing import error_report
@@ -70,8 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=CASES, help=f"rows:features:dtype,... (default {CASES})")
     args = parser.parse_args()
-    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-    print(f"{gpu}; torch {torch.__version__}; triton {triton.__version__}")
+    print(versions(DEVICE))
     committed = (fused.TILE_BYTES, fused.NUM_WARPS, fused.BACKWARD_PROGRAMS_PER_SM)
     launch_sets = [committed] + [s for s in itertools.product(TILES, WARPS, PROGRAMS_PER_SM) if s != committed]
     print("\n| rows x features, input | launch (tile, warps, programs/SM) | fwd ms | bwd ms | worst rel. RMS |")

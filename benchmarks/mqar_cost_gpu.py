@@ -44,7 +44,8 @@ import statistics
 import time
 
 import torch
-from loss_bench import use_loss_kernel  # benchmarks/ is on the path when a script here runs
+from environment import versions  # benchmarks/ is on the path when a script here runs
+from loss_bench import use_loss_kernel
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
@@ -90,12 +91,6 @@ def apply_variant(variant: str) -> dict:
 CELLS = (
     "rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048,rebased:512:2048,based:64:2048,attention:64:2048"
 )
-
-
-def versions() -> str:
-    import triton  # only here: the module imports on a machine without it
-
-    return f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}"
 
 
 def parse_cells(text: str) -> list[tuple[str, int, int]]:
