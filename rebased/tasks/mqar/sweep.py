@@ -135,7 +135,7 @@ def run_one(
 ) -> dict | None:  # fmt: skip
     """Train and evaluate one run on `device` ("auto": a GPU where there is one); its result line, or None
     when it stopped at stop_at (time.monotonic()) or once stop_when() said so, checkpointed in run_dir, where
-    the next call with the same run_dir resumes it."""
+    calling it again with the same run_dir resumes it."""
     torch.manual_seed(run.seed)  # the model's initial weights
     model = build_model(run)
     test = data.test
@@ -285,7 +285,7 @@ def pending_runs(runs: Sequence[MQARRun], results: Sequence[dict]) -> list[MQARR
 
 class StopRequest:
     """Asks a sweep to stop early, as its time limit does: no run starts once it is set, and every run still
-    training stops after its current optimizer step, checkpointed, for the next call to resume. The flag is
+    training stops after its current optimizer step, checkpointed, for the sweep run again to resume. The flag is
     a byte in shared memory: a signal handler may set it (no lock to deadlock on) and worker processes,
     which get it when they start, see it."""
 
@@ -374,7 +374,7 @@ def run_sweep(
     (worth it where one run leaves the device idle; benchmarks/results/h200_mqar has the measurements).
     With one worker, data is generated once per distinct task. time_limit (seconds) or `stop` (once set):
     start no run, and stop each run still training at its next optimizer step, checkpointed in
-    out_dir/runs/RUN_ID; the next call skips the runs in results.jsonl and resumes the checkpointed ones
+    out_dir/runs/RUN_ID; run again, it skips the runs in results.jsonl and resumes the checkpointed ones
     (stopped_runs lists them). An exception in this process or a worker (a failed run, a second Ctrl-C
     under stop_on_interrupt) sets `stop`, so the other workers checkpoint, and is raised once they have.
     Other sweeps may train other runs into out_dir at the same time (shards: sharding.py).
