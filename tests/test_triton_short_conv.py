@@ -97,6 +97,7 @@ def test_short_conv_module_through_its_backends(monkeypatch):
 
     calls = []
     monkeypatch.setattr(kernel, "short_conv", lambda *a: calls.append(1) or kernel.ShortConvFunction.apply(*a))
+    monkeypatch.setattr(ops_conv, "SHORT_CONV_TRITON_ON_GPU", False)
     reference = ShortConv(12, 3, backend="torch").to(DEVICE)
     x = conv_inputs(2, 9, 12, 3, seed=3)[0]
     want = reference(x)
@@ -109,7 +110,7 @@ def test_short_conv_module_through_its_backends(monkeypatch):
         assert_close(got, want, rel_rms=1e-6, atol=1e-6, name=backend)
         for name, p in module.named_parameters():
             assert_close(p.grad, dict(reference.named_parameters())[name].grad, rel_rms=1e-5, atol=1e-6, name=name)
-    assert calls == [1]  # "auto": torch, SHORT_CONV_TRITON_ON_GPU being off
+    assert calls == [1]  # "auto": torch, SHORT_CONV_TRITON_ON_GPU being off (as set above)
     monkeypatch.setattr(ops_conv, "SHORT_CONV_TRITON_ON_GPU", True)
     ShortConv(12, 3, backend="auto")(x.detach().cpu())  # CPU tensors: torch even so
     assert calls == [1]

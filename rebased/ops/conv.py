@@ -21,9 +21,10 @@ from rebased.ops.common import autocast_output_dtype, check_choice
 
 CONV_BACKENDS = ("torch", "triton", "auto")
 _KERNEL_MODULE = "rebased.ops.triton.short_conv"
-# Whether "auto" may take the kernels on a GPU: off until they have been timed in an MQAR step on one
-# (benchmarks/mqar_cost_gpu.py --variants graph-committed,graph-committed-short-conv) and their GPU tests pass.
-SHORT_CONV_TRITON_ON_GPU = False
+# Whether "auto" may take the kernels on a GPU. On: their GPU tests pass on an H200, and they cut the graphed MQAR
+# step at batch 512 (benchmarks/results/h200_mqar/mqar_step_c045f52.log): ReBased d_model 64 L 2048 28.6 -> 26.5 ms,
+# d_model 128 65.6 -> 56.3, Based d_model 64 41.1 -> 31.8 (torch's Conv1d needs [B, C, T] and copies both ways).
+SHORT_CONV_TRITON_ON_GPU = True
 
 
 def short_conv(x: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str = "auto") -> Tensor:
