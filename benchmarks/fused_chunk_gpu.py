@@ -1,7 +1,8 @@
 """The fused chunk kernels (rebased/ops/triton/fused_chunk.py) at the MQAR models' shapes on a CUDA GPU.
 
     OUT=DIR bash benchmarks/fused_chunk_gpu.sh           # one device call: fla from .whl/ if there, then this
-    PYTHONPATH=. python benchmarks/fused_chunk_gpu.py --out DIR [--time-limit 540] [--no-sweep]
+    PYTHONPATH=. python benchmarks/fused_chunk_gpu.py --out DIR [--time-limit 540] [--no-sweep | --sweep-only]
+        [--sweep-value-dim 10]
     PYTHONPATH=. python benchmarks/fused_chunk_gpu.py --compile   # no GPU needed: each candidate for sm_90a
 
 In order, so that a time limit cuts the least useful part:
@@ -12,12 +13,13 @@ In order, so that a time limit cuts the least useful part:
    few (sequence, head) pairs (B 4, L 16384), for: the fused kernels, the chunk-states kernels, the parallel
    kernel, mode="auto" (what linear_attention picks), fla's parallel_rebased and fused_chunk_based (Based's
    kernel; its time only) when fla is importable; each row's ratio to the fused kernels.
-3. sweep: each candidates() launch for all three kernels (the set for v <= 8, GPU_LAUNCHES): checked against
-   float64 at a small shape per kernel (o for the forward, dq, dk and dv; a candidate off by more than 1% is never
-   chosen: Triton 3.6 mis-compiled some 3D tiles of the chunk kernels), then each kernel timed alone at B 512,
-   L 2048, v 5. The fastest accurate candidate per kernel is printed as the GPU_LAUNCHES line to paste into
-   fused_chunk.py (v 16 keeps GPU_LAUNCHES_WIDE).
+3. sweep: each candidates() launch for all three kernels at --sweep-value-dim (default 5, GPU_LAUNCHES; 9-16 and
+   beyond are GPU_LAUNCHES_WIDE's, 10 being the d_model 128 MQAR models'): checked against float64 at a small
+   shape per kernel (o for the forward, dq, dk and dv; a candidate off by more than 1% is never chosen: Triton 3.6
+   mis-compiled some 3D tiles of the chunk kernels), then each kernel timed alone at B 512, L 2048. The fastest
+   accurate candidate per kernel is printed as the table's line to paste into fused_chunk.py.
 4. the table's fused rows again with the sweep's choice.
+--sweep-only runs stage 3 alone; --no-sweep stops after stage 2.
 
 Every case runs in try/except (a failure is a row that says so) and nothing starts after --time-limit seconds.
 Outputs under --out: fused_chunk.md (every table) and fused_chunk.json.
@@ -250,16 +252,24 @@ def table_markdown(rows: list[dict]) -> str:
 # ---- 3. the sweep ----------------------------------------------------------------------------------------------
 
 
-def use_launches(launches: dict) -> None:
+def launch_table_name(value_dim: int) -> str:
+    """The fused_chunk.py table that launches this value dim on the GPU."""
+    from rebased.ops.triton import fused_chunk as F
+
+    return "GPU_LAUNCHES" if F.Dims.of(HEAD_DIM, value_dim).bv <= 8 else "GPU_LAUNCHES_WIDE"
+
+
+def use_launches(launches: dict, value_dim: int) -> None:
+    """Put launches into the table that serves value_dim (in this process only)."""
     from rebased.ops.triton import fused_chunk
 
-    fused_chunk.GPU_LAUNCHES.update(launches)
+    getattr(fused_chunk, launch_table_name(value_dim)).update(launches)
 
 
-def candidate_errors(kernel) -> dict[str, float]:
-    """Relative RMS error against float64 of what each kernel writes, at B 2, L 300, v 5, bf16: the forward's o,
-    dq's dq, dkdv's worst of dk and dv."""
-    q, k, v = inputs(2, 300, 5, torch.bfloat16, seed=3)
+def candidate_errors(kernel, value_dim: int) -> dict[str, float]:
+    """Relative RMS error against float64 of what each kernel writes, at B 2, L 300, bf16: the forward's o, dq's
+    dq, dkdv's worst of dk and dv."""
+    q, k, v = inputs(2, 300, value_dim, torch.bfloat16, seed=3)
     o, _ = fused_op(kernel)(q, k, v)
     ref, _ = linear_attention_reference(q, k, v, kernel=kernel)
     w = torch.randn(o.shape, generator=torch.Generator().manual_seed(4)).cuda()
@@ -269,15 +279,15 @@ def candidate_errors(kernel) -> dict[str, float]:
     return dict(fwd=error_report(o, ref)[1], dq=dq, dkdv=max(dk, dv))
 
 
-def kernel_times(kernel) -> dict[str, float]:
-    """Each fused kernel alone at B 512, L 2048, v 5, bf16 (ms, median)."""
+def kernel_times(kernel, value_dim: int) -> dict[str, float]:
+    """Each fused kernel alone at B 512, L 2048, bf16 (ms, median)."""
     import triton.testing
 
     from rebased.ops.triton import fused_chunk as F
     from rebased.ops.triton.inputs import PolynomialArgs
     from rebased.ops.triton.sequences import Sequences
 
-    q, k, v = (x.detach().flatten(0, 1) for x in inputs(BATCH, 2048, 5, torch.bfloat16, grad=False))
+    q, k, v = (x.detach().flatten(0, 1) for x in inputs(BATCH, 2048, value_dim, torch.bfloat16, grad=False))
     table_ = F.sequence_table(Sequences(batch=BATCH, length=2048), q.device)
     poly = PolynomialArgs.of(kernel)
     common = dict(table=table_, poly=poly, normalize=True, eps=EPS)
@@ -294,21 +304,22 @@ def kernel_times(kernel) -> dict[str, float]:
 SWEEP_RESERVE_S = 60.0  # seconds the sweep leaves for the table's rows with its choice
 
 
-def sweep(deadline: Deadline) -> tuple[list[list], dict]:
-    """Rows per candidate and the best accurate launch per kernel (absent where no candidate was accurate)."""
+def sweep(deadline: Deadline, value_dim: int, reserve_s: float = SWEEP_RESERVE_S) -> tuple[list[list], dict]:
+    """Rows per candidate and the best accurate launch per kernel (absent where no candidate was accurate), at
+    value_dim (its table: GPU_LAUNCHES up to BV 8, GPU_LAUNCHES_WIDE beyond)."""
     from rebased.ops.triton import fused_chunk
 
     kernel = Polynomial.rebased(HEAD_DIM)
-    code = dict(fused_chunk.GPU_LAUNCHES)
+    code = dict(getattr(fused_chunk, launch_table_name(value_dim)))
     rows, best = [], {}
     for launch in candidates():
-        if deadline.left() <= SWEEP_RESERVE_S:
+        if deadline.left() <= reserve_s:
             rows.append([str(launch), "-", "-", "-", "-", "skipped: time limit"])
             continue
-        use_launches(dict.fromkeys(("fwd", "dq", "dkdv"), launch))
+        use_launches(dict.fromkeys(("fwd", "dq", "dkdv"), launch), value_dim)
         try:
-            errors = candidate_errors(kernel)
-            times = kernel_times(kernel)
+            errors = candidate_errors(kernel, value_dim)
+            times = kernel_times(kernel, value_dim)
         except Exception as error:  # noqa: BLE001 - a failure is a row that says so
             rows.append([str(launch), "-", "-", "-", "-", f"failed: {type(error).__name__}: {str(error)[:100]}"])
             log(" | ".join(rows[-1]))
@@ -322,7 +333,7 @@ def sweep(deadline: Deadline) -> tuple[list[list], dict]:
         rows.append([str(launch), *cells, f"{sum(times.values()):.3f}",
                      "ok" if max(errors.values()) <= 1e-2 else "OFF: some kernel > 1e-2"])  # fmt: skip
         log(" | ".join(rows[-1]))
-    use_launches(code)
+    use_launches(code, value_dim)
     return rows, {name: launch for name, (launch, _) in best.items()}
 
 
@@ -380,6 +391,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for fused_chunk.md and .json")
     parser.add_argument("--time-limit", type=float, default=540.0, help="seconds after which nothing new starts")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch sweep (stages 3 and 4)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the launch sweep (stage 3)")
+    value_help = "the value dim the sweep times (default 5; 10 is the d_model 128 MQAR models')"
+    parser.add_argument("--sweep-value-dim", type=int, default=5, help=value_help)
     parser.add_argument("--compile", action="store_true", help="no GPU: compile each candidate for sm_90a and stop")
     args = parser.parse_args()
     if args.compile:
@@ -390,27 +404,32 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     log(env)
-    accuracy_rows = accuracy(deadline)
-    rows = table(deadline)
-    sweep_rows, best = ([], {}) if args.no_sweep else sweep(deadline)
-    if best:
-        use_launches(best)
+    accuracy_rows = [] if args.sweep_only else accuracy(deadline)
+    rows = [] if args.sweep_only else table(deadline)
+    value_dim = args.sweep_value_dim
+    reserve_s = 0.0 if args.sweep_only else SWEEP_RESERVE_S
+    sweep_rows, best = ([], {}) if args.no_sweep else sweep(deadline, value_dim, reserve_s)
+    if best and not args.sweep_only:
+        use_launches(best, value_dim)
         rows += table(deadline, names=("fused",), label=" (sweep's best)")
-    write(out, env, accuracy_rows, rows, sweep_rows, best)
+    write(out, env, accuracy_rows, rows, sweep_rows, best, value_dim)
 
 
-def write(out: Path, env, accuracy_rows, rows, sweep_rows, best) -> None:
-    best_line = "GPU_LAUNCHES = {\n" + "".join(f'        "{n}": {launch},\n' for n, launch in best.items()) + "    }"
-    parts = [
-        f"# Fused chunk kernels on the GPU\n\n{env}\n\n`{' '.join(sys.argv)}`",
-        "## Accuracy (the code's launches) against float64: relative RMS error\n\n" + markdown_table(
-            ["kernel", "inputs", "v", "o", "dq", "dk", "dv", "d kv0", "final kv", "verdict"], accuracy_rows),
-        f"## Forward and forward+backward: B {BATCH} (and {FEW_PAIRS[0]}), {HEADS} heads, q/k {HEAD_DIM}, bf16, "
-        "ReBased\n\n" + table_markdown(rows),
-    ]  # fmt: skip
+def write(out: Path, env, accuracy_rows, rows, sweep_rows, best, value_dim: int) -> None:
+    entries = "".join(f'        "{n}": {launch},\n' for n, launch in best.items())
+    best_line = f"{launch_table_name(value_dim)} = {{\n{entries}    }}"
+    parts = [f"# Fused chunk kernels on the GPU\n\n{env}\n\n`{' '.join(sys.argv)}`"]
+    if accuracy_rows:
+        header = ["kernel", "inputs", "v", "o", "dq", "dk", "dv", "d kv0", "final kv", "verdict"]
+        parts.append("## Accuracy (the code's launches) against float64: relative RMS error\n\n"
+                     + markdown_table(header, accuracy_rows))  # fmt: skip
+    if rows:
+        parts.append(f"## Forward and forward+backward: B {BATCH} (and {FEW_PAIRS[0]}), {HEADS} heads, q/k {HEAD_DIM}, "
+                     "bf16, ReBased\n\n" + table_markdown(rows))  # fmt: skip
     if sweep_rows:
-        parts.append("## Launch sweep: each kernel alone at B 512, L 2048, v 5 (ms, and its error against float64 at "
-                     "B 2, L 300)\n\n" + markdown_table(["launch", "fwd", "dq", "dkdv", "sum", "verdict"], sweep_rows)
+        header = ["launch", "fwd", "dq", "dkdv", "sum", "verdict"]
+        parts.append(f"## Launch sweep: each kernel alone at B 512, L 2048, v {value_dim} (ms, and its error against "
+                     "float64 at B 2, L 300)\n\n" + markdown_table(header, sweep_rows)
                      + f"\n\nFastest accurate per kernel:\n\n    {best_line}")  # fmt: skip
     text = "\n\n".join(parts) + "\n"
     (out / "fused_chunk.md").write_text(text)

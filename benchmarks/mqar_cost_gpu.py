@@ -28,7 +28,8 @@ loss (the default); graph = fused, with the step captured as a CUDA graph; graph
 -committed = the loss switches as committed (what a sweep runs: the tiles up to TILED_MAX_DIM, the row kernel beyond);
 -torch-embedding = the token embedding's gradient from torch's backward, not the Triton kernel that every other
 variant takes as committed (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
--short-conv = the BaseConv's short convolution in the Triton kernels (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
+-torch-conv = the BaseConv's short convolution through torch's Conv1d, not the Triton kernels every other variant
+takes as committed (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
@@ -39,6 +40,7 @@ mqar_profile_gpu.py imports seconds_per_step and apply_variant from here.
 import argparse
 import contextlib
 import dataclasses
+import gc
 import itertools
 import statistics
 import time
@@ -58,7 +60,7 @@ from rebased.train import train
 
 # variant -> (TrainConfig settings, what computes the fused loss: torch chunks, the Triton row kernel over chunks
 # of logits, or the Triton tile kernels without logits); a name ending in -torch-embedding takes torch's embedding
-# backward
+# backward, one ending in -torch-conv torch's Conv1d
 VARIANTS = {
     "logits": ({"fused_loss": False, "cuda_graph": False}, "torch"),
     "fused": ({"fused_loss": True, "cuda_graph": False}, "torch"),
@@ -70,7 +72,7 @@ VARIANTS = {
     "graph-logits": ({"fused_loss": False, "cuda_graph": True}, "torch"),
     "graph-committed": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-torch-embedding": ({"fused_loss": True, "cuda_graph": True}, "committed"),
-    "graph-committed-short-conv": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-torch-conv": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
 }
 
@@ -84,7 +86,7 @@ def apply_variant(variant: str) -> dict:
     settings, kernel = VARIANTS[variant]
     use_loss_kernel(kernel)
     embedding.EMBEDDING_TRITON_ON_GPU = COMMITTED_EMBEDDING and not variant.endswith("-torch-embedding")
-    conv.SHORT_CONV_TRITON_ON_GPU = COMMITTED_SHORT_CONV or variant.endswith("-short-conv")
+    conv.SHORT_CONV_TRITON_ON_GPU = COMMITTED_SHORT_CONV and not variant.endswith("-torch-conv")
     return settings
 
 
@@ -135,14 +137,19 @@ def seconds_per_step(
         settings = apply_variant(variant)
         config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None,
                                      **({"compile": compile} | settings))  # fmt: skip
+        gc.collect()  # the last training's dead cycles (its graph among them), freed here and not inside this one
         torch.cuda.synchronize()
         start = time.perf_counter()
         train(model, (data.train.inputs, data.train.labels), config, progress=False)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    timed(1)  # warm-up: Triton compiles, cuDNN picks algorithms
-    return statistics.median((timed(15) - timed(5)) / 10 for _ in range(repeats))
+    timed(5)  # warm-up: Triton compiles, cuDNN picks algorithms, a first capture sets up the graph machinery
+    steps = [(timed(15) - timed(5)) / 10 for _ in range(repeats)]
+    if min(steps) <= 0 or max(steps) > 1.5 * min(steps):
+        each = ", ".join(f"{step * 1e3:.1f}" for step in steps)
+        print(f"  (unsteady: the {repeats} repeats gave {each} ms/step)", flush=True)
+    return statistics.median(steps)
 
 
 def main() -> None:
@@ -151,6 +158,7 @@ def main() -> None:
     parser.add_argument("--cells", default=CELLS, help=f"model:d_model:L,... (default {CELLS})")
     parser.add_argument("--variants", default="fused", help=f"step variants, comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--batch-scales", default="1", help="batch multiples, comma-separated (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per cell, their median reported (default 3)")
     parser.add_argument("--pairs", type=int, default=None, help="key-value pairs (default: the paper's L / 4)")
     caps_help = f"micro-batch token caps, comma-separated (default {sweep.MICRO_BATCH_TOKENS})"
     parser.add_argument("--micro-batch-tokens", default=str(sweep.MICRO_BATCH_TOKENS), help=caps_help)
@@ -171,7 +179,7 @@ def main() -> None:
                           train_examples=16 * 512 * scale, test_examples=512)  # fmt: skip
             try:
                 with micro_batch_scaled(scale):
-                    step = seconds_per_step(run, mode, backend, variant=variant)
+                    step = seconds_per_step(run, mode, backend, variant=variant, repeats=args.repeats)
                 epoch = step / scale * (100_000 // 512)
                 mem = torch.cuda.max_memory_allocated() / 2**30
                 print(f"{cell} {step * 1e3:8.1f} ms/step {step / scale * 1e3:8.1f} ms per 512 {epoch:7.1f} s/epoch"
