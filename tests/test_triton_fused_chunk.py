@@ -128,17 +128,22 @@ def test_fp16_matches_reference(name, value_dim):
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-2)
 
 
-@pytest.mark.parametrize(("flat", "low"), [(True, False), (False, True)], ids=["flat", "low"])
-def test_launch_forms_match_reference(flat, low, monkeypatch):
-    """The other forms a FusedLaunch selects: every [C, BF] tile from gathers and 0/1 dots (flat), and 16-bit
-    operands in the state's dots (low, fp16 here), with chunks of 32."""
-    launch = fused.FusedLaunch(chunk=32, flat=flat, low=low)
+LAUNCH_FORMS = [(True, False, 5, None), (True, False, 2, None), (False, True, 5, None), (False, False, 5, 128)]
+
+
+@pytest.mark.parametrize(("flat", "low", "value_dim", "max_registers"), LAUNCH_FORMS,
+                         ids=["flat", "flat-v2", "low", "register-cap"])  # fmt: skip
+def test_launch_forms_match_reference(flat, low, value_dim, max_registers, monkeypatch):
+    """The other forms a FusedLaunch selects: every [C, BF] tile from gathers and 0/1 dots (flat; at value dim 2
+    the 0/1 dot is a product and a sum), 16-bit operands in the state's dots (low, fp16 here), and a register cap
+    (only the GPU's compiler reads it; here it must pass through the launch), with chunks of 32."""
+    launch = fused.FusedLaunch(chunk=32, flat=flat, low=low, max_registers=max_registers)
     monkeypatch.setattr(fused, "launches", lambda value_dim: dict.fromkeys(("fwd", "dq", "dkdv"), launch))
     generator = torch.Generator().manual_seed(3)
     kernel = KERNELS["based"](16)
     dtype = torch.float16 if low else torch.float32
-    q, k, v = make_inputs((1, 70, 1, 16), 5, generator, dtype)
-    state = prefix_state(1, 1, 16, 5, kernel, generator)
+    q, k, v = make_inputs((1, 70, 1, 16), value_dim, generator, dtype)
+    state = prefix_state(1, 1, 16, value_dim, kernel, generator)
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-2 if low else 1e-5)
 
 

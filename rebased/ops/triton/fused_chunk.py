@@ -22,8 +22,11 @@ Queries read it without building phi's 256 features: with u = q S2 (one [C, BD] 
 and a chunk's keys add a2 K^T (K (x) V) to S2, with (K (x) V)[t, (j, v)] = k_tj v_tv built in registers (a
 [C, BD, BV] product reshaped to 2D; FusedLaunch.flat gathers it from memory instead, keeping every tile 2D). The
 value dim is the inner part of the state's columns, so a value dim of 5 pads to 8 (BV), not to a dot's 16: at
-V 5 the state's dots are half the size of phi(q) [C, 256] x S [256, 16]. The intra-chunk part is the parallel
-kernel's score tile on the chunk's own [C, C] square (tiles.masked_scores); o = num / (den + eps) as everywhere.
+V 5 the state's dots are half the size of phi(q) [C, 256] x S [256, 16]. Value dims up to 4 (the kernel
+ablation's 1, 2 and 4) pad only to their power of two: BF = 16 BV is still a dot's side, and the few dots whose
+N is BV itself (p v, the linear term's) become products and sums below 8, the tensor cores' narrowest N. The
+intra-chunk part is the parallel kernel's score tile on the chunk's own [C, C] square (tiles.masked_scores);
+o = num / (den + eps) as everywhere.
 
 Tiles and warps: Triton gives every dot in the chunk loop the warp layout of one of them ([warps, 1] when dots
 chain), so each dot here has its long side first: M is the chunk (query or key rows, C = 16 x warps fills it) or
@@ -52,7 +55,7 @@ gradient.
 Programs: one per (sequence, head), heads of a sequence side by side, longest sequences first; a dense batch is B
 sequences of T (sequences.py), so cu_seqlens costs nothing extra. GPU_LAUNCHES says how each kernel is launched
 and where those choices were measured. Shape letters: C chunk, BD padded q/k dim (16 or 32), BV padded value dim
-(a power of two >= 8), BF = BD BV the square state's columns, BVK = max(16, BV) (a dot contracting over values
+(a power of two), BF = BD BV the square state's columns, BVK = max(16, BV) (a dot contracting over values
 needs K >= 16).
 """
 
@@ -134,7 +137,7 @@ def _weighted_sum_over_j(u, x, xp, t, T, XS, NX, R: tl.constexpr, BD: tl.constex
         cf = tl.arange(0, BD * BV)
         pick = ((cf[:, None] % BV) == tl.arange(0, BV)[None, :]).to(tl.float32)
         xg = _spread(xp, t, cf, T, XS, NX, BV, True).to(tl.float32)
-        return tl.dot(xg * u, pick, input_precision=PREC)
+        return _dot_values(xg * u, pick, BV, PREC)
     return tl.sum(tl.reshape(u, (R, BD, BV)) * x.to(tl.float32)[:, :, None], 1)
 
 
@@ -145,6 +148,15 @@ def _contract_values(a, b, BV: tl.constexpr, PREC: tl.constexpr):
     if BV >= 16:
         return tl.dot(a, tl.trans(b), input_precision=PREC)
     return tl.sum(a[:, None, :] * b[None, :, :], 2)
+
+
+@triton.jit
+def _dot_values(a, b, BV: tl.constexpr, PREC: tl.constexpr):
+    """a [M, K] x b [K, BV] -> [M, BV], fp32: a dot from BV 8 (the tensor cores' narrowest N), else a product
+    and a sum (the ablation's value dims 1-4, where padding to 8 would double to octuple the state)."""
+    if BV >= 8:
+        return tl.dot(a, b, input_precision=PREC)
+    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
 
 
 @triton.jit
@@ -218,7 +230,7 @@ def _add_keys(k, v, t, kt, vt, T, s2t, z2, s1, z1, s0, z0, H, D, V, a0, a1, a2, 
         s2t = _state_dot(kv, kt, s2t, kt, LOW, PREC)  # + a2 (K (x) V)^T K
         z2 += a2 * tl.dot(tl.trans(kt), kt, input_precision=PREC)
     if HAS1:
-        s1 += a1 * tl.dot(tl.trans(kt), vt, input_precision=PREC)
+        s1 += a1 * _dot_values(tl.trans(kt), vt, BV, PREC)
         z1 += a1 * tl.sum(kt.to(tl.float32), 0)
     if HAS0:
         s0 += a0 * tl.sum(vt.to(tl.float32), 0)
@@ -239,7 +251,7 @@ def _read_state(q, t, qt, T, s2t, z2, s1, z1, s0, z0, H, D, a0, a1, a2, C: tl.co
         num += a2 * _weighted_sum_over_j(u, qt, q, t, T, H * D, D, C, BD, BV, FLAT, PREC)
         den += a2 * tl.sum(tl.dot(qf, z2, input_precision=PREC) * qf, 1)
     if HAS1:
-        num += a1 * tl.dot(qf, s1, input_precision=PREC)
+        num += a1 * _dot_values(qf, s1, BV, PREC)
         den += a1 * tl.sum(qf * z1[None, :], 1)
     if HAS0:
         num += a0 * s0[None, :]
@@ -307,7 +319,7 @@ def fused_chunk_fwd_kernel(q, k, v, o, o32, den, state0, state, seqs, H, D, V, s
         p = p.to(vt.dtype)  # the normaliser sums the same rounded scores (parallel.py says why)
         num, dn = _read_state(q + qk_base, t, qt, T, s2t, z2, s1, z1, s0, z0, H, D, a0, a1, a2, C, BD, BV, HAS0, HAS1,
                               HAS2, FLAT, LOW, PREC)  # fmt: skip
-        num += tl.dot(p, vt, input_precision=PREC)
+        num += _dot_values(p, vt, BV, PREC)
         dn += tl.sum(p.to(tl.float32), 1)
         offsets = v_base + t[:, None] * (H * V) + cv[None, :]
         mask = (t[:, None] < T) & (cv[None, :] < V)
@@ -384,7 +396,7 @@ def fused_chunk_dkdv_kernel(q, k, v, do, o32, den, dk, dv, dstate, dstate0, seqs
         r, dd = _row_terms(o32, den, t, T, dot, v_base, row_base, H, V, eps, BV, NORMALIZE, CLAMP)
         p, dp, da = _score_grads(q, k, v, do, t, qt, kt, r, dd, qk_base, v_base, T, H, D, V, scale, c0, c1, c2, BVK,
                                  HAS0, HAS1, PREC)  # fmt: skip
-        dvt = tl.dot(tl.trans((p * r[:, None]).to(dot.dtype)), dot, input_precision=PREC)
+        dvt = _dot_values(tl.trans((p * r[:, None]).to(dot.dtype)), dot, BV, PREC)
         dkt = tl.dot(tl.trans((da * dp).to(qt.dtype)), qt, input_precision=PREC)
         kf, vf = kt.to(tl.float32), vt.to(tl.float32)
         if HAS2:  # a2 sum_j k_j (k dS2)[(j, v)] to dv; 2 a2 (K (x) V) dS2^T + 2 a2 dZ2 k to dk
@@ -395,7 +407,7 @@ def fused_chunk_dkdv_kernel(q, k, v, do, o32, den, dk, dv, dstate, dstate0, seqs
             dkt = tl.dot(kv, ds2t, dkt, input_precision=PREC)
             dkt += (2.0 * a2) * tl.dot(kf, dz2, input_precision=PREC)
         if HAS1:
-            dvt += a1 * tl.dot(kf, ds1, input_precision=PREC)
+            dvt += a1 * _dot_values(kf, ds1, BV, PREC)
             dkt += a1 * (_contract_values(vf, ds1, BV, PREC) + dz1[None, :])
         if HAS0:
             dvt += a0 * ds0[None, :]
@@ -410,7 +422,7 @@ def fused_chunk_dkdv_kernel(q, k, v, do, o32, den, dk, dv, dstate, dstate0, seqs
             ds2t = _state_dot(qg, qt, ds2t, qt, LOW, PREC)
             dz2 += a2 * tl.dot(tl.trans(qf), qf * e[:, None], input_precision=PREC)
         if HAS1:
-            ds1 += a1 * tl.dot(tl.trans(qf), dot.to(tl.float32) * r[:, None], input_precision=PREC)
+            ds1 += a1 * _dot_values(tl.trans(qf), dot.to(tl.float32) * r[:, None], BV, PREC)
             dz1 += a1 * tl.sum(qf * e[:, None], 0)
         if HAS0:
             ds0 += a0 * tl.sum(dot.to(tl.float32) * r[:, None], 0)
@@ -427,25 +439,30 @@ class FusedLaunch:
     """One kernel's launch: chunk length, warps, software-pipeline stages of its chunk loop, whether the [C, BF]
     tiles (K (x) V, Q (x) G, the sum over j) come from 3D tiles reshaped (the default) or from gathers and 0/1 dots
     with every tile 2D (flat; Triton 3.6 mis-compiled some of chunk_states' 3D tiles), and whether the state's
-    dots take 16-bit operands (low; 16-bit inputs only: faster, the state rounds to the inputs' precision)."""
+    dots take 16-bit operands (low; 16-bit inputs only: faster, the state rounds to the inputs' precision), and
+    a cap on registers a thread (max_registers: more warps resident on an SM, the rest spilled; None: the
+    compiler's choice, which at these shapes is about all 255 and 8 one-warp programs an SM)."""
 
     chunk: int = 32
     warps: int = 2
     stages: int = 1
     flat: bool = False
     low: bool = False
+    max_registers: int | None = None
 
     def options(self, dtype: torch.dtype) -> dict:
         """The kernel's launch options for inputs of dtype."""
+        cap = {} if self.max_registers is None else {"maxnreg": self.max_registers}
         return dict(C=self.chunk, FLAT=self.flat, LOW=self.low and dtype != torch.float32, STAGES=self.stages,
-                    num_warps=self.warps)  # fmt: skip
+                    num_warps=self.warps, **cap)  # fmt: skip
 
 
-# Per kernel on the GPU, for value dims up to 8 (BV 8: the MQAR models' 5) and wider (BV 16 and up). Up to 8: the
-# fastest of the launches that fused_chunk_gpu.py sweeps on an H200 at B 512, L 2048, v 5, each within its error
-# budget against float64 (benchmarks/results/h200_mqar/fused_chunk.md: 7.7 ms forward+backward against 8.5 ms for
-# one warp on chunks of 16 throughout). Wider: two warps on chunks of 32, which spill least when compiled for
-# sm_90a (`fused_chunk_gpu.py --compile`); at v 16 it runs 1.6-2.4x ahead of fla's kernels as it is.
+# Per kernel on the GPU, for value dims up to 8 (BV 1-8: the MQAR models' 5, the ablation's 1-4) and wider (BV 16
+# and up). Up to 8: the fastest of the launches that fused_chunk_gpu.py sweeps on an H200 at B 512, L 2048, v 5,
+# each within its error budget against float64 (benchmarks/results/h200_mqar/fused_chunk.md: 7.7 ms
+# forward+backward against 8.5 ms for one warp on chunks of 16 throughout). Wider: two warps on chunks of 32, which
+# spill least when compiled for sm_90a (`fused_chunk_gpu.py --compile`); at v 16 it runs 1.6-2.4x ahead of fla's
+# kernels as it is.
 GPU_LAUNCHES = {
     "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
     "dq": FusedLaunch(chunk=16, warps=1, stages=2),
@@ -454,6 +471,9 @@ GPU_LAUNCHES = {
 GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
 # Under the interpreter: chunks of 16, so tiny test shapes cross several chunks.
 INTERPRETER_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16))
+# The narrowest padded value dim: 1 pads value dims only to their power of two; 8 was the rule before the
+# product-and-sum form of the narrow dots (benchmarks/mqar_cost_gpu.py's -bv8 variants time it for comparison).
+MIN_BV = 1
 FUSED_FP32_DOTS = "ieee"  # fp32 inputs: the accurate path (as the chunk kernels' CHUNK_FP32_DOTS)
 
 
@@ -473,7 +493,7 @@ class Dims:
 
     @classmethod
     def of(cls, head_dim: int, value_dim: int) -> Dims:
-        return cls(max(16, triton.next_power_of_2(head_dim)), max(8, triton.next_power_of_2(value_dim)))
+        return cls(max(16, triton.next_power_of_2(head_dim)), max(MIN_BV, triton.next_power_of_2(value_dim)))
 
     @property
     def bvk(self) -> int:
