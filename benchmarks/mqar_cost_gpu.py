@@ -30,6 +30,8 @@ loss (the default); graph = fused, with the step captured as a CUDA graph; graph
 variant takes as committed (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
 -torch-conv = the BaseConv's short convolution through torch's Conv1d, not the Triton kernels every other variant
 takes as committed (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
+-bv8 = the fused chunk kernels with value dims padded to 8 at least (fused_chunk.MIN_BV), as before the kernel
+ablation's value dims 1-4 got their own narrower state;
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
@@ -53,6 +55,7 @@ from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
 from rebased.ops import conv, embedding
 from rebased.ops.norm import LayerNorm
+from rebased.ops.triton import fused_chunk
 from rebased.tasks.mqar import sweep
 from rebased.tasks.mqar.grids import MQARRun, paper_pairs
 from rebased.tasks.mqar.sweep import build_model, make_data, train_config
@@ -74,11 +77,13 @@ VARIANTS = {
     "graph-committed-torch-embedding": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-torch-conv": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
+    "graph-committed-bv8": ({"fused_loss": True, "cuda_graph": True}, "committed"),
 }
 
 
 COMMITTED_EMBEDDING = embedding.EMBEDDING_TRITON_ON_GPU
 COMMITTED_SHORT_CONV = conv.SHORT_CONV_TRITON_ON_GPU
+COMMITTED_MIN_BV = fused_chunk.MIN_BV
 
 
 def apply_variant(variant: str) -> dict:
@@ -87,6 +92,7 @@ def apply_variant(variant: str) -> dict:
     use_loss_kernel(kernel)
     embedding.EMBEDDING_TRITON_ON_GPU = COMMITTED_EMBEDDING and not variant.endswith("-torch-embedding")
     conv.SHORT_CONV_TRITON_ON_GPU = COMMITTED_SHORT_CONV and not variant.endswith("-torch-conv")
+    fused_chunk.MIN_BV = 8 if variant.endswith("-bv8") else COMMITTED_MIN_BV
     return settings
 
 

@@ -1,27 +1,31 @@
 #!/bin/bash
-# One device call for the MQAR training step, in stages (STAGES, default "tests wide step profile"), each capped at
-# its *_S seconds:
+# One device call for the MQAR training step, in stages (STAGES, default "tests launches step ablation"; about 8
+# minutes in all, so the first two and the last two fit separate calls with room to spare), each capped at its
+# *_S seconds:
 # - tests: the GPU tests of the step's parts: the graphed step against the eager one and its sync-free replays,
 #   the fused head + loss, the Triton softmax-gradient, head-loss tile, LayerNorm, embedding-gradient and short
 #   convolution kernels, and the fused chunk kernels at the kernel ablation's value dims ($OUT/step_tests.log);
-# - wide: the fused chunk kernels' launch sweep at value dim 10, the d_model 128 models' (GPU_LAUNCHES_WIDE:
-#   benchmarks/fused_chunk_gpu.py --sweep-only --sweep-value-dim 10: fused_chunk_wide.md);
+# - launches: the fused chunk kernels' launch sweep (benchmarks/fused_chunk_gpu.py --sweep-only) at each value dim
+#   of LAUNCH_DIMS (default "5 10 1": the d_model 64 and 128 models', the ablation's d_model 16), LAUNCH_S seconds
+#   each (fused_chunk_v5.md, ...);
 # - step: the step's cost (benchmarks/mqar_cost_gpu.py) at d_model 128, where the two head-loss paths are close:
 #   as committed (graph-committed: the row kernel beyond TILED_MAX_DIM 64) against the tile kernels (graph-tiles),
 #   5 repeats a cell (mqar_step.log);
+# - ablation: the step at the kernel ablation's shapes (32 pairs; value dims 1 and 4) as committed against the
+#   value dims padded to 8 (graph-committed-bv8) (mqar_step_ablation.log);
 # - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
 # - stack: the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could
 #   gain), at the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
 # - compile: the step with the forward under torch.compile inside the graph (mqar_step_compile.log);
 # - others: the step of the rest of Fig. 1's models (ConvAttention, Mamba, RWKV) at L 512 and 2048, to size
 #   their runs (mqar_step_others.log).
-#   bash benchmarks/step_gpu.sh
+#   STAGES="tests launches" bash benchmarks/step_gpu.sh
 #   STAGES="step" CELLS=rebased:64:2048 VARIANTS=graph-committed,graph-committed-torch-conv bash benchmarks/step_gpu.sh
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-stages=" ${STAGES:-tests wide step profile} "
+stages=" ${STAGES:-tests launches step ablation} "
 {
-    echo "# STAGES=\"${STAGES:-tests wide step profile}\" bash benchmarks/step_gpu.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
+    echo "# STAGES=\"${STAGES:-tests launches step ablation}\" bash benchmarks/step_gpu.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/step_tests.log"
@@ -33,18 +37,25 @@ if [[ $stages == *" tests "* ]]; then
         tests/test_triton_head_loss.py tests/test_layer_norm.py tests/test_triton_embedding.py \
         tests/test_triton_short_conv.py \
         2>&1 | tee -a "$OUT/step_tests.log" | tail -8
-    timeout "${ABLATION_TEST_S:-60}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
+    timeout "${ABLATION_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
         tests/test_triton_fused_chunk.py -k "gpu_mqar_shape and ablation" 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
 fi
-if [[ $stages == *" wide "* ]]; then
-    timeout "${WIDE_S:-170}" python3 benchmarks/fused_chunk_gpu.py --out "$OUT/wide" --sweep-only --sweep-value-dim 10 \
-        --time-limit "${WIDE_LIMIT_S:-150}" > "$OUT/fused_chunk_wide.log" 2>&1
-    cp "$OUT/wide/fused_chunk.md" "$OUT/fused_chunk_wide.md" 2>/dev/null && rm -r "$OUT/wide"
-    tail -20 "$OUT/fused_chunk_wide.log"
+if [[ $stages == *" launches "* ]]; then
+    for value_dim in ${LAUNCH_DIMS:-5 10 1}; do
+        timeout "$(( ${LAUNCH_S:-100} + 20 ))" python3 benchmarks/fused_chunk_gpu.py --out "$OUT/launches" --sweep-only \
+            --sweep-value-dim "$value_dim" --time-limit "${LAUNCH_S:-100}" > "$OUT/fused_chunk_v$value_dim.log" 2>&1
+        mv "$OUT/launches/fused_chunk.md" "$OUT/fused_chunk_v$value_dim.md" 2>/dev/null
+        tail -16 "$OUT/fused_chunk_v$value_dim.log"
+    done
+    rm -rf "$OUT/launches"
 fi
 if [[ $stages == *" step "* ]]; then
     timeout "${BENCH_S:-150}" "${cost[@]}" --variants "${VARIANTS:-graph-committed,graph-tiles}" --repeats 5 \
         --cells "${CELLS:-rebased:128:2048,based:128:2048,rebased:128:1024}" 2>&1 | tee "$OUT/mqar_step.log"
+fi
+if [[ $stages == *" ablation "* ]]; then
+    timeout "${ABLATION_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-bv8 --pairs 32 \
+        --cells "${ABLATION_CELLS:-rebased:16:2048,rebased:48:2048,rebased:16:256}" 2>&1 | tee "$OUT/mqar_step_ablation.log"
 fi
 if [[ $stages == *" profile "* ]]; then
     timeout "${PROFILE_S:-60}" python3 benchmarks/mqar_profile_gpu.py --cells "${PROFILE_CELLS:-rebased:128:2048}" \
