@@ -447,3 +447,33 @@ def test_training_time_adds_up_runs_by_device_and_task_size():
     assert "| cuda   | 512 | 64      | 1    | 36000 | 60.0      | 100.0     | 20% of 1   | 1.00      |" in rows
     assert rows[-1] == "4 runs, 1.08 run-hours in all."
     assert training_time([]) == ""
+
+
+def test_dry_run_estimates_come_from_finished_runs_of_the_same_model_and_width():
+    from rebased.tasks.mqar.grids import MQARRun
+    from rebased.tasks.mqar.report import RECENT_RUNS, estimate_lines
+
+    def result(model, d_model, seq_len, ms_a_step, device="cuda"):
+        return {"model": model, "d_model": d_model, "seq_len": seq_len, "device": device, "steps": 1000,
+                "seconds": ms_a_step}  # fmt: skip
+
+    # ReBased d 64 at L 512: older runs at 30 ms a step, then the latest RECENT_RUNS at 10, 10, 12 and 20
+    results = [result("rebased", 64, 512, 30.0)] * 3 + [result("rebased", 64, 512, ms) for ms in (10, 10, 12, 20)]
+    assert RECENT_RUNS == 4
+    results += [result("attention", 64, 512, 5.0), result("based", 64, 512, 40.0, device="cpu")]
+    pending = [MQARRun("rebased", 64, 512, 128, 1e-3), MQARRun("rebased", 64, 2048, 512, 1e-3),
+               MQARRun("attention", 64, 2048, 512, 1e-3), MQARRun("based", 64, 512, 128, 1e-3),
+               MQARRun("rebased", 128, 512, 128, 1e-3)]  # fmt: skip
+    lines, totals = estimate_lines(pending, results)
+    steps = 64 * (100_000 // 512)  # the paper's protocol: 12,480 steps if the run never stops early
+    at_512 = 11e-3 * steps / 60  # minutes: the median of the latest four, 11 ms
+    assert lines[0].split()[1:] == [f"{at_512:.1f}", "min", "on", "cuda"]
+    assert lines[1].split()[1:] == [f"{4 * at_512:.1f}", "min", "on", "cuda", "(from", "L", "512)"]  # linear in L
+    assert lines[2].split() == [pending[2].run_id]  # softmax attention is not scaled from another length
+    assert lines[3].split()[1:] == [f"{40e-3 * steps / 60:.1f}", "min", "on", "cpu"]
+    assert lines[4].split() == [pending[4].run_id]  # another d_model says nothing
+    hours = 5 * at_512 / 60
+    assert totals == (f"{40e-3 * steps / 3600:.1f} hours on cpu for 1 run, 4 more with no finished run of their "
+                      f"model and d_model to go by; {hours:.1f} hours on cuda for 2 runs, 3 more with no finished run "
+                      "of their model and d_model to go by")  # fmt: skip
+    assert estimate_lines(pending, []) == ([f"  {run.run_id}" for run in pending], "")

@@ -56,7 +56,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help="train shard I of N (I from 0) of the grid, into the --out the other shards share: "
                         "e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; auto: RANK/WORLD_SIZE under "
                         "torchrun, one GPU each (LOCAL_RANK)")  # fmt: skip
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs left and their times, and exit")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: rewrite the table, summary.md, plot from --out's results")  # fmt: skip
 
@@ -206,9 +206,14 @@ def _train(args: argparse.Namespace, runs, out: Path) -> int:
     print(f"rebased mqar {args.experiment}: {len(runs)} runs{part} -> {out} ({len(done)} done, {len(pending)} to "
           f"train{from_checkpoints})")  # fmt: skip
     if args.dry_run:
-        print(f"to train, in this order ({results_path} holds the finished ones):")
-        for r in pending:
-            print(f"  {r.run_id}")
+        from rebased.tasks.mqar.report import estimate_lines
+
+        lines, totals = estimate_lines(pending, done)
+        print(f"to train, in this order ({results_path} holds the finished ones), each with its time if it trains "
+              "all its steps, from the latest finished runs of its model and d_model:")  # fmt: skip
+        print("\n".join(lines))
+        if totals:
+            print(f"in all: {totals} (runs that reach the early stop take less)")
         return 0
     started = time.perf_counter()
 

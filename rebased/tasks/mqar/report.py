@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -145,6 +146,69 @@ def training_time(results: Sequence[dict]) -> str:
     count = sum(len(runs) for runs in groups.values())
     headers = ["device", "L", "d_model", "runs", "steps", "min / run", "ms / step", "evaluating", "run-hours"]
     return f"{markdown_table(headers, rows)}\n\n{count} runs, {hours:.2f} run-hours in all.\n"
+
+
+RECENT_RUNS = 4  # an estimate's time a step: the median of a shape's latest finished runs (later code runs faster)
+QUADRATIC_MODELS = ("attention",)  # their step time does not scale with L as the linear-time models' does
+
+
+def step_seconds(results: Sequence[dict]) -> dict[tuple, float]:
+    """(device, model, L, d_model) -> seconds a step, evaluations included: the median over that shape's latest
+    RECENT_RUNS finished runs (results.jsonl holds them in the order they finished)."""
+    seen: dict[tuple, list[float]] = defaultdict(list)
+    for r in results:
+        if r.get("steps") and "seconds" in r:
+            seen[(r.get("device", "?"), r["model"], r["seq_len"], r["d_model"])].append(r["seconds"] / r["steps"])
+    return {key: statistics.median(values[-RECENT_RUNS:]) for key, values in seen.items()}
+
+
+@dataclass
+class Estimate:
+    seconds: float  # if the run trains all its steps
+    scaled_from: int | None = None  # the L whose step time, times L / that L, this comes from (None: its own L)
+
+    def text(self, device: str) -> str:
+        scaled = f" (from L {self.scaled_from})" if self.scaled_from else ""
+        return f"{self.seconds / 60:.1f} min on {device}{scaled}"
+
+
+def estimate_run(run: MQARRun, device: str, times: dict[tuple, float]) -> Estimate | None:
+    """The run's time on device from finished runs of its model and d_model: at its L, else (linear-time models)
+    the nearest L's step time scaled by L, as their cost a token is the same at every L; None without either."""
+    steps = run.epochs * (run.train_examples // run.batch_size)
+    own = times.get((device, run.model, run.seq_len, run.d_model))
+    if own is not None:
+        return Estimate(own * steps)
+    if run.model in QUADRATIC_MODELS:
+        return None
+    lengths = [key[2] for key in times if key[:2] == (device, run.model) and key[3] == run.d_model]
+    if not lengths:
+        return None
+    nearest = min(lengths, key=lambda length: abs(math.log(length / run.seq_len)))
+    per_step = times[(device, run.model, nearest, run.d_model)] * run.seq_len / nearest
+    return Estimate(per_step * steps, scaled_from=nearest)
+
+
+def estimate_lines(pending: Sequence[MQARRun], results: Sequence[dict]) -> tuple[list[str], str]:
+    """The dry run's listing, each pending run with its time per device that finished runs (if it trains all its
+    steps: an early stop takes less), and the totals line ("" when no finished run gives a time)."""
+    times = step_seconds(results)
+    devices = sorted({key[0] for key in times})
+    estimates = {device: [estimate_run(run, device, times) for run in pending] for device in devices}
+    width = max((len(run.run_id) for run in pending), default=0)
+    lines = []
+    for i, run in enumerate(pending):
+        known = [estimate.text(device) for device, per_run in estimates.items() if (estimate := per_run[i])]
+        lines.append(f"  {run.run_id:{width}}   {', '.join(known)}".rstrip() if known else f"  {run.run_id}")
+    totals = []
+    for device, per_run in estimates.items():
+        known = [e.seconds for e in per_run if e is not None]
+        if known:
+            unknown = len(per_run) - len(known)
+            rest = f", {unknown} more with no finished run of their model and d_model to go by" if unknown else ""
+            runs = f"{len(known)} run{'s' if len(known) > 1 else ''}"
+            totals.append(f"{sum(known) / 3600:.1f} hours on {device} for {runs}{rest}")
+    return lines, "; ".join(totals)
 
 
 @dataclass
