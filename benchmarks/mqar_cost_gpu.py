@@ -30,8 +30,8 @@ loss (the default); graph = fused, with the step captured as a CUDA graph; graph
 variant takes as committed (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
 -torch-conv = the BaseConv's short convolution through torch's Conv1d, not the Triton kernels every other variant
 takes as committed (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
--bv8 = the fused chunk kernels with value dims padded to 8 at least (fused_chunk.MIN_BV), as before the kernel
-ablation's value dims 1-4 got their own narrower state;
+-bv8 = the fused chunk kernels' value dims padded to at least 8 (fused_chunk.MIN_BV), to time what the narrower
+state of the kernel ablation's value dims 1-4 saves;
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens

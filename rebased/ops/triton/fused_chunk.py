@@ -471,8 +471,8 @@ GPU_LAUNCHES = {
 GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
 # Under the interpreter: chunks of 16, so tiny test shapes cross several chunks.
 INTERPRETER_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16))
-# The narrowest padded value dim: 1 pads value dims only to their power of two; 8 was the rule before the
-# product-and-sum form of the narrow dots (benchmarks/mqar_cost_gpu.py's -bv8 variants time it for comparison).
+# The narrowest padded value dim. 1: value dims pad only to their power of two; the -bv8 variant of
+# benchmarks/mqar_cost_gpu.py sets 8 to time what the narrower state saves.
 MIN_BV = 1
 FUSED_FP32_DOTS = "ieee"  # fp32 inputs: the accurate path (as the chunk kernels' CHUNK_FP32_DOTS)
 
