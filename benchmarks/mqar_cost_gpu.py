@@ -32,6 +32,8 @@ variant takes as committed (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
 takes as committed (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
 -bv8 = the fused chunk kernels' value dims padded to at least 8 (fused_chunk.MIN_BV), to time what the narrower
 state of the kernel ablation's value dims 1-4 saves;
+-split-values = value dims that are not powers of two run as one pass of the fused chunk kernels per power-of-two
+piece (5 as 4 + 1, 10 as 8 + 2: fused_chunk.SPLIT_VALUES) rather than padded;
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
@@ -78,12 +80,14 @@ VARIANTS = {
     "graph-committed-torch-conv": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
     "graph-committed-bv8": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-split-values": ({"fused_loss": True, "cuda_graph": True}, "committed"),
 }
 
 
 COMMITTED_EMBEDDING = embedding.EMBEDDING_TRITON_ON_GPU
 COMMITTED_SHORT_CONV = conv.SHORT_CONV_TRITON_ON_GPU
 COMMITTED_MIN_BV = fused_chunk.MIN_BV
+COMMITTED_SPLIT_VALUES = fused_chunk.SPLIT_VALUES
 
 
 def apply_variant(variant: str) -> dict:
@@ -93,6 +97,7 @@ def apply_variant(variant: str) -> dict:
     embedding.EMBEDDING_TRITON_ON_GPU = COMMITTED_EMBEDDING and not variant.endswith("-torch-embedding")
     conv.SHORT_CONV_TRITON_ON_GPU = COMMITTED_SHORT_CONV and not variant.endswith("-torch-conv")
     fused_chunk.MIN_BV = 8 if variant.endswith("-bv8") else COMMITTED_MIN_BV
+    fused_chunk.SPLIT_VALUES = COMMITTED_SPLIT_VALUES or variant.endswith("-split-values")
     return settings
 
 

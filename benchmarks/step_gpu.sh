@@ -1,7 +1,6 @@
 #!/bin/bash
-# One device call for the MQAR training step, in stages (STAGES, default "tests launches step ablation"; about 8
-# minutes in all, so the first two and the last two fit separate calls with room to spare), each capped at its
-# *_S seconds:
+# One device call for the MQAR training step, in stages (STAGES, default "tests launches step ablation split"; about
+# 10 minutes in all: run "tests launches" and "step ablation split" as two calls), each capped at its *_S seconds:
 # - tests: the GPU tests of the step's parts: the graphed step against the eager one and its sync-free replays,
 #   the fused head + loss, the Triton softmax-gradient, head-loss tile, LayerNorm, embedding-gradient and short
 #   convolution kernels, and the fused chunk kernels at the kernel ablation's value dims ($OUT/step_tests.log);
@@ -13,6 +12,8 @@
 #   5 repeats a cell (mqar_step.log);
 # - ablation: the step at the kernel ablation's shapes (32 pairs; value dims 1 and 4) as committed against the
 #   value dims padded to 8 (graph-committed-bv8) (mqar_step_ablation.log);
+# - split: the step with value dims that are not powers of two in power-of-two pieces (graph-committed-split-values:
+#   5 as 4 + 1, 10 as 8 + 2) against padded, at d_model 64 and 128 (mqar_step_split.log);
 # - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
 # - stack: the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could
 #   gain), at the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
@@ -23,9 +24,9 @@
 #   STAGES="step" CELLS=rebased:64:2048 VARIANTS=graph-committed,graph-committed-torch-conv bash benchmarks/step_gpu.sh
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-stages=" ${STAGES:-tests launches step ablation} "
+stages=" ${STAGES:-tests launches step ablation split} "
 {
-    echo "# STAGES=\"${STAGES:-tests launches step ablation}\" bash benchmarks/step_gpu.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
+    echo "# STAGES=\"${STAGES:-tests launches step ablation split}\" bash benchmarks/step_gpu.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/step_tests.log"
@@ -56,6 +57,10 @@ fi
 if [[ $stages == *" ablation "* ]]; then
     timeout "${ABLATION_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-bv8 --pairs 32 \
         --cells "${ABLATION_CELLS:-rebased:16:2048,rebased:48:2048,rebased:16:256}" 2>&1 | tee "$OUT/mqar_step_ablation.log"
+fi
+if [[ $stages == *" split "* ]]; then
+    timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
+        --cells "${SPLIT_CELLS:-rebased:64:2048,rebased:128:2048,based:64:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
 fi
 if [[ $stages == *" profile "* ]]; then
     timeout "${PROFILE_S:-60}" python3 benchmarks/mqar_profile_gpu.py --cells "${PROFILE_CELLS:-rebased:128:2048}" \

@@ -147,6 +147,27 @@ def test_launch_forms_match_reference(flat, low, value_dim, max_registers, monke
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-2 if low else 1e-5)
 
 
+SPLIT_CASES = [("rebased", 5, True, [4, 1]), ("based", 11, True, [8, 2, 1]), ("const_square", 10, False, [8, 2])]
+
+
+@pytest.mark.parametrize(("name", "value_dim", "with_state", "pieces"), SPLIT_CASES,
+                         ids=[f"{case[0]}-v{case[1]}" for case in SPLIT_CASES])  # fmt: skip
+def test_value_dims_split_into_powers_of_two_match_reference(name, value_dim, with_state, pieces, monkeypatch):
+    """SPLIT_VALUES: one pass of the kernels per power-of-two piece of the value dim, the outputs and final
+    states' kv side by side, the pieces' dq, dk and d k_sum0 added by autograd: the reference's, from a state."""
+    monkeypatch.setattr(fused, "SPLIT_VALUES", True)
+    widths = []
+    apply = fused.FusedChunkFunction.apply
+    monkeypatch.setattr(fused.FusedChunkFunction, "apply", lambda q, k, v, *rest: widths.append(v.shape[-1])
+                        or apply(q, k, v, *rest))  # fmt: skip
+    generator = torch.Generator().manual_seed(value_dim)
+    kernel = KERNELS[name](16)
+    q, k, v = make_inputs((2, 19, 2, 16), value_dim, generator, torch.float32)
+    state = prefix_state(2, 2, 16, value_dim, kernel, generator) if with_state else None
+    check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-5)
+    assert widths == pieces
+
+
 def test_without_normalisation():
     generator = torch.Generator().manual_seed(8)
     kernel = KERNELS["based"](16)

@@ -692,8 +692,42 @@ def refuse(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
+# Whether a value dim that is not a power of two runs as one pass of the kernels per power-of-two piece (5 as 4 + 1,
+# 10 as 8 + 2) rather than padded (to 8, 16): o = num / den splits by value columns, every piece having the same
+# normaliser, and the state's work goes with the padded width. Each piece repeats the q/k side (scores, normaliser)
+# and autograd adds the pieces' dq and dk. Off until a GPU has timed it (benchmarks/mqar_cost_gpu.py
+# --variants graph-committed,graph-committed-split-values).
+SPLIT_VALUES = False
+SPLIT_MAX_VALUE_DIM = 16  # wider value dims leave the fused kernels for chunk_states (chunk_dispatch.py)
+
+
+def value_pieces(value_dim: int) -> list[int]:
+    """The widths value_dim runs as, largest first: its powers of two when SPLIT_VALUES and it is not one itself
+    (up to SPLIT_MAX_VALUE_DIM), else [value_dim]."""
+    if not SPLIT_VALUES or value_dim > SPLIT_MAX_VALUE_DIM:
+        return [value_dim]
+    return [1 << bit for bit in reversed(range(value_dim.bit_length())) if value_dim >> bit & 1]
+
+
+def _run_pieces(q, k, v, pieces, sequences, kernel, initial_state, output_final_state, normalize, eps):
+    """_run over v's value columns in pieces: the outputs and final states' kv side by side, k_sum (the same for
+    every piece) from the first; an initial state's kv split the same way, its k_sum given to every piece."""
+    states = [None] * len(pieces)
+    if initial_state is not None:
+        states = [LinearAttentionState(kv, initial_state.k_sum) for kv in initial_state.kv.split(pieces, -1)]
+    runs = [_run(q, k, part, sequences, kernel, state, output_final_state, normalize, eps)
+            for part, state in zip(v.split(pieces, -1), states)]  # fmt: skip
+    o = torch.cat([o for o, _ in runs], -1)
+    if not output_final_state:
+        return o, None
+    return o, LinearAttentionState(torch.cat([final.kv for _, final in runs], -1), runs[0][1].k_sum)
+
+
 def _run(q, k, v, sequences: Sequences, kernel, initial_state, output_final_state, normalize, eps):
     """q, k, v [tokens, H, *] packed -> (o [tokens, H, V], final state or None)."""
+    pieces = value_pieces(v.shape[-1])
+    if len(pieces) > 1:
+        return _run_pieces(q, k, v, pieces, sequences, kernel, initial_state, output_final_state, normalize, eps)
     poly = PolynomialArgs.of(kernel)
     head_dim, value_dim = q.shape[-1], v.shape[-1]
     dims = Dims.of(head_dim, value_dim)
