@@ -34,6 +34,8 @@ takes as committed (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
 state of the kernel ablation's value dims 1-4 saves;
 -split-values = value dims that are not powers of two run as one pass of the fused chunk kernels per power-of-two
 piece (5 as 4 + 1, 10 as 8 + 2: fused_chunk.SPLIT_VALUES) rather than padded;
+-triton-scan = Mamba's selective scan in the Triton kernels (rebased.ops.scan.SCAN_TRITON_ON_GPU), not the torch
+chunked form;
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
@@ -55,7 +57,7 @@ from loss_bench import use_loss_kernel
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
-from rebased.ops import conv, embedding
+from rebased.ops import conv, embedding, scan
 from rebased.ops.norm import LayerNorm
 from rebased.ops.triton import fused_chunk
 from rebased.tasks.mqar import sweep
@@ -81,6 +83,7 @@ VARIANTS = {
     "graph-committed-compile": ({"fused_loss": True, "cuda_graph": True, "compile": True}, "committed"),
     "graph-committed-bv8": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-split-values": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-triton-scan": ({"fused_loss": True, "cuda_graph": True}, "committed"),
 }
 
 
@@ -88,6 +91,7 @@ COMMITTED_EMBEDDING = embedding.EMBEDDING_TRITON_ON_GPU
 COMMITTED_SHORT_CONV = conv.SHORT_CONV_TRITON_ON_GPU
 COMMITTED_MIN_BV = fused_chunk.MIN_BV
 COMMITTED_SPLIT_VALUES = fused_chunk.SPLIT_VALUES
+COMMITTED_TRITON_SCAN = scan.SCAN_TRITON_ON_GPU
 
 
 def apply_variant(variant: str) -> dict:
@@ -98,6 +102,7 @@ def apply_variant(variant: str) -> dict:
     conv.SHORT_CONV_TRITON_ON_GPU = COMMITTED_SHORT_CONV and not variant.endswith("-torch-conv")
     fused_chunk.MIN_BV = 8 if variant.endswith("-bv8") else COMMITTED_MIN_BV
     fused_chunk.SPLIT_VALUES = COMMITTED_SPLIT_VALUES or variant.endswith("-split-values")
+    scan.SCAN_TRITON_ON_GPU = COMMITTED_TRITON_SCAN or variant.endswith("-triton-scan")
     return settings
 
 

@@ -3,7 +3,8 @@
 # 10 minutes in all: run "tests launches" and "step ablation split" as two calls), each capped at its *_S seconds:
 # - tests: the GPU tests of the step's parts: the graphed step against the eager one and its sync-free replays,
 #   the fused head + loss, the Triton softmax-gradient, head-loss tile, LayerNorm, embedding-gradient and short
-#   convolution kernels, and the fused chunk kernels at the kernel ablation's value dims ($OUT/step_tests.log);
+#   convolution kernels, Mamba's selective scan, and the fused chunk kernels at the kernel ablation's value dims
+#   ($OUT/step_tests.log);
 # - launches: the fused chunk kernels' launch sweep (benchmarks/fused_chunk_gpu.py --sweep-only) at each value dim
 #   of LAUNCH_DIMS (default "5 10 1": the d_model 64 and 128 models', the ablation's d_model 16), LAUNCH_S seconds
 #   each (fused_chunk_v5.md, ...);
@@ -14,6 +15,8 @@
 #   value dims padded to 8 (graph-committed-bv8) (mqar_step_ablation.log);
 # - split: the step with value dims that are not powers of two in power-of-two pieces (graph-committed-split-values:
 #   5 as 4 + 1, 10 as 8 + 2) against padded, at d_model 64 and 128 (mqar_step_split.log);
+# - mamba: the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
+#   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
 # - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
 # - stack: the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could
 #   gain), at the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
@@ -36,7 +39,7 @@ if [[ $stages == *" tests "* ]]; then
     timeout "${TEST_S:-100}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
         tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py \
         tests/test_triton_head_loss.py tests/test_layer_norm.py tests/test_triton_embedding.py \
-        tests/test_triton_short_conv.py \
+        tests/test_triton_short_conv.py tests/test_triton_selective_scan.py \
         2>&1 | tee -a "$OUT/step_tests.log" | tail -8
     timeout "${ABLATION_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
         tests/test_triton_fused_chunk.py -k "gpu_mqar_shape and ablation" 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
@@ -61,6 +64,10 @@ fi
 if [[ $stages == *" split "* ]]; then
     timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
         --cells "${SPLIT_CELLS:-rebased:64:2048,rebased:128:2048,based:64:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
+fi
+if [[ $stages == *" mamba "* ]]; then
+    timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \
+        --cells "${MAMBA_CELLS:-mamba:64:512,mamba:64:2048}" 2>&1 | tee "$OUT/mqar_step_mamba.log"
 fi
 if [[ $stages == *" profile "* ]]; then
     timeout "${PROFILE_S:-60}" python3 benchmarks/mqar_profile_gpu.py --cells "${PROFILE_CELLS:-rebased:128:2048}" \

@@ -1,15 +1,11 @@
-"""Mamba (selective state space model) in pure PyTorch: a chunked scan for training, a recurrent step.
+"""Mamba (selective state space model): the scan of rebased.ops.selective_scan for training and prefill, a
+recurrent step for decoding.
 
     [x, z] = W_in u;  x = silu(shortconv(x));  [dt, B, C] = W_x x;  dt = softplus(W_dt dt + b_dt)
     h_t = exp(dt_t A) * h_{t-1} + (dt_t x_t) B_t^T          h [Din, N], A = -exp(A_log) < 0
     y_t = h_t C_t + D * x_t;   out = W_out(y * silu(z))
 
-Chunked scan (no loop over time steps; a loop over T / Cs chunks): inside a chunk, with the cumulative
-log-decay L_t = sum_{s<=t} dt_s A (<= 0 and decreasing),
-    h_t = exp(L_t) h_0 + sum_{s<=t} exp(L_t - L_s) (dt_s x_s) B_s^T,
-and every exponent is <= 0, so nothing overflows; entries with s > t are set to -inf before exp.
-
-Shape letters: B batch, T time, D model dim, Din inner dim (expand * D), N state dim, Cs chunk size, R dt rank.
+Shape letters: B batch, T time, D model dim, Din inner dim (expand * D), N state dim, R dt rank.
 """
 
 from __future__ import annotations
@@ -24,32 +20,7 @@ from torch import Tensor, nn
 from rebased.config import MambaConfig
 from rebased.mixers.base import Mixer, ShortConv
 from rebased.ops.common import compute_dtype
-
-
-def _scan_chunk(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """One chunk: x, dt [B, Cs, Din]; a [Din, N]; b, c [B, Cs, N]; h [B, Din, N] -> y [B, Cs, Din], h."""
-    log_decay = (dt.unsqueeze(-1) * a).cumsum(1)  # [B, Cs, Din, N]: L_t
-    size = x.shape[1]
-    causal = torch.ones(size, size, dtype=torch.bool, device=x.device).tril().view(1, size, size, 1, 1)
-    gaps = log_decay.unsqueeze(2) - log_decay.unsqueeze(1)  # [B, Cs(t), Cs(s), Din, N]: L_t - L_s
-    decay = torch.where(causal, gaps, float("-inf")).exp()
-    inputs = dt * x  # [B, Cs, Din]
-    weights = torch.einsum("btn,btsdn,bsn->btsd", c, decay, b)
-    y = torch.einsum("btsd,bsd->btd", weights, inputs) + torch.einsum("btn,btdn,bdn->btd", c, log_decay.exp(), h)
-    to_end = (log_decay[:, -1:] - log_decay).exp()  # [B, Cs, Din, N]: exp(L_end - L_s)
-    h = log_decay[:, -1].exp() * h + torch.einsum("bsdn,bsn,bsd->bdn", to_end, b, inputs)
-    return y, h
-
-
-def selective_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h: Tensor, chunk: int):
-    """x, dt [B, T, Din]; b, c [B, T, N]; h [B, Din, N] -> y [B, T, Din], final h; in h's dtype (fp32 or fp64)."""
-    x, dt, a, b, c = (t.to(h.dtype) for t in (x, dt, a, b, c))
-    outputs = []
-    for start in range(0, x.shape[1], chunk):
-        part = slice(start, start + chunk)
-        y, h = _scan_chunk(x[:, part], dt[:, part], a, b[:, part], c[:, part], h)
-        outputs.append(y)
-    return torch.cat(outputs, dim=1), h
+from rebased.ops.scan import selective_scan
 
 
 class MambaState(NamedTuple):
@@ -72,6 +43,7 @@ class Mamba(Mixer):
         )
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.scan_backend = "auto"  # rebased.ops.selective_scan's backend
         self.reset_special_parameters()
 
     def reset_special_parameters(self) -> None:
@@ -94,7 +66,7 @@ class Mamba(Mixer):
         x = F.silu(x)
         dt, b, c = self._ssm_inputs(x)
         h = x.new_zeros(x.shape[0], self.d_inner, self.cfg.d_state, dtype=compute_dtype(x.dtype))
-        y, h = selective_scan(x, dt, -self.A_log.exp(), b, c, h, self.cfg.chunk_size)
+        y, h = selective_scan(x, dt, -self.A_log.exp(), b, c, h, chunk=self.cfg.chunk_size, backend=self.scan_backend)
         y = y.to(x.dtype) + x * self.D
         return self.out_proj(y * F.silu(z)), MambaState(conv_state, h)
 

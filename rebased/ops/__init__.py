@@ -39,6 +39,7 @@ from rebased.ops.norm import LayerNorm, layer_norm
 from rebased.ops.parallel import parallel_linear_attention
 from rebased.ops.recurrent import recurrent_linear_attention, step_unchecked, zero_state
 from rebased.ops.reference import linear_attention_reference
+from rebased.ops.scan import selective_scan
 from rebased.ops.varlen import validate_packed, varlen_linear_attention
 
 log = logging.getLogger(__name__)
@@ -261,5 +262,6 @@ __all__ = [
     "linear_attention_reference",
     "linear_attention_step",
     "pick_mode",
+    "selective_scan",
     "short_conv",
 ]

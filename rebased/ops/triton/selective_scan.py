@@ -1,0 +1,171 @@
+"""Mamba's selective scan, one program per (sequence, block of channels) walking the time steps with the state in
+registers: forward, and one backward pass in reverse time.
+
+    a_t = exp(dt_t A)             h_t = a_t * h_{t-1} + (dt_t x_t) B_t^T          y_t = h_t C_t
+    (per channel d and state n: h [Din, N], A [Din, N] < 0, dt_t > 0, x_t [Din], B_t, C_t [N])
+
+Backward, t from T - 1 down to 0, with g the gradient of the loss by h_t (from y_t and, through a_{t+1}, from
+later steps; at t = T - 1 the final state's gradient):
+
+    g_t = dy_t C_t^T + a_{t+1} g_{t+1}
+    dC_t = sum_d dy_t h_t            dB_t = sum_d g_t (dt_t x_t)            dx_t = dt_t sum_n g_t B_t
+    ddt_t = sum_n g_t (x_t B_t + A a_t h_{t-1})                              dA = sum_{b, t} g_t a_t h_{t-1} dt_t
+    dh_0 = a_0 g_0
+
+Why a kernel of our own: the torch form (rebased/mixers/mamba.py's chunked scan, the reference) builds a
+[B, Cs, Cs, Din, N] tensor of decays a chunk, about 134 MB a chunk of 16 steps at the MQAR models' micro-batch of
+262,144 tokens (Din 128, N 8), and autograd keeps several of them for every chunk. Here the forward writes every
+h_t once ([B, T, Din, N] fp32, 1 GiB at that micro-batch) so the backward reads h_{t-1} instead of recomputing it
+(walking the recurrence backwards would divide by a_t, which underflows).
+
+dB and dC sum over channels, which the programs split: each program writes its block's share into fp32 partials
+[blocks, B, T, N] that torch sums, as dA's per-sequence partials [B, Din, N]: fixed partitions, the same sums every
+run. Math in fp32 whatever the inputs' dtype (y and the states are fp32, as the reference's).
+
+Shape letters: B sequences, T steps, Din channels, N state size; BD channels a program, BN = N padded to a power
+of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from rebased.ops.triton.launch import interpreting
+
+GPU_CHANNELS = 32  # BD: with N 8, a [32, 8] state is 8 fp32 registers a thread of one warp. Not yet timed.
+INTERPRETER_CHANNELS = 8  # small tests cross several channel blocks
+
+
+@triton.jit
+def _rows(ptr, base, stride_t, t, dd, Din):
+    """x[b, t, dd] (or dt's) as fp32 [BD]; channels past Din read 0."""
+    return tl.load(ptr + base + t * stride_t + dd, mask=dd < Din, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def selective_scan_fwd_kernel(x, dt, a, b, c, h0, y, h_all, h_last, T, Din, N, BD: tl.constexpr, BN: tl.constexpr,
+                              SAVE: tl.constexpr):  # fmt: skip
+    """y [B, T, Din], every h_t into h_all [B, T, Din, N] (SAVE: for the backward) and the last into h_last."""
+    seq, block = tl.program_id(0), tl.program_id(1)
+    dd = block * BD + tl.arange(0, BD)
+    nn = tl.arange(0, BN)
+    state = dd[:, None] * N + nn[None, :]
+    inside = (dd[:, None] < Din) & (nn[None, :] < N)
+    decay = tl.load(a + state, mask=inside, other=0.0).to(tl.float32)
+    h = tl.load(h0 + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
+    row, bc_row = seq * T * Din, seq * T * N
+    for t in range(0, T):
+        step = _rows(dt, row, Din, t, dd, Din)
+        u = step * _rows(x, row, Din, t, dd, Din)
+        bt = tl.load(b + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+        ct = tl.load(c + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+        h = tl.exp(step[:, None] * decay) * h + u[:, None] * bt[None, :]
+        if SAVE:
+            tl.store(h_all + (seq * T + t) * Din * N + state, h, mask=inside)
+        tl.store(y + row + t * Din + dd, tl.sum(h * ct[None, :], 1), mask=dd < Din)
+    tl.store(h_last + seq * Din * N + state, h, mask=inside)
+
+
+@triton.jit
+def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, da_part, db_part, dc_part, dh0, B, T,
+                              Din, N, BD: tl.constexpr, BN: tl.constexpr, DLAST: tl.constexpr):  # fmt: skip
+    """Reverse time: dx, ddt [B, T, Din]; this block's shares of dB, dC (db_part, dc_part [blocks, B, T, N]); this
+    sequence's share of dA (da_part [B, Din, N]); dh0 [B, Din, N]. DLAST: the final state has a gradient."""
+    seq, block = tl.program_id(0), tl.program_id(1)
+    dd = block * BD + tl.arange(0, BD)
+    nn = tl.arange(0, BN)
+    state = dd[:, None] * N + nn[None, :]
+    inside = (dd[:, None] < Din) & (nn[None, :] < N)
+    decay = tl.load(a + state, mask=inside, other=0.0).to(tl.float32)
+    carry = tl.zeros([BD, BN], tl.float32)  # a_{t+1} g_{t+1}
+    if DLAST:
+        carry = tl.load(dh_last + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
+    da = tl.zeros([BD, BN], tl.float32)
+    row, bc_row = seq * T * Din, seq * T * N
+    part = (block * B + seq) * T * N
+    for i in range(0, T):
+        t = T - 1 - i
+        step = _rows(dt, row, Din, t, dd, Din)
+        xt = _rows(x, row, Din, t, dd, Din)
+        gy = _rows(dy, row, Din, t, dd, Din)
+        bt = tl.load(b + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+        ct = tl.load(c + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+        ht = tl.load(h_all + (seq * T + t) * Din * N + state, mask=inside, other=0.0)
+        if t > 0:
+            before = tl.load(h_all + (seq * T + t - 1) * Din * N + state, mask=inside, other=0.0)
+        else:
+            before = tl.load(h0 + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
+        at = tl.exp(step[:, None] * decay)
+        g = carry + gy[:, None] * ct[None, :]
+        tl.store(dc_part + part + t * N + nn, tl.sum(gy[:, None] * ht, 0), mask=nn < N)
+        tl.store(db_part + part + t * N + nn, tl.sum(g * (step * xt)[:, None], 0), mask=nn < N)
+        gb = tl.sum(g * bt[None, :], 1)
+        tl.store(dx + row + t * Din + dd, step * gb, mask=dd < Din)
+        from_decay = g * decay * at * before
+        tl.store(ddt + row + t * Din + dd, xt * gb + tl.sum(from_decay, 1), mask=dd < Din)
+        da += g * at * before * step[:, None]
+        carry = at * g
+    tl.store(da_part + seq * Din * N + state, da, mask=inside)
+    tl.store(dh0 + seq * Din * N + state, carry, mask=inside)
+
+
+def _channels() -> int:
+    return INTERPRETER_CHANNELS if interpreting() else GPU_CHANNELS
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h0: Tensor):
+        (batch, steps, channels), size = x.shape, a.shape[1]
+        x, dt, b, c = (t.contiguous() for t in (x, dt, b, c))
+        a, h0 = a.float().contiguous(), h0.float().contiguous()
+        save = any(ctx.needs_input_grad)
+        y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        h_all = torch.empty(batch, steps, channels, size, dtype=torch.float32, device=x.device) if save else y
+        h_last = torch.empty_like(h0)
+        bd = _channels()
+        if x.numel():
+            selective_scan_fwd_kernel[(batch, triton.cdiv(channels, bd))](
+                x, dt, a, b, c, h0, y, h_all, h_last, steps, channels, size, BD=bd, BN=triton.next_power_of_2(size),
+                SAVE=save, num_warps=1,
+            )  # fmt: skip
+        else:
+            h_last.copy_(h0)
+        if save:
+            ctx.save_for_backward(x, dt, a, b, c, h0, h_all)
+        ctx.dtypes = tuple(t.dtype for t in (x, dt, b, c))
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dh_last: Tensor | None):
+        x, dt, a, b, c, h0, h_all = ctx.saved_tensors
+        (batch, steps, channels), size = x.shape, a.shape[1]
+        bd = _channels()
+        blocks = triton.cdiv(channels, bd)
+        dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if dy is None else dy.float().contiguous()
+        dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        ddt = torch.empty_like(dx)
+        da_part = torch.zeros(batch, channels, size, dtype=torch.float32, device=x.device)
+        db_part = torch.zeros(blocks, batch, steps, size, dtype=torch.float32, device=x.device)
+        dc_part = torch.zeros_like(db_part)
+        dh0 = torch.empty_like(h0)
+        if x.numel():
+            selective_scan_bwd_kernel[(batch, blocks)](
+                x, dt, a, b, c, h0, h_all, dy, dh_last.float().contiguous() if dh_last is not None else dy, dx, ddt,
+                da_part, db_part, dc_part, dh0, batch, steps, channels, size, BD=bd,
+                BN=triton.next_power_of_2(size), DLAST=dh_last is not None, num_warps=1,
+            )  # fmt: skip
+        else:
+            dh0.copy_(dh_last if dh_last is not None else torch.zeros_like(h0))
+        x_dtype, dt_dtype, b_dtype, c_dtype = ctx.dtypes
+        return (dx.to(x_dtype), ddt.to(dt_dtype), da_part.sum(0), db_part.sum(0).to(b_dtype),
+                dc_part.sum(0).to(c_dtype), dh0)  # fmt: skip
+
+
+def selective_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """The ("triton") selective scan: x, dt [B, T, Din] and b, c [B, T, N] in any float dtype, a [Din, N], h0
+    [B, Din, N] -> y [B, T, Din] and the final state [B, Din, N], both fp32; gradients for every input."""
+    return SelectiveScanFunction.apply(x, dt, a, b, c, h0)
