@@ -41,8 +41,8 @@ if [[ $stages == *" tests "* ]]; then
         tests/test_triton_head_loss.py tests/test_layer_norm.py tests/test_triton_embedding.py \
         tests/test_triton_short_conv.py tests/test_triton_selective_scan.py \
         2>&1 | tee -a "$OUT/step_tests.log" | tail -8
-    timeout "${ABLATION_TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
-        tests/test_triton_fused_chunk.py -k "gpu_mqar_shape and ablation" 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
+    timeout "${ABLATION_TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
+        tests/test_triton_fused_chunk.py -k "gpu_mqar_shape and (ablation or split)" 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
 fi
 if [[ $stages == *" launches "* ]]; then
     for value_dim in ${LAUNCH_DIMS:-5 10 1}; do

@@ -303,15 +303,18 @@ def test_auto_mode_prefers_the_fused_chunk_kernels_from_a_length(length, heads, 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(
-    ("name", "value_dim"),
-    [("rebased", 5), ("rebased", 16), ("based", 5), ("based", 11), ("rebased", 1), ("rebased", 2), ("based", 4)],
-    ids=["rebased-v5", "rebased-v16", "based-v5", "based-v11", "ablation-v1", "ablation-v2", "ablation-v4"],
-)
-def test_gpu_mqar_shape_against_float64(dtype, name, value_dim):
-    """The MQAR models' heads (12 of q/k 16, value dims 1 to 16: 1, 2 and 4 are the kernel ablation's d_model 16-48)
-    at L 2048, from a state: bf16 every gradient within
+    ("name", "value_dim", "split"),
+    [("rebased", 5, False), ("rebased", 16, False), ("based", 5, False), ("based", 11, False), ("rebased", 1, False),
+     ("rebased", 2, False), ("based", 4, False), ("rebased", 5, True), ("based", 10, True)],
+    ids=["rebased-v5", "rebased-v16", "based-v5", "based-v11", "ablation-v1", "ablation-v2", "ablation-v4",
+         "split-v5", "split-v10"],
+)  # fmt: skip
+def test_gpu_mqar_shape_against_float64(dtype, name, value_dim, split, monkeypatch):
+    """The MQAR models' heads (12 of q/k 16, value dims 1 to 16: 1, 2 and 4 are the kernel ablation's d_model 16-48;
+    split: SPLIT_VALUES, 5 as 4 + 1 and 10 as 8 + 2) at L 2048, from a state: bf16 every gradient within
     1% relative RMS of float64 at every position, fp32 1e-4 overall (the chunk and parallel kernels' bound).
     Batch 4, not 512: the float64 reference keeps every step's state for its backward."""
+    monkeypatch.setattr(fused, "SPLIT_VALUES", split)
     generator = torch.Generator().manual_seed(value_dim)
     kernel = KERNELS[name](16)
     q, k, v = make_inputs((4, 2048, 12, 16), value_dim, generator, dtype)
