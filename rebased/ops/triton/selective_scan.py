@@ -49,7 +49,7 @@ def _rows(ptr, base, stride_t, t, dd, Din):
 def selective_scan_fwd_kernel(x, dt, a, b, c, h0, y, h_all, h_last, T, Din, N, BD: tl.constexpr, BN: tl.constexpr,
                               SAVE: tl.constexpr):  # fmt: skip
     """y [B, T, Din], every h_t into h_all [B, T, Din, N] (SAVE: for the backward) and the last into h_last."""
-    seq, block = tl.program_id(0), tl.program_id(1)
+    seq, block = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: h_all passes 2**31 elements at LM sizes
     dd = block * BD + tl.arange(0, BD)
     nn = tl.arange(0, BN)
     state = dd[:, None] * N + nn[None, :]
@@ -74,7 +74,7 @@ def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, d
                               Din, N, BD: tl.constexpr, BN: tl.constexpr, DLAST: tl.constexpr):  # fmt: skip
     """Reverse time: dx, ddt [B, T, Din]; this block's shares of dB, dC (db_part, dc_part [blocks, B, T, N]); this
     sequence's share of dA (da_part [B, Din, N]); dh0 [B, Din, N]. DLAST: the final state has a gradient."""
-    seq, block = tl.program_id(0), tl.program_id(1)
+    seq, block = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: h_all passes 2**31 elements at LM sizes
     dd = block * BD + tl.arange(0, BD)
     nn = tl.arange(0, BN)
     state = dd[:, None] * N + nn[None, :]
