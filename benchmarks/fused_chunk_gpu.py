@@ -10,8 +10,9 @@ In order, so that a time limit cuts the least useful part:
    initial state, gradients of every input): relative RMS error of o, dq, dk, dv and the final state.
 2. table: milliseconds (median, triton.testing.do_bench) of the forward and of forward+backward at batch 512,
    12 heads, q/k 16, bf16, the ReBased kernel, v in {5, 16}, L in {256, 512, 1024, 2048}, and one case with
-   few (sequence, head) pairs (B 4, L 16384), for: the fused kernels, the chunk-states kernels, the parallel
-   kernel, mode="auto" (what linear_attention picks), fla's parallel_rebased and fused_chunk_based (Based's
+   few (sequence, head) pairs (B 4, L 16384), for: the fused kernels, the same with value dims in power-of-two
+   pieces (fused_chunk.SPLIT_VALUES), the chunk-states kernels, the parallel kernel, mode="auto" (what
+   linear_attention picks), fla's parallel_rebased and fused_chunk_based (Based's
    kernel; its time only) when fla is importable; each row's ratio to the fused kernels.
 3. sweep: each candidates() launch for all three kernels at --sweep-value-dim (default 5, GPU_LAUNCHES; 9-16 and
    beyond are GPU_LAUNCHES_WIDE's, 10 being the d_model 128 MQAR models'): checked against float64 at a small
@@ -19,7 +20,8 @@ In order, so that a time limit cuts the least useful part:
    mis-compiled some 3D tiles of the chunk kernels), then each kernel timed alone at B 512, L 2048. The fastest
    accurate candidate per kernel is printed as the table's line to paste into fused_chunk.py.
 4. the table's fused rows again with the sweep's choice.
---sweep-only runs stage 3 alone; --no-sweep stops after stage 2.
+--sweep-only runs stage 3 alone; --no-sweep stops after stage 2; --table-only runs stage 2 alone, over --entries,
+--lengths and --value-dims.
 
 Every case runs in try/except (a failure is a row that says so) and nothing starts after --time-limit seconds.
 Outputs under --out: fused_chunk.md (every table) and fused_chunk.json.
@@ -100,6 +102,20 @@ def fused_op(kernel, initial_state=None, output_final_state=False):
     return run
 
 
+def split_values(run):
+    """run with fused_chunk.SPLIT_VALUES set (value dims in power-of-two pieces), as committed after."""
+    from rebased.ops.triton import fused_chunk
+
+    def split(q, k, v):
+        committed, fused_chunk.SPLIT_VALUES = fused_chunk.SPLIT_VALUES, True
+        try:
+            return run(q, k, v)
+        finally:
+            fused_chunk.SPLIT_VALUES = committed
+
+    return split
+
+
 # ---- 1. accuracy ----------------------------------------------------------------------------------------------
 
 
@@ -155,6 +171,7 @@ def entries(kernel: PolynomialType) -> dict[str, Callable]:
     options = dict(kernel=kernel, initial_state=None, output_final_state=False, normalize=True, eps=EPS, chunk_size=64)
     table = {
         "fused": lambda q, k, v: fused_op(kernel)(q, k, v)[0],
+        "fused split-values": lambda q, k, v: split_values(fused_op(kernel))(q, k, v)[0],
         "chunk_states": lambda q, k, v: chunk_states_linear_attention(q, k, v, **options)[0],
         "parallel": through("parallel"),
         "auto": through("auto"),
@@ -210,16 +227,18 @@ def time_entry(fn: Callable, q, k, v) -> tuple[float, float, float]:
     return bench(forward), bench(both), peak
 
 
-def shapes() -> list[tuple[int, int, int]]:
+def shapes(lengths=LENGTHS, value_dims=VALUE_DIMS) -> list[tuple[int, int, int]]:
     """(batch, length, value dim) of the table's rows."""
-    return [(BATCH, length, value_dim) for value_dim in VALUE_DIMS for length in LENGTHS] + [(*FEW_PAIRS, 5)]
+    few = [(*FEW_PAIRS, 5)] if tuple(lengths) == LENGTHS else []  # with the default lengths only
+    return [(BATCH, length, value_dim) for value_dim in value_dims for length in lengths] + few
 
 
-def table(deadline: Deadline, names: tuple[str, ...] | None = None, label: str = "") -> list[dict]:
+def table(deadline: Deadline, names: tuple[str, ...] | None = None, label: str = "", lengths=LENGTHS,
+          value_dims=VALUE_DIMS) -> list[dict]:  # fmt: skip
     kernel = Polynomial.rebased(HEAD_DIM)
     fns = entries(kernel)
     rows = []
-    for batch, length, value_dim in shapes():
+    for batch, length, value_dim in shapes(lengths, value_dims):
         q, k, v = inputs(batch, length, value_dim, torch.bfloat16)
         for name, fn in fns.items():
             if names is not None and name not in names:
@@ -401,6 +420,10 @@ def main() -> None:
     parser.add_argument("--sweep-only", action="store_true", help="only the launch sweep (stage 3)")
     value_help = "the value dim the sweep times (default 5; 10 is the d_model 128 MQAR models')"
     parser.add_argument("--sweep-value-dim", type=int, default=5, help=value_help)
+    parser.add_argument("--table-only", action="store_true", help="only the table (stage 2)")
+    parser.add_argument("--entries", default=None, help="the table's entries, comma-separated (default: all)")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="the table's L, comma-separated")
+    parser.add_argument("--value-dims", default=",".join(map(str, VALUE_DIMS)), help="the table's v, comma-separated")
     parser.add_argument("--compile", action="store_true", help="no GPU: compile each candidate for sm_90a and stop")
     args = parser.parse_args()
     if args.compile:
@@ -411,8 +434,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     log(env)
-    accuracy_rows = [] if args.sweep_only else accuracy(deadline)
-    rows = [] if args.sweep_only else table(deadline)
+    names = None if args.entries is None else tuple(args.entries.split(","))
+    lengths, value_dims = (tuple(int(n) for n in text.split(",")) for text in (args.lengths, args.value_dims))
+    accuracy_rows = [] if args.sweep_only or args.table_only else accuracy(deadline)
+    rows = [] if args.sweep_only else table(deadline, names, lengths=lengths, value_dims=value_dims)
+    if args.table_only:
+        write(out, env, accuracy_rows, rows, [], {}, args.sweep_value_dim)
+        return
     value_dim = args.sweep_value_dim
     reserve_s = 0.0 if args.sweep_only else SWEEP_RESERVE_S
     sweep_rows, best = ([], {}) if args.no_sweep else sweep(deadline, value_dim, reserve_s)

@@ -13,8 +13,9 @@
 #   5 repeats a cell (mqar_step.log);
 # - ablation: the step at the kernel ablation's shapes (32 pairs; value dims 1 and 4) as committed against the
 #   value dims padded to 8 (graph-committed-bv8) (mqar_step_ablation.log);
-# - split: the step with value dims that are not powers of two in power-of-two pieces (graph-committed-split-values:
-#   5 as 4 + 1, 10 as 8 + 2) against padded, at d_model 64 and 128 (mqar_step_split.log);
+# - split: value dims that are not powers of two in power-of-two pieces (5 as 4 + 1, 10 as 8 + 2) against padded:
+#   the op alone at B 512, L 2048, v 5 and 10 (fused_chunk_split.md), then the step at d_model 64 and 128
+#   (graph-committed-split-values: mqar_step_split.log);
 # - mamba: the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
 #   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
 # - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
@@ -62,6 +63,10 @@ if [[ $stages == *" ablation "* ]]; then
         --cells "${ABLATION_CELLS:-rebased:16:2048,rebased:48:2048,rebased:16:256}" 2>&1 | tee "$OUT/mqar_step_ablation.log"
 fi
 if [[ $stages == *" split "* ]]; then
+    timeout "${SPLIT_OP_S:-90}" python3 benchmarks/fused_chunk_gpu.py --out "$OUT/split" --table-only --time-limit 70 \
+        --entries "fused,fused split-values" --lengths 2048 --value-dims 5,10 > "$OUT/fused_chunk_split.log" 2>&1
+    mv "$OUT/split/fused_chunk.md" "$OUT/fused_chunk_split.md" 2>/dev/null && rm -rf "$OUT/split"
+    tail -6 "$OUT/fused_chunk_split.log"
     timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
         --cells "${SPLIT_CELLS:-rebased:64:2048,rebased:128:2048,based:64:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
 fi
