@@ -46,22 +46,34 @@ def _rows(ptr, base, stride_t, t, dd, Din):
 
 
 @triton.jit
-def selective_scan_fwd_kernel(x, dt, a, b, c, h0, y, h_all, h_last, T, Din, N, BD: tl.constexpr, BN: tl.constexpr,
-                              SAVE: tl.constexpr):  # fmt: skip
-    """y [B, T, Din], every h_t into h_all [B, T, Din, N] (SAVE: for the backward) and the last into h_last."""
+def _state_rows(ptr, base, t, nn, N):
+    """B[b, t, :] (or C's) as fp32 [BN]; past N read 0."""
+    return tl.load(ptr + base + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _program(a, Din, N, BD: tl.constexpr, BN: tl.constexpr):
+    """This program's sequence and channel block, its channels dd and states nn, the [BD, BN] state offsets and
+    mask, and A there (fp32)."""
     seq, block = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: h_all passes 2**31 elements at LM sizes
     dd = block * BD + tl.arange(0, BD)
     nn = tl.arange(0, BN)
     state = dd[:, None] * N + nn[None, :]
     inside = (dd[:, None] < Din) & (nn[None, :] < N)
-    decay = tl.load(a + state, mask=inside, other=0.0).to(tl.float32)
+    return seq, block, dd, nn, state, inside, tl.load(a + state, mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def selective_scan_fwd_kernel(x, dt, a, b, c, h0, y, h_all, h_last, T, Din, N, BD: tl.constexpr, BN: tl.constexpr,
+                              SAVE: tl.constexpr):  # fmt: skip
+    """y [B, T, Din], every h_t into h_all [B, T, Din, N] (SAVE: for the backward) and the last into h_last."""
+    seq, _, dd, nn, state, inside, decay = _program(a, Din, N, BD, BN)
     h = tl.load(h0 + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
     row, bc_row = seq * T * Din, seq * T * N
     for t in range(0, T):
         step = _rows(dt, row, Din, t, dd, Din)
         u = step * _rows(x, row, Din, t, dd, Din)
-        bt = tl.load(b + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
-        ct = tl.load(c + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+        bt, ct = _state_rows(b, bc_row, t, nn, N), _state_rows(c, bc_row, t, nn, N)
         h = tl.exp(step[:, None] * decay) * h + u[:, None] * bt[None, :]
         if SAVE:
             tl.store(h_all + (seq * T + t) * Din * N + state, h, mask=inside)
@@ -74,12 +86,7 @@ def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, d
                               Din, N, BD: tl.constexpr, BN: tl.constexpr, DLAST: tl.constexpr):  # fmt: skip
     """Reverse time: dx, ddt [B, T, Din]; this block's shares of dB, dC (db_part, dc_part [blocks, B, T, N]); this
     sequence's share of dA (da_part [B, Din, N]); dh0 [B, Din, N]. DLAST: the final state has a gradient."""
-    seq, block = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: h_all passes 2**31 elements at LM sizes
-    dd = block * BD + tl.arange(0, BD)
-    nn = tl.arange(0, BN)
-    state = dd[:, None] * N + nn[None, :]
-    inside = (dd[:, None] < Din) & (nn[None, :] < N)
-    decay = tl.load(a + state, mask=inside, other=0.0).to(tl.float32)
+    seq, block, dd, nn, state, inside, decay = _program(a, Din, N, BD, BN)
     carry = tl.zeros([BD, BN], tl.float32)  # a_{t+1} g_{t+1}
     if DLAST:
         carry = tl.load(dh_last + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
@@ -91,8 +98,7 @@ def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, d
         step = _rows(dt, row, Din, t, dd, Din)
         xt = _rows(x, row, Din, t, dd, Din)
         gy = _rows(dy, row, Din, t, dd, Din)
-        bt = tl.load(b + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
-        ct = tl.load(c + bc_row + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+        bt, ct = _state_rows(b, bc_row, t, nn, N), _state_rows(c, bc_row, t, nn, N)
         ht = tl.load(h_all + (seq * T + t) * Din * N + state, mask=inside, other=0.0)
         if t > 0:
             before = tl.load(h_all + (seq * T + t - 1) * Din * N + state, mask=inside, other=0.0)
