@@ -8,7 +8,7 @@ compiled kernel at an MQAR micro-batch's shape."""
 import pytest
 import torch
 from torch import nn
-from triton_setup import device_or_skip
+from triton_setup import captured, device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -159,14 +159,8 @@ def test_gpu_captured_in_a_cuda_graph():
     """The sort, the search and the kernel in one CUDA graph (as the graphed training step runs them): a replay
     on new ids and gradients gives what an eager call gives."""
     ids, dy = grad_inputs(4096, 512, 32, filler=0.25, seed=7)
-    embedding_grad(ids, dy, 512)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        captured = embedding_grad(ids, dy, 512)
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, outputs = captured(lambda: embedding_grad(ids, dy, 512))
     new_ids, new_dy = grad_inputs(4096, 512, 32, filler=0.5, seed=8)
     ids.copy_(new_ids), dy.copy_(new_dy)
     graph.replay()
-    assert torch.equal(captured, embedding_grad(ids, dy, 512))
+    assert torch.equal(outputs, embedding_grad(ids, dy, 512))

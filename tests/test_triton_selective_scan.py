@@ -7,7 +7,7 @@ micro-batch's shape and inside a CUDA graph."""
 
 import pytest
 import torch
-from triton_setup import device_or_skip
+from triton_setup import captured, device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -157,17 +157,12 @@ def test_gpu_captured_in_a_cuda_graph():
     def step():
         return run(leaves, weights, "triton")[2]
 
-    step()  # compile outside the capture
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        captured = step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, outputs = captured(step)
     new_leaves, _ = scan_inputs(4, 256, 64, 8, seed=6)
     with torch.no_grad():
         for old, new in zip(leaves, new_leaves):
             old.copy_(new)
     graph.replay()
     torch.cuda.synchronize()
-    for name, got, want in zip(NAMES, captured, step()):
+    for name, got, want in zip(NAMES, outputs, step()):
         assert torch.equal(got, want), name

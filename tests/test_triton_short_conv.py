@@ -7,7 +7,7 @@ shape and inside a CUDA graph."""
 
 import pytest
 import torch
-from triton_setup import device_or_skip
+from triton_setup import captured, device_or_skip
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -165,14 +165,9 @@ def test_gpu_captured_in_a_cuda_graph():
     def step():
         return gradients(ops_conv.short_conv(x, weight, b, backend="triton"), (x, weight, b), dy)
 
-    step()  # compile outside the capture
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
-        captured = step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph, outputs = captured(step)
     new_x, _, _, new_dy = conv_inputs(4, 256, 48, 3, seed=6)
     with torch.no_grad():
         x.copy_(new_x), dy.copy_(new_dy)
     graph.replay()
-    assert all(torch.equal(a, c) for a, c in zip(captured, step()))
+    assert all(torch.equal(a, c) for a, c in zip(outputs, step()))

@@ -1,5 +1,6 @@
-"""What every Triton kernel test module does first: skip without triton, and pick the device the kernels run
-on (CUDA, or CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets when there is no CUDA)."""
+"""What the Triton kernel test modules share: what each does first (skip without triton, and pick the device the
+kernels run on: CUDA, or CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets when there is no
+CUDA), and the CUDA-graph capture their gpu tests replay."""
 
 import os
 
@@ -16,3 +17,15 @@ def device_or_skip() -> str:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
     return "cpu"
+
+
+def captured(step):
+    """step() once eagerly (Triton compiles outside the capture), then captured as a CUDA graph on a side stream:
+    (the graph, the outputs its replays write)."""
+    step()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        outputs = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, outputs
