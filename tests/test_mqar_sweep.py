@@ -192,7 +192,7 @@ def test_time_limit_stops_between_runs_and_the_next_call_resumes(tmp_path):
 
 
 def test_a_run_stopped_by_the_time_limit_resumes_from_its_checkpoint(tmp_path):
-    """A run longer than one time-boxed call: stopped mid-way, then finished by the next call's sweep with
+    """A run longer than one time-boxed sweep: stopped mid-way, then finished by running the sweep again, with
     the same result as an uninterrupted run (dropout and all: bitwise on the CPU)."""
     from rebased.tasks.mqar.sweep import make_data, run_one, run_sweep
 
