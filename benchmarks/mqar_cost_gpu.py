@@ -66,8 +66,7 @@ from rebased.tasks.mqar.sweep import build_model, make_data, train_config
 from rebased.train import train
 
 # variant -> (TrainConfig settings, what computes the fused loss: torch chunks, the Triton row kernel over chunks
-# of logits, or the Triton tile kernels without logits); a name ending in -torch-embedding takes torch's embedding
-# backward, one ending in -torch-conv torch's Conv1d
+# of logits, or the Triton tile kernels without logits); a name's ending may set a kernel switch (SWITCHES)
 VARIANTS = {
     "logits": ({"fused_loss": False, "cuda_graph": False}, "torch"),
     "fused": ({"fused_loss": True, "cuda_graph": False}, "torch"),
@@ -87,22 +86,23 @@ VARIANTS = {
 }
 
 
-COMMITTED_EMBEDDING = embedding.EMBEDDING_TRITON_ON_GPU
-COMMITTED_SHORT_CONV = conv.SHORT_CONV_TRITON_ON_GPU
-COMMITTED_MIN_BV = fused_chunk.MIN_BV
-COMMITTED_SPLIT_VALUES = fused_chunk.SPLIT_VALUES
-COMMITTED_TRITON_SCAN = scan.SCAN_TRITON_ON_GPU
+# variant name ending -> (module, switch, its value for that variant); every other variant takes the committed value
+SWITCHES = {
+    "-torch-embedding": (embedding, "EMBEDDING_TRITON_ON_GPU", False),
+    "-torch-conv": (conv, "SHORT_CONV_TRITON_ON_GPU", False),
+    "-bv8": (fused_chunk, "MIN_BV", 8),
+    "-split-values": (fused_chunk, "SPLIT_VALUES", True),
+    "-triton-scan": (scan, "SCAN_TRITON_ON_GPU", True),
+}
+COMMITTED = {ending: getattr(module, name) for ending, (module, name, _) in SWITCHES.items()}
 
 
 def apply_variant(variant: str) -> dict:
     """Set the kernel switches the variant names; return its TrainConfig settings."""
     settings, kernel = VARIANTS[variant]
     use_loss_kernel(kernel)
-    embedding.EMBEDDING_TRITON_ON_GPU = COMMITTED_EMBEDDING and not variant.endswith("-torch-embedding")
-    conv.SHORT_CONV_TRITON_ON_GPU = COMMITTED_SHORT_CONV and not variant.endswith("-torch-conv")
-    fused_chunk.MIN_BV = 8 if variant.endswith("-bv8") else COMMITTED_MIN_BV
-    fused_chunk.SPLIT_VALUES = COMMITTED_SPLIT_VALUES or variant.endswith("-split-values")
-    scan.SCAN_TRITON_ON_GPU = COMMITTED_TRITON_SCAN or variant.endswith("-triton-scan")
+    for ending, (module, name, value) in SWITCHES.items():
+        setattr(module, name, value if variant.endswith(ending) else COMMITTED[ending])
     return settings
 
 
