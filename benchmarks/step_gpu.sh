@@ -35,6 +35,14 @@ stages=" ${STAGES:-tests launches step ablation split} "
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/step_tests.log"
 cost=(python3 benchmarks/mqar_cost_gpu.py auto-triton)
+# fused_chunk NAME SECONDS ARGS...: benchmarks/fused_chunk_gpu.py ARGS, capped at SECONDS, into $OUT/NAME.md and .log
+fused_chunk() {
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 benchmarks/fused_chunk_gpu.py --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+    mv "$OUT/$name/fused_chunk.md" "$OUT/$name.md" 2>/dev/null
+    rm -rf "${OUT:?}/$name"
+}
 
 if [[ $stages == *" tests "* ]]; then
     timeout "${TEST_S:-100}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
@@ -47,12 +55,10 @@ if [[ $stages == *" tests "* ]]; then
 fi
 if [[ $stages == *" launches "* ]]; then
     for value_dim in ${LAUNCH_DIMS:-5 10 1}; do
-        timeout "$(( ${LAUNCH_S:-100} + 20 ))" python3 benchmarks/fused_chunk_gpu.py --out "$OUT/launches" --sweep-only \
-            --sweep-value-dim "$value_dim" --time-limit "${LAUNCH_S:-100}" > "$OUT/fused_chunk_v$value_dim.log" 2>&1
-        mv "$OUT/launches/fused_chunk.md" "$OUT/fused_chunk_v$value_dim.md" 2>/dev/null
+        fused_chunk "fused_chunk_v$value_dim" "$(( ${LAUNCH_S:-100} + 20 ))" --sweep-only --sweep-value-dim "$value_dim" \
+            --time-limit "${LAUNCH_S:-100}"
         tail -16 "$OUT/fused_chunk_v$value_dim.log"
     done
-    rm -rf "$OUT/launches"
 fi
 if [[ $stages == *" step "* ]]; then
     timeout "${BENCH_S:-150}" "${cost[@]}" --variants "${VARIANTS:-graph-committed,graph-tiles}" --repeats 5 \
@@ -63,9 +69,8 @@ if [[ $stages == *" ablation "* ]]; then
         --cells "${ABLATION_CELLS:-rebased:16:2048,rebased:48:2048,rebased:16:256}" 2>&1 | tee "$OUT/mqar_step_ablation.log"
 fi
 if [[ $stages == *" split "* ]]; then
-    timeout "${SPLIT_OP_S:-90}" python3 benchmarks/fused_chunk_gpu.py --out "$OUT/split" --table-only --time-limit 70 \
-        --entries "fused,fused split-values" --lengths 2048 --value-dims 5,10 > "$OUT/fused_chunk_split.log" 2>&1
-    mv "$OUT/split/fused_chunk.md" "$OUT/fused_chunk_split.md" 2>/dev/null && rm -rf "$OUT/split"
+    fused_chunk fused_chunk_split "${SPLIT_OP_S:-90}" --table-only --time-limit 70 --entries "fused,fused split-values" \
+        --lengths 2048 --value-dims 5,10
     tail -6 "$OUT/fused_chunk_split.log"
     timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
         --cells "${SPLIT_CELLS:-rebased:64:2048,rebased:128:2048,based:64:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
