@@ -459,13 +459,15 @@ class FusedLaunch:
 
 # Per kernel on the GPU, for value dims up to 8 (BV 1-8: the MQAR models' 5, the ablation's 1-4) and wider (BV 16
 # and up). Up to 8: the fastest of the launches that fused_chunk_gpu.py sweeps on an H200 at B 512, L 2048, v 5,
-# each within its error budget against float64 (benchmarks/results/h200_mqar/fused_chunk.md: 7.7 ms
-# forward+backward against 8.5 ms for one warp on chunks of 16 throughout). Wider: two warps on chunks of 32, which
-# spill least when compiled for sm_90a (`fused_chunk_gpu.py --compile`); at v 16 it runs 1.6-2.4x ahead of fla's
-# kernels as it is.
+# each within its error budget against float64 (benchmarks/results/h200_mqar/fused_chunk_v5_f49fce1.md). One warp
+# on chunks of 16 throughout; the forward and dq capped at 168 registers a thread, so 12 warps fit an SM where the
+# compiler's ~240 allowed 8: 1.61 and 2.22 ms against 1.98 and 2.71 uncapped, the spills cheaper than the latency
+# the extra warps hide. dk/dv, the largest state, gains nothing from the cap (3.16 against 3.13) and loses at 128.
+# Wider: two warps on chunks of 32, which spill least when compiled for sm_90a (`fused_chunk_gpu.py --compile`); at
+# v 16 it runs 1.6-2.4x ahead of fla's kernels as it is.
 GPU_LAUNCHES = {
-    "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
-    "dq": FusedLaunch(chunk=16, warps=1, stages=2),
+    "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
+    "dq": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
     "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
 }
 GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
@@ -694,9 +696,10 @@ def refuse(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 # Whether a value dim that is not a power of two runs as one pass of the kernels per power-of-two piece (5 as 4 + 1,
 # 10 as 8 + 2) rather than padded (to 8, 16): o = num / den splits by value columns, every piece having the same
-# normaliser, and the state's work goes with the padded width. Each piece repeats the q/k side (scores, normaliser)
-# and autograd adds the pieces' dq and dk. Off until a GPU has timed it (benchmarks/mqar_cost_gpu.py
-# --variants graph-committed,graph-committed-split-values).
+# normaliser. Each piece repeats the q/k side (scores, normaliser) and autograd adds the pieces' dq and dk, and at
+# MQAR's shapes that side is most of the cost: on an H200 at B 512, L 2048 the op took 11.3 ms split against 7.8
+# padded at v 5 and 15.6 against 18.5 at v 10, and the d_model 128 step was no faster (49.3 against 49.2 ms;
+# benchmarks/results/h200_mqar/fused_chunk_split_f49fce1.md, mqar_step_split_f49fce1.log). So it is off.
 SPLIT_VALUES = False
 SPLIT_MAX_VALUE_DIM = 16  # wider value dims leave the fused kernels for chunk_states (chunk_dispatch.py)
 
