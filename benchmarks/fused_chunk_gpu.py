@@ -15,7 +15,8 @@ In order, so that a time limit cuts the least useful part:
    linear_attention picks), fla's parallel_rebased and fused_chunk_based (Based's
    kernel; its time only) when fla is importable; each row's ratio to the fused kernels.
 3. sweep: each candidates() launch for all three kernels at --sweep-value-dim (default 5, GPU_LAUNCHES; 9-16 and
-   beyond are GPU_LAUNCHES_WIDE's, 10 being the d_model 128 MQAR models'): checked against float64 at a small
+   beyond are GPU_LAUNCHES_WIDE's, 10 being the d_model 128 MQAR models') for --sweep-kernel (default rebased;
+   based times Based's polynomial, GPU_LAUNCHES_LOW_TERMS up to value dim 8): checked against float64 at a small
    shape per kernel (o for the forward, dq, dk and dv; a candidate off by more than 1% is never chosen: Triton 3.6
    mis-compiled some 3D tiles of the chunk kernels), then each kernel timed alone at B 512, L 2048. The fastest
    accurate candidate per kernel is printed as the table's line to paste into fused_chunk.py.
@@ -277,18 +278,23 @@ def table_markdown(rows: list[dict]) -> str:
 # ---- 3. the sweep ----------------------------------------------------------------------------------------------
 
 
-def launch_table_name(value_dim: int) -> str:
-    """The fused_chunk.py table that launches this value dim on the GPU."""
+SWEEP_KERNELS = {"rebased": Polynomial.rebased, "based": Polynomial.taylor}
+
+
+def launch_table_name(value_dim: int, kernel: PolynomialType) -> str:
+    """The fused_chunk.py table that launches this value dim and kernel on the GPU."""
     from rebased.ops.triton import fused_chunk as F
 
-    return "GPU_LAUNCHES" if F.Dims.of(HEAD_DIM, value_dim).bv <= 8 else "GPU_LAUNCHES_WIDE"
+    if F.Dims.of(HEAD_DIM, value_dim).bv > 8:
+        return "GPU_LAUNCHES_WIDE"
+    return "GPU_LAUNCHES_LOW_TERMS" if kernel.c0 > 0 or kernel.c1 > 0 else "GPU_LAUNCHES"
 
 
-def use_launches(launches: dict, value_dim: int) -> None:
-    """Put launches into the table that serves value_dim (in this process only)."""
+def use_launches(launches: dict, value_dim: int, kernel: PolynomialType) -> None:
+    """Put launches into the table that serves value_dim and kernel (in this process only)."""
     from rebased.ops.triton import fused_chunk
 
-    getattr(fused_chunk, launch_table_name(value_dim)).update(launches)
+    getattr(fused_chunk, launch_table_name(value_dim, kernel)).update(launches)
 
 
 def candidate_errors(kernel, value_dim: int) -> dict[str, float]:
@@ -329,19 +335,19 @@ def kernel_times(kernel, value_dim: int) -> dict[str, float]:
 SWEEP_RESERVE_S = 60.0  # seconds the sweep leaves for the table's rows with its choice
 
 
-def sweep(deadline: Deadline, value_dim: int, reserve_s: float = SWEEP_RESERVE_S) -> tuple[list[list], dict]:
+def sweep(deadline: Deadline, value_dim: int, kernel: PolynomialType,
+          reserve_s: float = SWEEP_RESERVE_S) -> tuple[list[list], dict]:  # fmt: skip
     """Rows per candidate and the best accurate launch per kernel (absent where no candidate was accurate), at
-    value_dim (its table: GPU_LAUNCHES up to BV 8, GPU_LAUNCHES_WIDE beyond)."""
+    value_dim for this polynomial (its table: launch_table_name)."""
     from rebased.ops.triton import fused_chunk
 
-    kernel = Polynomial.rebased(HEAD_DIM)
-    code = dict(getattr(fused_chunk, launch_table_name(value_dim)))
+    code = dict(getattr(fused_chunk, launch_table_name(value_dim, kernel)))
     rows, best = [], {}
     for launch in candidates():
         if deadline.left() <= reserve_s:
             rows.append([str(launch), "-", "-", "-", "-", "skipped: time limit"])
             continue
-        use_launches(dict.fromkeys(("fwd", "dq", "dkdv"), launch), value_dim)
+        use_launches(dict.fromkeys(("fwd", "dq", "dkdv"), launch), value_dim, kernel)
         try:
             errors = candidate_errors(kernel, value_dim)
             times = kernel_times(kernel, value_dim)
@@ -358,7 +364,7 @@ def sweep(deadline: Deadline, value_dim: int, reserve_s: float = SWEEP_RESERVE_S
         rows.append([str(launch), *cells, f"{sum(times.values()):.3f}",
                      "ok" if max(errors.values()) <= 1e-2 else "OFF: some kernel > 1e-2"])  # fmt: skip
         log(" | ".join(rows[-1]))
-    use_launches(code, value_dim)
+    use_launches(code, value_dim, kernel)
     return rows, {name: launch for name, (launch, _) in best.items()}
 
 
@@ -420,6 +426,9 @@ def main() -> None:
     parser.add_argument("--sweep-only", action="store_true", help="only the launch sweep (stage 3)")
     value_help = "the value dim the sweep times (default 5; 10 is the d_model 128 MQAR models')"
     parser.add_argument("--sweep-value-dim", type=int, default=5, help=value_help)
+    parser.add_argument("--sweep-kernel", choices=sorted(SWEEP_KERNELS), default="rebased",
+                        help="the polynomial the sweep times: rebased (default; GPU_LAUNCHES) or based "
+                        "(GPU_LAUNCHES_LOW_TERMS); past value dim 8 both share GPU_LAUNCHES_WIDE")  # fmt: skip
     parser.add_argument("--table-only", action="store_true", help="only the table (stage 2)")
     parser.add_argument("--entries", default=None, help="the table's entries, comma-separated (default: all)")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="the table's L, comma-separated")
@@ -438,21 +447,21 @@ def main() -> None:
     lengths, value_dims = (tuple(int(n) for n in text.split(",")) for text in (args.lengths, args.value_dims))
     accuracy_rows = [] if args.sweep_only or args.table_only else accuracy(deadline)
     rows = [] if args.sweep_only else table(deadline, names, lengths=lengths, value_dims=value_dims)
+    value_dim, kernel = args.sweep_value_dim, SWEEP_KERNELS[args.sweep_kernel](HEAD_DIM)
     if args.table_only:
-        write(out, env, accuracy_rows, rows, [], {}, args.sweep_value_dim)
+        write(out, env, accuracy_rows, rows, [], {}, value_dim, kernel)
         return
-    value_dim = args.sweep_value_dim
     reserve_s = 0.0 if args.sweep_only else SWEEP_RESERVE_S
-    sweep_rows, best = ([], {}) if args.no_sweep else sweep(deadline, value_dim, reserve_s)
-    if best and not args.sweep_only:
-        use_launches(best, value_dim)
+    sweep_rows, best = ([], {}) if args.no_sweep else sweep(deadline, value_dim, kernel, reserve_s)
+    if best and not args.sweep_only and args.sweep_kernel == "rebased":  # the table times ReBased
+        use_launches(best, value_dim, kernel)
         rows += table(deadline, names=("fused",), label=" (sweep's best)")
-    write(out, env, accuracy_rows, rows, sweep_rows, best, value_dim)
+    write(out, env, accuracy_rows, rows, sweep_rows, best, value_dim, kernel)
 
 
-def write(out: Path, env, accuracy_rows, rows, sweep_rows, best, value_dim: int) -> None:
+def write(out: Path, env, accuracy_rows, rows, sweep_rows, best, value_dim: int, kernel: PolynomialType) -> None:
     entries = "".join(f'        "{n}": {launch},\n' for n, launch in best.items())
-    best_line = f"{launch_table_name(value_dim)} = {{\n{entries}    }}"
+    best_line = f"{launch_table_name(value_dim, kernel)} = {{\n{entries}    }}"
     parts = [f"# Fused chunk kernels on the GPU\n\n{env}\n\n`{' '.join(sys.argv)}`"]
     if accuracy_rows:
         header = ["kernel", "inputs", "v", "o", "dq", "dk", "dv", "d kv0", "final kv", "verdict"]
@@ -463,8 +472,9 @@ def write(out: Path, env, accuracy_rows, rows, sweep_rows, best, value_dim: int)
                      "bf16, ReBased\n\n" + table_markdown(rows))  # fmt: skip
     if sweep_rows:
         header = ["launch", "fwd", "dq", "dkdv", "sum", "verdict"]
-        parts.append(f"## Launch sweep: each kernel alone at B 512, L 2048, v {value_dim} (ms, and its error against "
-                     "float64 at B 2, L 300)\n\n" + markdown_table(header, sweep_rows)
+        parts.append(f"## Launch sweep: each kernel alone at B 512, L 2048, v {value_dim}, "
+                     f"{'Based' if kernel.c0 > 0 else 'ReBased'} (ms, and its error "
+                     "against float64 at B 2, L 300)\n\n" + markdown_table(header, sweep_rows)
                      + f"\n\nFastest accurate per kernel:\n\n    {best_line}")  # fmt: skip
     text = "\n\n".join(parts) + "\n"
     (out / "fused_chunk.md").write_text(text)

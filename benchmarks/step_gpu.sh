@@ -6,8 +6,9 @@
 #   convolution kernels, Mamba's selective scan, and the fused chunk kernels at the kernel ablation's value dims
 #   ($OUT/step_tests.log);
 # - launches: the fused chunk kernels' launch sweep (benchmarks/fused_chunk_gpu.py --sweep-only) at each value dim
-#   of LAUNCH_DIMS (default "5 10 1": the d_model 64 and 128 models', the ablation's d_model 16), LAUNCH_S seconds
-#   each (fused_chunk_v5.md, ...);
+#   of LAUNCH_DIMS, ReBased's polynomial or, written V:based, Based's (default "5 10 1 5:based": the d_model 64 and
+#   128 models', the ablation's d_model 16, Based at d_model 64), LAUNCH_S seconds each (fused_chunk_v5.md, ...,
+#   fused_chunk_v5_based.md);
 # - step: the step's cost (benchmarks/mqar_cost_gpu.py) at d_model 128, where the two head-loss paths are close:
 #   as committed (graph-committed: the row kernel beyond TILED_MAX_DIM 64) against the tile kernels (graph-tiles),
 #   5 repeats a cell (mqar_step.log);
@@ -54,10 +55,14 @@ if [[ $stages == *" tests "* ]]; then
         tests/test_triton_fused_chunk.py -k "gpu_mqar_shape and (ablation or split)" 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
 fi
 if [[ $stages == *" launches "* ]]; then
-    for value_dim in ${LAUNCH_DIMS:-5 10 1}; do
-        fused_chunk "fused_chunk_v$value_dim" "$(( ${LAUNCH_S:-100} + 20 ))" --sweep-only --sweep-value-dim "$value_dim" \
-            --time-limit "${LAUNCH_S:-100}"
-        tail -16 "$OUT/fused_chunk_v$value_dim.log"
+    for case in ${LAUNCH_DIMS:-5 10 1 5:based}; do
+        value_dim=${case%%:*}
+        kernel=rebased
+        [[ $case == *:* ]] && kernel=${case#*:}
+        name=fused_chunk_v$value_dim$([[ $kernel == rebased ]] || echo "_$kernel")
+        fused_chunk "$name" "$(( ${LAUNCH_S:-100} + 20 ))" --sweep-only --sweep-value-dim "$value_dim" \
+            --sweep-kernel "$kernel" --time-limit "${LAUNCH_S:-100}"
+        tail -16 "$OUT/$name.log"
     done
 fi
 if [[ $stages == *" step "* ]]; then

@@ -25,6 +25,7 @@ from rebased.ops import (  # noqa: E402
     linear_attention,
     linear_attention_reference,
 )
+from rebased.ops.triton.inputs import PolynomialArgs  # noqa: E402
 from rebased.testing import assert_close, error_report, per_position_relative_error  # noqa: E402
 
 gpu = pytest.mark.gpu
@@ -138,13 +139,26 @@ def test_launch_forms_match_reference(flat, low, value_dim, max_registers, monke
     the 0/1 dot is a product and a sum), 16-bit operands in the state's dots (low, fp16 here), and a register cap
     (only the GPU's compiler reads it; here it must pass through the launch), with chunks of 32."""
     launch = fused.FusedLaunch(chunk=32, flat=flat, low=low, max_registers=max_registers)
-    monkeypatch.setattr(fused, "launches", lambda value_dim: dict.fromkeys(("fwd", "dq", "dkdv"), launch))
+    monkeypatch.setattr(fused, "launches", lambda value_dim, poly: dict.fromkeys(("fwd", "dq", "dkdv"), launch))
     generator = torch.Generator().manual_seed(3)
     kernel = KERNELS["based"](16)
     dtype = torch.float16 if low else torch.float32
     q, k, v = make_inputs((1, 70, 1, 16), value_dim, generator, dtype)
     state = prefix_state(1, 1, 16, value_dim, kernel, generator)
     check(*run_both(q, k, v, state, kernel, generator), rel_rms=1e-2 if low else 1e-5)
+
+
+def test_gpu_launch_tables_by_width_and_polynomial(monkeypatch):
+    """On the GPU, value dims up to 8 take GPU_LAUNCHES for pure squares (ReBased) and GPU_LAUNCHES_LOW_TERMS for
+    polynomials with a constant or linear term (Based); wider value dims take GPU_LAUNCHES_WIDE whatever the
+    polynomial."""
+    monkeypatch.setattr(fused, "interpreting", lambda: False)
+    rebased, based = (PolynomialArgs.of(KERNELS[name](16)) for name in ("rebased", "based"))
+    assert fused.launches(5, rebased) is fused.GPU_LAUNCHES
+    assert fused.launches(1, rebased) is fused.GPU_LAUNCHES
+    assert fused.launches(5, based) is fused.GPU_LAUNCHES_LOW_TERMS
+    assert fused.launches(10, rebased) is fused.GPU_LAUNCHES_WIDE
+    assert fused.launches(16, based) is fused.GPU_LAUNCHES_WIDE
 
 
 SPLIT_CASES = [("rebased", 5, True, [4, 1]), ("based", 11, True, [8, 2, 1]), ("const_square", 10, False, [8, 2])]

@@ -470,6 +470,15 @@ GPU_LAUNCHES = {
     "dq": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
     "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
 }
+# Polynomials with a constant or linear term (Based's Taylor map) carry more state a program (its first- and
+# zeroth-order parts beside the square's). Compiled for sm_90a at v 5 under the 168 cap they spill about twice
+# what ReBased's do (forward 344 B of stack a thread, dq 560, against 208 and 264), and no sweep has timed them
+# capped: they keep the uncapped launches that were the fastest for ReBased before the cap was tried.
+GPU_LAUNCHES_LOW_TERMS = {
+    "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
+    "dq": FusedLaunch(chunk=16, warps=1, stages=2),
+    "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
+}
 GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
 # Under the interpreter: chunks of 16, so tiny test shapes cross several chunks.
 INTERPRETER_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16))
@@ -479,11 +488,14 @@ MIN_BV = 1
 FUSED_FP32_DOTS = "ieee"  # fp32 inputs: the accurate path (as the chunk kernels' CHUNK_FP32_DOTS)
 
 
-def launches(value_dim: int) -> dict[str, FusedLaunch]:
-    """Each kernel's launch for this value dim: the interpreter's, or the GPU's for its padded width."""
+def launches(value_dim: int, poly: PolynomialArgs) -> dict[str, FusedLaunch]:
+    """Each kernel's launch for this value dim and polynomial: the interpreter's, or the GPU table for its padded
+    width and, up to 8, for whether the polynomial has low-order terms."""
     if interpreting():
         return INTERPRETER_LAUNCHES
-    return GPU_LAUNCHES if Dims.of(1, value_dim).bv <= 8 else GPU_LAUNCHES_WIDE
+    if Dims.of(1, value_dim).bv > 8:
+        return GPU_LAUNCHES_WIDE
+    return GPU_LAUNCHES_LOW_TERMS if poly.c0 > 0 or poly.c1 > 0 else GPU_LAUNCHES
 
 
 @dataclass(frozen=True)
@@ -616,7 +628,7 @@ def launch_forward(q, k, v, state0, table, poly: PolynomialArgs, normalize: bool
     if grid[0]:
         fused_chunk_fwd_kernel[grid](
             q, k, v, o, o32, den, q if state0 is None else state0, o32 if state is None else state, table, **args,
-            INIT=state0 is not None, FINAL=final, SAVE32=save32, **launches(v.shape[2])["fwd"].options(q.dtype),
+            INIT=state0 is not None, FINAL=final, SAVE32=save32, **launches(v.shape[2], poly)["fwd"].options(q.dtype),
         )  # fmt: skip
     return o, o32, den, state
 
@@ -629,7 +641,7 @@ def launch_dq(q, k, v, do, o32, den, state0, table, poly: PolynomialArgs, normal
     if grid[0]:
         fused_chunk_dq_kernel[grid](
             q, k, v, do, o32, den, dq, q if state0 is None else state0, table, **args, INIT=state0 is not None,
-            BVK=Dims.of(q.shape[2], v.shape[2]).bvk, **launches(v.shape[2])["dq"].options(q.dtype),
+            BVK=Dims.of(q.shape[2], v.shape[2]).bvk, **launches(v.shape[2], poly)["dq"].options(q.dtype),
         )  # fmt: skip
     return dq
 
@@ -647,7 +659,7 @@ def launch_dkdv(q, k, v, do, o32, den, d_final, want_init: bool, table, poly: Po
         fused_chunk_dkdv_kernel[grid](
             q, k, v, do, o32, den, dk, dv, q if d_final is None else d_final, q if d_init is None else d_init, table,
             **args, DFINAL=d_final is not None, DINIT=want_init, BVK=Dims.of(q.shape[2], v.shape[2]).bvk,
-            **launches(v.shape[2])["dkdv"].options(q.dtype),
+            **launches(v.shape[2], poly)["dkdv"].options(q.dtype),
         )  # fmt: skip
     return dk, dv, d_init
 
@@ -799,6 +811,7 @@ def packed_fused_chunk_linear_attention(
 
 __all__ = [
     "GPU_LAUNCHES",
+    "GPU_LAUNCHES_LOW_TERMS",
     "FusedLaunch",
     "fused_chunk_linear_attention",
     "packed_fused_chunk_linear_attention",
