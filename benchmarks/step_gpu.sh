@@ -19,6 +19,8 @@
 #   (graph-committed-split-values: mqar_step_split.log);
 # - mamba: the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
 #   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
+# - norm: the fused LayerNorm's forward and backward launches at the step's shapes (layer_norm_bench.py:
+#   layer_norm.md);
 # - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
 # - stack: the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could
 #   gain), at the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
@@ -83,6 +85,10 @@ fi
 if [[ $stages == *" mamba "* ]]; then
     timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \
         --cells "${MAMBA_CELLS:-mamba:64:512,mamba:64:2048}" 2>&1 | tee "$OUT/mqar_step_mamba.log"
+fi
+if [[ $stages == *" norm "* ]]; then
+    timeout "${NORM_S:-240}" python3 benchmarks/layer_norm_bench.py > "$OUT/layer_norm.md" 2>&1
+    tail -10 "$OUT/layer_norm.md"
 fi
 if [[ $stages == *" profile "* ]]; then
     timeout "${PROFILE_S:-60}" python3 benchmarks/mqar_profile_gpu.py --cells "${PROFILE_CELLS:-rebased:128:2048}" \

@@ -3,6 +3,7 @@ gradients of x, weight and bias. Without CUDA the kernels run under TRITON_INTER
 tiles, 3 backward programs, so the partial sums and the strided row walk are exercised); gpu tests run the
 compiled kernels at the MQAR feature map's shape."""
 
+import dataclasses
 import importlib
 
 import pytest
@@ -46,7 +47,11 @@ def both(x, w, b, dy, eps=1e-5):
 @pytest.mark.parametrize("features", [5, 16, 100, 192])
 @pytest.mark.parametrize("rows", [1, 7, 30])
 @pytest.mark.parametrize("affine", [(True, True), (False, False), (True, False), (False, True)])
-def test_fused_layer_norm_matches_float64(features, rows, affine):
+@pytest.mark.parametrize("tile_sums", [False, True], ids=["block-sums", "tile-sums"])
+def test_fused_layer_norm_matches_float64(features, rows, affine, tile_sums, monkeypatch):
+    """Both forms of the backward's gamma/beta sums (NormLaunch.tile_sums)."""
+    fused = importlib.import_module("rebased.ops.triton.layer_norm")
+    monkeypatch.setattr(fused, "BACKWARD_LAUNCH", dataclasses.replace(fused.BACKWARD_LAUNCH, tile_sums=tile_sums))
     x, w, b, dy = inputs(rows, features, torch.float32, affine, seed=features + rows)
     (y, dx, dw, db), (ry, rdx, rdw, rdb) = both(x, w, b, dy)
     assert y.dtype == torch.float32 and dx.dtype == torch.float32
@@ -95,8 +100,12 @@ def test_auto_takes_torch_off_cuda_and_empty_inputs_pass(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_mqar_feature_map_shape(dtype):
-    """The joint ReBased norm of an MQAR micro-batch: 32 x 2048 rows of 12 heads x 16 features."""
+@pytest.mark.parametrize("tile_sums", [False, True], ids=["block-sums", "tile-sums"])
+def test_gpu_mqar_feature_map_shape(dtype, tile_sums, monkeypatch):
+    """The joint ReBased norm of an MQAR micro-batch: 32 x 2048 rows of 12 heads x 16 features; the backward
+    with its committed launch and with either form of the gamma/beta sums."""
+    fused = importlib.import_module("rebased.ops.triton.layer_norm")
+    monkeypatch.setattr(fused, "BACKWARD_LAUNCH", dataclasses.replace(fused.BACKWARD_LAUNCH, tile_sums=tile_sums))
     x, w, b, dy = inputs(32 * 2048, 192, dtype, (True, True))
     (y, dx, dw, db), (ry, rdx, rdw, rdb) = both(x, w, b, dy)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2

@@ -16,6 +16,8 @@ Shape letters: M rows, N features (BN padded), BM rows per tile, P backward prog
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -24,15 +26,29 @@ from torch import Tensor
 from rebased.ops.triton.launch import interpreting, sm_count
 
 MAX_FEATURES = 8192  # one row per tile register block; wider rows go to torch
-# GPU launches (benchmarks/layer_norm_bench.py sweeps them): a tile of about TILE_BYTES of input (rows x padded
-# features x the input's element size), NUM_WARPS warps a program, and BACKWARD_PROGRAMS_PER_SM backward
-# programs on each SM, each walking its share of the row blocks. 16 KB tiles were the fastest or within 0.01 ms
-# of it, forward + backward, in three of the four MQAR cases on an H200 (benchmarks/results/h200_mqar/
-# layer_norm_4508870.md, 262,144 rows): 64 fp32 features 0.20 ms (32 KB: 0.26), 192 bf16 0.32 (8 KB: 0.42),
-# 384 bf16 0.48 (8 KB: 0.62). The fourth, 128 fp32, scatters between 0.24 and 0.49 ms with no order in the tile.
-TILE_BYTES = 16384
-NUM_WARPS = 4
-BACKWARD_PROGRAMS_PER_SM = 8
+
+
+@dataclass(frozen=True)
+class NormLaunch:
+    """One kernel's GPU launch: a tile of about tile_bytes of input (rows x padded features x the input's element
+    size) and warps a program; the backward also runs programs_per_sm programs on each SM, each walking its share
+    of the row blocks, and with tile_sums keeps its gamma/beta sums as whole tiles until its last block (a sum
+    over a tile's rows crosses warps, through shared memory and a barrier: once a program rather than twice a
+    block, for a tile of accumulators' registers)."""
+
+    tile_bytes: int
+    warps: int
+    programs_per_sm: int = 8
+    tile_sums: bool = False
+
+
+# On an H200 (benchmarks/layer_norm_bench.py sweeps them; benchmarks/results/h200_mqar/layer_norm_4508870.md,
+# 262,144 rows, when forward and backward shared one launch): 16 KB tiles were the fastest or within 0.01 ms of
+# it, forward + backward, in three of the four MQAR cases: 64 fp32 features 0.20 ms (32 KB: 0.26), 192 bf16 0.32
+# (8 KB: 0.42), 384 bf16 0.48 (8 KB: 0.62). The fourth, 128 fp32, scatters between 0.24 and 0.49 ms with no order
+# in the tile. tile_sums is untimed: off.
+FORWARD_LAUNCH = NormLaunch(tile_bytes=16384, warps=4)
+BACKWARD_LAUNCH = NormLaunch(tile_bytes=16384, warps=4, programs_per_sm=8, tile_sums=False)
 
 
 @triton.jit
@@ -72,8 +88,8 @@ def layer_norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, eps,
 
 
 @triton.jit
-def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, parts, M, N,
-                          BM: tl.constexpr, BN: tl.constexpr, HAS_W: tl.constexpr):  # fmt: skip
+def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, parts, M, N, BM: tl.constexpr, BN: tl.constexpr,
+                          HAS_W: tl.constexpr, TILE_SUMS: tl.constexpr):  # fmt: skip
     """Program p takes row blocks p, p + P, p + 2P, ...; its gamma and beta gradient sums go to parts[p, 0] and
     parts[p, 1] of the [P, 2, N] partials (every program writes both rows, so they need no zeroing)."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
@@ -81,6 +97,8 @@ def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, parts, M, N,
     gamma, no_beta = _affine(w, w, cols, N, HAS_W, False)  # (compiled Triton: '_' must not be reused in the loop)
     dw_acc = tl.zeros([BN], tl.float32)
     db_acc = tl.zeros([BN], tl.float32)
+    dw_tile = tl.zeros([BM, BN], tl.float32)
+    db_tile = tl.zeros([BM, BN], tl.float32)
     for start in range(pid * BM, M, programs * BM):
         rows = start + tl.arange(0, BM)
         xt, offsets, mask = _tile(x, rows, cols, M, N)
@@ -91,23 +109,68 @@ def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, parts, M, N,
         g = dyt * gamma[None, :]
         dxt = (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None] - (tl.sum(g, axis=1) / N)[:, None]) * r[:, None]
         tl.store(dx + offsets, dxt.to(dx.dtype.element_ty), mask=mask)
-        dw_acc += tl.sum(dyt * xhat, axis=0)
-        db_acc += tl.sum(dyt, axis=0)
+        if TILE_SUMS:
+            dw_tile += dyt * xhat
+            db_tile += dyt
+        else:
+            dw_acc += tl.sum(dyt * xhat, axis=0)
+            db_acc += tl.sum(dyt, axis=0)
+    if TILE_SUMS:
+        dw_acc = tl.sum(dw_tile, axis=0)
+        db_acc = tl.sum(db_tile, axis=0)
     tl.store(parts + pid * 2 * N + cols, dw_acc, mask=cols < N)
     tl.store(parts + (pid * 2 + 1) * N + cols, db_acc, mask=cols < N)
 
 
-def _blocks(features: int, element_size: int) -> tuple[int, int]:
-    """(BM, BN): tiles of about TILE_BYTES of input on the GPU; 4 rows under the interpreter, so tiny tests
+def _blocks(features: int, element_size: int, launch: NormLaunch) -> tuple[int, int]:
+    """(BM, BN): tiles of about launch.tile_bytes of input on the GPU; 4 rows under the interpreter, so tiny tests
     cross several row blocks."""
     bn = max(16, triton.next_power_of_2(features))
-    return (4 if interpreting() else max(1, TILE_BYTES // (bn * element_size))), bn
+    return (4 if interpreting() else max(1, launch.tile_bytes // (bn * element_size))), bn
 
 
-def _backward_programs(row_blocks: int, device: torch.device) -> int:
+def _backward_programs(row_blocks: int, device: torch.device, launch: NormLaunch) -> int:
     if interpreting():
         return min(row_blocks, 3)
-    return min(row_blocks, BACKWARD_PROGRAMS_PER_SM * sm_count(device))
+    return min(row_blocks, launch.programs_per_sm * sm_count(device))
+
+
+def launch_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype,
+                   launch: NormLaunch) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The forward kernel on rows x2 [M, N]: y [M, N] in out_dtype, and each row's mean and 1 / std [M]."""
+    rows, features = x2.shape
+    y = torch.empty(x2.shape, dtype=out_dtype, device=x2.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x2.device)
+    rstd = torch.empty_like(mean)
+    bm, bn = _blocks(features, x2.element_size(), launch)
+    if rows:
+        layer_norm_fwd_kernel[(triton.cdiv(rows, bm),)](
+            x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
+            rows, features, eps, BM=bm, BN=bn, HAS_W=weight is not None, HAS_B=bias is not None,
+            num_warps=launch.warps,
+        )  # fmt: skip
+    return y, mean, rstd
+
+
+def launch_backward(x2: Tensor, weight: Tensor | None, dy2: Tensor, mean: Tensor, rstd: Tensor,
+                    launch: NormLaunch) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The backward kernel for the forward's rows x2 [M, N], mean and rstd: dx [M, N] in x2's dtype, and the fp32
+    gamma and beta gradients [N] (whether or not the forward had them)."""
+    rows, features = x2.shape
+    dx = torch.empty_like(x2)
+    bm, bn = _blocks(features, x2.element_size(), launch)
+    programs = _backward_programs(triton.cdiv(rows, bm), x2.device, launch)
+    # gamma's and beta's partials side by side, summed in one reduction: one kernel and one sum a backward
+    # rather than two zero fills, the kernel and two sums (a graphed MQAR step runs 28 of these backwards, and
+    # each small kernel costs microseconds whatever its size)
+    parts = torch.empty(programs, 2, features, dtype=torch.float32, device=x2.device)
+    if programs:
+        layer_norm_bwd_kernel[(programs,)](
+            x2, weight if weight is not None else x2, dy2, mean, rstd, dx, parts, rows, features,
+            BM=bm, BN=bn, HAS_W=weight is not None, TILE_SUMS=launch.tile_sums, num_warps=launch.warps,
+        )  # fmt: skip
+    dw, db = parts.sum(0) if programs else x2.new_zeros(2, features, dtype=torch.float32)
+    return dx, dw, db
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -115,17 +178,7 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype):
         shape, features = x.shape, x.shape[-1]
         x2 = x.reshape(-1, features).contiguous()
-        rows = x2.shape[0]
-        y = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
-        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        bm, bn = _blocks(features, x2.element_size())
-        if rows:
-            layer_norm_fwd_kernel[(triton.cdiv(rows, bm),)](
-                x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
-                rows, features, eps, BM=bm, BN=bn, HAS_W=weight is not None, HAS_B=bias is not None,
-                num_warps=NUM_WARPS,
-            )  # fmt: skip
+        y, mean, rstd = launch_forward(x2, weight, bias, eps, out_dtype, FORWARD_LAUNCH)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.shape, ctx.bias_dtype = shape, None if bias is None else bias.dtype
         return y.reshape(shape)
@@ -133,21 +186,8 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x2, weight, mean, rstd = ctx.saved_tensors
-        rows, features = x2.shape
-        dy2 = dy.reshape(rows, features).contiguous()
-        dx = torch.empty_like(x2)
-        bm, bn = _blocks(features, x2.element_size())
-        programs = _backward_programs(triton.cdiv(rows, bm), x2.device)
-        # gamma's and beta's partials side by side, summed in one reduction: one kernel and one sum a backward
-        # rather than two zero fills, the kernel and two sums (a graphed MQAR step runs 28 of these backwards, and
-        # each small kernel costs microseconds whatever its size)
-        parts = torch.empty(programs, 2, features, dtype=torch.float32, device=x2.device)
-        if programs:
-            layer_norm_bwd_kernel[(programs,)](
-                x2, weight if weight is not None else x2, dy2, mean, rstd, dx, parts, rows, features,
-                BM=bm, BN=bn, HAS_W=weight is not None, num_warps=NUM_WARPS,
-            )  # fmt: skip
-        dw, db = parts.sum(0) if programs else x2.new_zeros(2, features, dtype=torch.float32)
+        dy2 = dy.reshape(x2.shape).contiguous()
+        dx, dw, db = launch_backward(x2, weight, dy2, mean, rstd, BACKWARD_LAUNCH)
         dw = None if weight is None else dw.to(weight.dtype)
         db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
         return dx.reshape(ctx.shape), dw, db, None, None
