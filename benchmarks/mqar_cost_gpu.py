@@ -1,11 +1,11 @@
 """Milliseconds per optimizer step of the MQAR models (batch 512, the paper's settings) on a CUDA GPU, by op path
 and step variant.
 
-Times `rebased.train.train` itself after a 1-step warm-up that compiles the kernels: runs of 5 and of 15 steps
-(within one epoch), the difference over 10 steps, median of 3 such pairs. So the number includes everything a
+Times `rebased.train.train` itself after a 5-step warm-up that compiles the kernels: runs of 5 and of 35 steps
+(within one epoch), the difference over 30 steps, median of 3 such pairs. So the number includes everything a
 sweep pays per step: the batch's gathers, gradient accumulation, clipping, the fused AdamW; and the host's
 jitter, which at short L (a few ms a step) is of the order of a step. A CUDA-graph run steps eagerly 3 times,
-captures the 4th step and replays from there, so the difference of the two runs is 10 replayed steps. One line
+captures the 4th step and replays from there, so the difference of the two runs is 30 replayed steps. One line
 per (op path, variant, cell); a cell that fails prints its error and the next one runs.
 
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton chunk-torch   # PATH: MODE-BACKEND
@@ -106,6 +106,7 @@ def apply_variant(variant: str) -> dict:
     return settings
 
 
+SHORT_STEPS, LONG_STEPS = 5, 35  # the two trainings a timing subtracts
 CELLS = (
     "rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048,rebased:512:2048,based:64:2048,attention:64:2048"
 )
@@ -141,8 +142,10 @@ def seconds_per_step(
     repeats: int = 3,
     variant: str = "fused",
 ) -> float:
-    """The median over `repeats` of (time of 15 steps - time of 5 steps) / 10: what a step adds, without start-up
-    (run.train_examples must hold at least 15 batches: an epoch's end would add an evaluation)."""
+    """The median over `repeats` of (time of LONG_STEPS - time of SHORT_STEPS) / their difference: what a step
+    adds, without start-up (run.train_examples must hold more than LONG_STEPS batches: an epoch's end would add an
+    evaluation). A one-time cost that lands in one training and not the other (a collection, an allocation) moves
+    the estimate by that cost over the difference: 30 steps keep 100 ms of it to 3 ms."""
     data = make_data(run)
 
     def timed(steps: int) -> float:
@@ -161,7 +164,7 @@ def seconds_per_step(
         return time.perf_counter() - start
 
     timed(5)  # warm-up: Triton compiles, cuDNN picks algorithms, a first capture sets up the graph machinery
-    steps = [(timed(15) - timed(5)) / 10 for _ in range(repeats)]
+    steps = [(timed(LONG_STEPS) - timed(SHORT_STEPS)) / (LONG_STEPS - SHORT_STEPS) for _ in range(repeats)]
     if min(steps) <= 0 or max(steps) > 1.5 * min(steps):
         each = ", ".join(f"{step * 1e3:.1f}" for step in steps)
         print(f"  (unsteady: the {repeats} repeats gave {each} ms/step)", flush=True)
@@ -192,7 +195,7 @@ def main() -> None:
             cell = f"{label:44s} {model:9s} d{d_model:<4d} L{seq_len:<5d}"
             pairs = args.pairs or paper_pairs(seq_len)
             run = MQARRun(model, d_model, seq_len, pairs, 1e-3, batch_size=512 * scale,
-                          train_examples=16 * 512 * scale, test_examples=512)  # fmt: skip
+                          train_examples=(LONG_STEPS + 1) * 512 * scale, test_examples=512)  # fmt: skip
             try:
                 with micro_batch_scaled(scale):
                     step = seconds_per_step(run, mode, backend, variant=variant, repeats=args.repeats)

@@ -11,7 +11,7 @@
 #   fused_chunk_v5_based.md);
 # - step: the step's cost (benchmarks/mqar_cost_gpu.py) at d_model 128, where the two head-loss paths are close:
 #   as committed (graph-committed: the row kernel beyond TILED_MAX_DIM 64) against the tile kernels (graph-tiles),
-#   5 repeats a cell (mqar_step.log);
+#   3 repeats a cell (mqar_step.log);
 # - ablation: the step at the kernel ablation's shapes (32 pairs; value dims 1 and 4) as committed against the
 #   value dims padded to 8 (graph-committed-bv8) (mqar_step_ablation.log);
 # - split: value dims that are not powers of two in power-of-two pieces (5 as 4 + 1, 10 as 8 + 2) against padded:
@@ -68,7 +68,7 @@ if [[ $stages == *" launches "* ]]; then
     done
 fi
 if [[ $stages == *" step "* ]]; then
-    timeout "${BENCH_S:-150}" "${cost[@]}" --variants "${VARIANTS:-graph-committed,graph-tiles}" --repeats 5 \
+    timeout "${BENCH_S:-200}" "${cost[@]}" --variants "${VARIANTS:-graph-committed,graph-tiles}" --repeats 3 \
         --cells "${CELLS:-rebased:128:2048,based:128:2048,rebased:128:1024}" 2>&1 | tee "$OUT/mqar_step.log"
 fi
 if [[ $stages == *" ablation "* ]]; then
