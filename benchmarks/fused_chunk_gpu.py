@@ -55,14 +55,21 @@ FEW_PAIRS = (4, 16384)  # (batch, length): 48 (sequence, head) pairs, where the 
 EPS = 1e-12
 
 
-def candidates():
-    """The launches the sweep tries, likeliest first (a time limit cuts the tail): chunk = 16 x warps (every dot's
-    rows filled) with fp32 or 16-bit state operands; one warp with its registers capped at 168, 128 and 96 (12,
-    16 and 20 warps an SM where the compiler's choice of 255 leaves 8: Nsight Compute finds these kernels short of
-    ready warps); then one that over-fills (4 warps at 32), one that pipelines the loads (2 stages), the flat
-    form."""
-    from rebased.ops.triton.fused_chunk import FusedLaunch
+def candidates(value_dim: int = 5):
+    """The launches the sweep tries at value_dim, likeliest first (a time limit cuts the tail). Up to 8 values:
+    chunk = 16 x warps (every dot's rows filled) with fp32 or 16-bit state operands; one warp with its registers
+    capped at 168, 128 and 96 (12, 16 and 20 warps an SM where the compiler's choice of 255 leaves 8: Nsight
+    Compute finds these kernels short of ready warps); then one that over-fills (4 warps at 32), one that
+    pipelines the loads (2 stages), the flat form. Wider (BV 16): the state is twice as large, every launch spills
+    when compiled for sm_90a and one warp spills most, so two and four warps come first and one warp last."""
+    from rebased.ops.triton.fused_chunk import Dims, FusedLaunch
 
+    if Dims.of(HEAD_DIM, value_dim).bv > 8:
+        return [
+            FusedLaunch(32, 2), FusedLaunch(32, 2, low=True), FusedLaunch(32, 4), FusedLaunch(32, 4, low=True),
+            FusedLaunch(64, 4), FusedLaunch(64, 4, low=True), FusedLaunch(32, 2, low=True, max_registers=168),
+            FusedLaunch(16, 1, low=True), FusedLaunch(16, 1), FusedLaunch(16, 1, stages=2),
+        ]  # fmt: skip
     return [
         FusedLaunch(16, 1), FusedLaunch(16, 1, low=True),
         FusedLaunch(16, 1, low=True, max_registers=168), FusedLaunch(16, 1, low=True, max_registers=128),
@@ -343,7 +350,7 @@ def sweep(deadline: Deadline, value_dim: int, kernel: PolynomialType,
 
     code = dict(getattr(fused_chunk, launch_table_name(value_dim, kernel)))
     rows, best = [], {}
-    for launch in candidates():
+    for launch in candidates(value_dim):
         if deadline.left() <= reserve_s:
             rows.append([str(launch), "-", "-", "-", "-", "skipped: time limit"])
             continue
@@ -388,7 +395,7 @@ def compile_candidates() -> None:
     rows = []
     for value_dim in COMPILE_VALUE_DIMS:
         dims = F.Dims.of(HEAD_DIM, value_dim)
-        for launch in candidates():
+        for launch in candidates(value_dim):
             for name, kernel in kernels.items():
                 options = launch.options(torch.bfloat16)
                 compiler = {"num_warps": options.pop("num_warps")} | ({"maxnreg": options.pop("maxnreg")}
