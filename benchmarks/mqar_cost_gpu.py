@@ -32,8 +32,8 @@ variant takes as committed (rebased.ops.embedding.EMBEDDING_TRITON_ON_GPU);
 takes as committed (rebased.ops.conv.SHORT_CONV_TRITON_ON_GPU);
 -bv8 = the fused chunk kernels' value dims padded to at least 8 (fused_chunk.MIN_BV), to time what the narrower
 state of the kernel ablation's value dims 1-4 saves;
--split-values = value dims that are not powers of two run as one pass of the fused chunk kernels per power-of-two
-piece (5 as 4 + 1, 10 as 8 + 2: fused_chunk.SPLIT_VALUES) rather than padded;
+-split-values = value dims from 9 to 16 that are not powers of two run as one pass of the fused chunk kernels per
+power-of-two piece (10 as 8 + 2: fused_chunk.SPLIT_VALUES) rather than padded to 16;
 -triton-scan = Mamba's selective scan in the Triton kernels (rebased.ops.scan.SCAN_TRITON_ON_GPU), not the torch
 chunked form;
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.

@@ -14,8 +14,8 @@
 #   3 repeats a cell (mqar_step.log);
 # - ablation: the step at the kernel ablation's shapes (32 pairs; value dims 1 and 4) as committed against the
 #   value dims padded to 8 (graph-committed-bv8) (mqar_step_ablation.log);
-# - split: value dims that are not powers of two in power-of-two pieces (5 as 4 + 1, 10 as 8 + 2) against padded:
-#   the op alone at B 512, L 2048, v 5 and 10 (fused_chunk_split.md), then the step at d_model 64 and 128
+# - split: value dims from 9 to 16 that are not powers of two in power-of-two pieces (10 as 8 + 2) against padded:
+#   the op alone at B 512, L 2048, v 10 (fused_chunk_split.md), then the step at d_model 128, ReBased and Based
 #   (graph-committed-split-values: mqar_step_split.log);
 # - mamba: the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
 #   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
@@ -77,10 +77,10 @@ if [[ $stages == *" ablation "* ]]; then
 fi
 if [[ $stages == *" split "* ]]; then
     fused_chunk fused_chunk_split "${SPLIT_OP_S:-90}" --table-only --time-limit 70 --entries "fused,fused split-values" \
-        --lengths 2048 --value-dims 5,10
+        --lengths 2048 --value-dims 10
     tail -6 "$OUT/fused_chunk_split.log"
     timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
-        --cells "${SPLIT_CELLS:-rebased:64:2048,rebased:128:2048,based:64:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
+        --cells "${SPLIT_CELLS:-rebased:128:2048,based:128:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
 fi
 if [[ $stages == *" mamba "* ]]; then
     timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \

@@ -706,20 +706,21 @@ def refuse(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-# Whether a value dim that is not a power of two runs as one pass of the kernels per power-of-two piece (5 as 4 + 1,
-# 10 as 8 + 2) rather than padded (to 8, 16): o = num / den splits by value columns, every piece having the same
-# normaliser. Each piece repeats the q/k side (scores, normaliser) and autograd adds the pieces' dq and dk, and at
-# MQAR's shapes that side is most of the cost: on an H200 at B 512, L 2048 the op took 11.3 ms split against 7.8
-# padded at v 5 and 15.6 against 18.5 at v 10, and the d_model 128 step was no faster (49.3 against 49.2 ms;
-# benchmarks/results/h200_mqar/fused_chunk_split_f49fce1.md, mqar_step_split_f49fce1.log). So it is off.
+# Whether a value dim from 9 to 16 that is not a power of two runs as one pass of the kernels per power-of-two piece
+# (10 as 8 + 2) rather than padded to 16: o = num / den splits by value columns, every piece having the same
+# normaliser. Each piece repeats the q/k side (scores, normaliser) and autograd adds the pieces' dq and dk. At
+# MQAR's shapes on an H200 (B 512, L 2048; benchmarks/results/h200_mqar/fused_chunk_split_f49fce1.md) the op took
+# 15.6 ms in pieces against 18.5 padded at v 10, but 11.3 against 7.8 at v 5, where the q/k side is most of the
+# cost: so value dims up to 8 never split. The d_model 128 step read 49.3 against 49.2 ms in a timing whose repeats
+# disagreed by more than that (mqar_step_split_f49fce1.log), so it is off until a steadier one.
 SPLIT_VALUES = False
-SPLIT_MAX_VALUE_DIM = 16  # wider value dims leave the fused kernels for chunk_states (chunk_dispatch.py)
+SPLIT_VALUE_DIMS = range(9, 17)  # narrower ones lose (above); wider ones leave the fused kernels (chunk_dispatch.py)
 
 
 def value_pieces(value_dim: int) -> list[int]:
-    """The widths value_dim runs as, largest first: its powers of two when SPLIT_VALUES and it is not one itself
-    (up to SPLIT_MAX_VALUE_DIM), else [value_dim]."""
-    if not SPLIT_VALUES or value_dim > SPLIT_MAX_VALUE_DIM:
+    """The widths value_dim runs as, largest first: its powers of two when SPLIT_VALUES and it is in
+    SPLIT_VALUE_DIMS, else [value_dim]."""
+    if not SPLIT_VALUES or value_dim not in SPLIT_VALUE_DIMS:
         return [value_dim]
     return [1 << bit for bit in reversed(range(value_dim.bit_length())) if value_dim >> bit & 1]
 
