@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rebased.config import MIXER_CONFIGS, ModelConfig, mixer_config
-from rebased.model import LanguageModel
+from rebased.model import LanguageModel, select_positions
 from rebased.presets import PRESETS, mqar_model, tiny, tiny_hybrid
 from rebased.testing import assert_close
 
@@ -268,3 +268,37 @@ def test_fused_loss_equals_cross_entropy_of_the_logits(tied, fused_from, monkeyp
     all_positions = model(ids, targets=ids)  # without select: targets [B, T]
     expected = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten(), reduction="sum")
     assert_close(all_positions, expected, rel_rms=1e-12, name="loss at every position")
+
+
+def test_selected_rows_and_their_gradient_match_plain_indexing():
+    """select_positions with flat indices (index_select, its gradient by index_add_) against indexing (index_put_
+    accumulating), with a repeated index whose upstream gradient is zero, as the label table's padding has."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 4, requires_grad=True)
+    flat = torch.tensor([2, 9, 0, 20, 0])  # the last 0 repeats: padding, its gradient 0
+    upstream = torch.randn(len(flat), 4)
+    upstream[-1] = 0.0
+    got = select_positions(x, flat)
+    (dx,) = torch.autograd.grad(got, x, upstream)
+    want = x.flatten(0, 1)[flat]
+    (want_dx,) = torch.autograd.grad(want, x, upstream)
+    assert torch.equal(got, want) and torch.equal(dx, want_dx)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask.view(-1)[flat[:-1]] = True
+    assert torch.equal(select_positions(x, mask), x.flatten(0, 1)[flat[:-1].sort().values])
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_position_slice_equals_the_lookup(offset):
+    """The position embeddings as a slice of the table (int offsets) and as a lookup (a tensor offset, decoding
+    under a CUDA graph): the same rows and the same table gradient."""
+    torch.manual_seed(1)
+    model = LanguageModel(mqar_model("rebased", d_model=16, seq_len=32))
+    upstream = torch.randn(11, 16)
+    got = model._positions(offset, 11, torch.device("cpu"))
+    want = model._positions(torch.tensor(offset), 11, torch.device("cpu"))
+    table = model.position_embedding.weight
+    (grad,) = torch.autograd.grad(got, table, upstream)
+    (want_grad,) = torch.autograd.grad(want, table, upstream)
+    assert torch.equal(got, want) and torch.equal(grad, want_grad)
+    assert torch.equal(got, table[offset : offset + 11])
