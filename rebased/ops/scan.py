@@ -25,8 +25,9 @@ from rebased.ops.common import check_choice
 
 SCAN_BACKENDS = ("torch", "triton", "auto")
 _KERNEL_MODULE = "rebased.ops.triton.selective_scan"
-# Whether "auto" may take the kernel on a GPU: off until its GPU tests pass and a Mamba MQAR step has timed it
-# (benchmarks/mqar_cost_gpu.py --variants graph-committed,graph-committed-triton-scan --cells mamba:64:2048).
+# Whether "auto" may take the kernel on a GPU: its GPU tests pass on an H200 (benchmarks/results/h200_mqar/
+# step_tests_f49fce1.log); off until a Mamba MQAR step has timed it (benchmarks/mqar_cost_gpu.py --variants
+# graph-committed,graph-committed-triton-scan --cells mamba:64:2048).
 SCAN_TRITON_ON_GPU = False
 
 

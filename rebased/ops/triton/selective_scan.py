@@ -154,9 +154,11 @@ class SelectiveScanFunction(torch.autograd.Function):
         dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if dy is None else dy.float().contiguous()
         dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         ddt = torch.empty_like(dx)
-        da_part = torch.zeros(batch, channels, size, dtype=torch.float32, device=x.device)
-        db_part = torch.zeros(blocks, batch, steps, size, dtype=torch.float32, device=x.device)
-        dc_part = torch.zeros_like(db_part)
+        # every (sequence, channel block) program writes its rows of the partials at every step: no zeroing then
+        allocate = torch.empty if x.numel() else torch.zeros
+        da_part = allocate(batch, channels, size, dtype=torch.float32, device=x.device)
+        db_part = allocate(blocks, batch, steps, size, dtype=torch.float32, device=x.device)
+        dc_part = allocate(blocks, batch, steps, size, dtype=torch.float32, device=x.device)
         dh0 = torch.empty_like(h0)
         if x.numel():
             selective_scan_bwd_kernel[(batch, blocks)](

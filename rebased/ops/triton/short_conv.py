@@ -13,7 +13,7 @@ reads its K shifted row windows of x (or dy) once from cache, and the output is 
 op takes. The math is fp32 with fp32 weights, where autocast's Conv1d rounds the weights to bf16 first.
 
 Backward: program p walks the tiles p, p + P, ... of its channel block, writing dx and adding its share of dW and
-dbias into fp32 partials [P, K, C] and [P, C] that torch sums: a fixed partition, so the same sums every run.
+dbias into fp32 partials [P, K + 1, C] that torch sums: a fixed partition, so the same sums every run.
 
 Shape letters: B sequences, T steps, C channels, K taps; BT steps and BC channels per tile, BK = K padded to a
 power of two; P backward programs per channel block.
@@ -64,10 +64,10 @@ def short_conv_fwd_kernel(x, w, bias, y, T, C, K: tl.constexpr, HAS_BIAS: tl.con
 
 
 @triton.jit
-def short_conv_bwd_kernel(x, w, dy, dx, dw_part, db_part, B, T, C, K: tl.constexpr, BK: tl.constexpr,
+def short_conv_bwd_kernel(x, w, dy, dx, parts, B, T, C, K: tl.constexpr, BK: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr):  # fmt: skip
     """Program (p, channel block): tiles p, p + P, ... of the B x cdiv(T, BT) tiles; its dW and dbias sums go to
-    row p of the partials."""
+    parts[p, :K] and parts[p, K] of the [P, K + 1, C] partials (every program writes its channels' rows)."""
     pid, programs, channel_block = tl.program_id(0), tl.num_programs(0), tl.program_id(1)
     channels = channel_block * BC + tl.arange(0, BC)
     taps = tl.arange(0, BK)
@@ -88,9 +88,9 @@ def short_conv_bwd_kernel(x, w, dy, dx, dw_part, db_part, B, T, C, K: tl.constex
         out = (seq * T + rows).to(tl.int64)[:, None] * C + channels[None, :]
         tl.store(dx + out, grad.to(dx.dtype.element_ty), mask=(rows < T)[:, None] & (channels < C)[None, :])
     ok = channels < C
-    part = dw_part + pid * K * C + taps[:, None] * C + channels[None, :]
-    tl.store(part, dw_acc, mask=(taps < K)[:, None] & ok[None, :])
-    tl.store(db_part + pid * C + channels, db_acc, mask=ok)
+    part = parts + pid * (K + 1) * C
+    tl.store(part + taps[:, None] * C + channels[None, :], dw_acc, mask=(taps < K)[:, None] & ok[None, :])
+    tl.store(part + K * C + channels, db_acc, mask=ok)
 
 
 def _tile() -> tuple[int, int]:
@@ -130,15 +130,17 @@ class ShortConvFunction(torch.autograd.Function):
         bt, bc = _tile()
         channel_blocks = triton.cdiv(channels, bc)
         programs = _backward_programs(batch * triton.cdiv(steps, bt), channel_blocks, x.device) if x.numel() else 0
-        dw_part = torch.zeros(max(1, programs), taps, channels, dtype=torch.float32, device=x.device)
-        db_part = torch.zeros(max(1, programs), channels, dtype=torch.float32, device=x.device)
+        # dW's and dbias's partials in one buffer and one sum, left unset where the kernel writes every row
+        allocate = torch.empty if programs else torch.zeros
+        parts = allocate(max(1, programs), taps + 1, channels, dtype=torch.float32, device=x.device)
         if programs:
             short_conv_bwd_kernel[(programs, channel_blocks)](
-                x, w, dy, dx, dw_part, db_part, batch, steps, channels, K=taps, BK=triton.next_power_of_2(taps),
+                x, w, dy, dx, parts, batch, steps, channels, K=taps, BK=triton.next_power_of_2(taps),
                 BT=bt, BC=bc, num_warps=NUM_WARPS,
             )  # fmt: skip
-        dw = dw_part.sum(0).t().reshape(ctx.weight_shape).to(ctx.weight_dtype)
-        db = None if ctx.bias_dtype is None else db_part.sum(0).to(ctx.bias_dtype)
+        sums = parts.sum(0)
+        dw = sums[:taps].t().reshape(ctx.weight_shape).to(ctx.weight_dtype)
+        db = None if ctx.bias_dtype is None else sums[taps].to(ctx.bias_dtype)
         return dx, dw, db, None
 
 
