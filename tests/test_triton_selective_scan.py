@@ -166,3 +166,13 @@ def test_gpu_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     for name, got, want in zip(NAMES, outputs, step()):
         assert torch.equal(got, want), name
+
+
+def test_no_steps_passes_the_state_through():
+    """T = 0: no program runs; y is empty, the final state is h0, dA is zeros and h0's gradient is the final
+    state's (the torch form cannot take an empty time axis, so no reference)."""
+    leaves, weights = scan_inputs(2, 0, 4, 3)
+    y, h, grads = run(leaves, weights, "triton")
+    assert y.shape == (2, 0, 4) and torch.equal(h, leaves[5].detach())
+    assert torch.equal(grads[2], torch.zeros_like(leaves[2]))
+    assert torch.equal(grads[5], weights[1].float())

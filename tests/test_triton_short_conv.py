@@ -171,3 +171,13 @@ def test_gpu_captured_in_a_cuda_graph():
         x.copy_(new_x), dy.copy_(new_dy)
     graph.replay()
     assert all(torch.equal(a, c) for a, c in zip(outputs, step()))
+
+
+def test_no_steps_gives_zero_weight_and_bias_gradients():
+    """T = 0: no backward program runs, so the partials the weight and bias gradients sum must be zeros (torch's
+    Conv1d refuses an empty time axis, so no reference)."""
+    x, weight, b, dy = conv_inputs(2, 0, 5, 3)
+    y = ops_conv.short_conv(x, weight, b, backend="triton")
+    dx, dw, db = gradients(y, (x, weight, b), dy)
+    assert y.shape == dx.shape == (2, 0, 5)
+    assert torch.equal(dw, torch.zeros_like(weight)) and torch.equal(db, torch.zeros_like(b))
