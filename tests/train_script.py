@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +84,18 @@ def main() -> None:
 
     result = train(model, data, config, args.run_dir, evaluate=evaluate, progress=False)
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({"params": model.state_dict(), "result": dataclasses.asdict(result)}, args.out)
+        saved = {"params": model.state_dict(), "result": dataclasses.asdict(result), "gloo_threads": gloo_threads()}
+        torch.save(saved, args.out)
+
+
+def gloo_threads() -> int | None:
+    """Threads of a gloo process group still running in this process (None where /proc cannot say): after train()
+    none may be, or they can abort the process as the interpreter exits."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return sum(name.startswith(("pt_gloo", "gloo")) for name in names)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Under `torchrun --nproc_per_node N` every rank takes its slice of each global ba
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import math
@@ -178,6 +179,10 @@ def _setup_distributed(config: TrainConfig) -> _Dist:
         torch.cuda.set_device(device)  # nccl and all_gather_object use the current device
     owns = world > 1 and not dist.is_initialized()
     if owns:
+        # DDP imports this module lazily, and its functions take the default group as a default argument: imported
+        # after init, they keep the group alive past destroy_process_group, so gloo's worker threads outlive it and
+        # can abort the process as the interpreter exits (a work item freeing a tensor needs the GIL).
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _Dist(rank, world, device, owns)
 
