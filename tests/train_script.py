@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from rebased.train import IGNORE_INDEX, TrainConfig, train
@@ -82,15 +83,29 @@ def main() -> None:
         time.sleep(args.eval_sleep)
         return {"accuracy": accuracy(m, data)}
 
+    threads_at_destroy = count_gloo_threads_at_destroy()
     result = train(model, data, config, args.run_dir, evaluate=evaluate, progress=False)
     if int(os.environ.get("RANK", "0")) == 0:
-        saved = {"params": model.state_dict(), "result": dataclasses.asdict(result), "gloo_threads": gloo_threads()}
+        threads = {"at_destroy": threads_at_destroy, "after_train": gloo_threads()}
+        saved = {"params": model.state_dict(), "result": dataclasses.asdict(result), "gloo_threads": threads}
         torch.save(saved, args.out)
 
 
+def count_gloo_threads_at_destroy() -> list[int | None]:
+    """Wrap destroy_process_group to count gloo's threads as it returns: none may be left, or the group outlives
+    it (a later release can deadlock, one at exit abort the process)."""
+    counts, destroy = [], dist.destroy_process_group
+
+    def destroy_and_count(*args, **kwargs) -> None:
+        destroy(*args, **kwargs)
+        counts.append(gloo_threads())
+
+    dist.destroy_process_group = destroy_and_count
+    return counts
+
+
 def gloo_threads() -> int | None:
-    """Threads of a gloo process group still running in this process (None where /proc cannot say): after train()
-    none may be, or they can abort the process as the interpreter exits."""
+    """Threads of a gloo process group running in this process (None where /proc cannot say)."""
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return None

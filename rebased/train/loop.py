@@ -10,6 +10,7 @@ Under `torchrun --nproc_per_node N` every rank takes its slice of each global ba
 
 from __future__ import annotations
 
+import gc
 import importlib
 import inspect
 import logging
@@ -547,6 +548,7 @@ def train(
     """
     torch.set_flush_denormal(True)  # denormal activations made the LM-head backward 50x slower on CPU
     env = _setup_distributed(config)
+    engine = None
     try:
         torch.manual_seed(config.seed + env.rank)  # the only seeding: dropout streams differ across ranks
         engine = _Engine(model, train_data, config, run_dir, evaluate, progress, env, _stop_rule(stop_at, stop_when),
@@ -557,4 +559,16 @@ def train(
         return result
     finally:
         if env.owns_group:
-            dist.destroy_process_group()
+            if engine is not None:
+                engine.ddp = engine.forward = None
+            engine = None
+            _destroy_group()
+
+
+def _destroy_group() -> None:
+    """DDP's reducer holds the group and, freed, drops its reference holding the GIL. Were that the last one, the
+    group's destructor would wait for gloo's worker threads while one waits for the GIL to free the tensors of a
+    finished collective: a deadlock. So the DDP wrapper goes first (the collection frees it from any reference
+    cycle) and the group's last reference drops in destroy_process_group, which lets go of the GIL."""
+    gc.collect()
+    dist.destroy_process_group()
