@@ -109,8 +109,14 @@ def gloo_threads() -> int | None:
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return None
-    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
-    return sum(name.startswith(("pt_gloo", "gloo")) for name in names)
+    return sum(_thread_name(task).startswith(("pt_gloo", "gloo")) for task in tasks.iterdir())
+
+
+def _thread_name(task: Path) -> str:
+    try:
+        return (task / "comm").read_text().strip()
+    except FileNotFoundError:  # the thread ended since the listing
+        return ""
 
 
 if __name__ == "__main__":
