@@ -559,16 +559,15 @@ def train(
         return result
     finally:
         if env.owns_group:
-            if engine is not None:
-                engine.ddp = engine.forward = None
-            engine = None
-            _destroy_group()
+            _destroy_group(engine)
 
 
-def _destroy_group() -> None:
+def _destroy_group(engine: _Engine | None) -> None:
     """DDP's reducer holds the group and, freed, drops its reference holding the GIL. Were that the last one, the
     group's destructor would wait for gloo's worker threads while one waits for the GIL to free the tensors of a
-    finished collective: a deadlock. So the DDP wrapper goes first (the collection frees it from any reference
-    cycle) and the group's last reference drops in destroy_process_group, which lets go of the GIL."""
+    finished collective: a deadlock. So the engine lets go of its DDP wrapper first (the collection frees it from
+    any reference cycle) and the group's last reference drops in destroy_process_group, which lets go of the GIL."""
+    if engine is not None:
+        engine.ddp = engine.forward = None
     gc.collect()
     dist.destroy_process_group()
