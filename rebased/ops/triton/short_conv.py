@@ -130,9 +130,9 @@ class ShortConvFunction(torch.autograd.Function):
         bt, bc = _tile()
         channel_blocks = triton.cdiv(channels, bc)
         programs = _backward_programs(batch * triton.cdiv(steps, bt), channel_blocks, x.device) if x.numel() else 0
-        # dW's and dbias's partials in one buffer and one sum, left unset where the kernel writes every row
-        allocate = torch.empty if programs else torch.zeros
-        parts = allocate(max(1, programs), taps + 1, channels, dtype=torch.float32, device=x.device)
+        # dW's and dbias's partials in one buffer and one sum, left unset: the kernel writes every row (with no
+        # programs the sum over none is zeros)
+        parts = torch.empty(programs, taps + 1, channels, dtype=torch.float32, device=x.device)
         if programs:
             short_conv_bwd_kernel[(programs, channel_blocks)](
                 x, w, dy, dx, parts, batch, steps, channels, K=taps, BK=triton.next_power_of_2(taps),
