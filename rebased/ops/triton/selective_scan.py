@@ -12,7 +12,7 @@ later steps; at t = T - 1 the final state's gradient):
     ddt_t = sum_n g_t (x_t B_t + A a_t h_{t-1})                              dA = sum_{b, t} g_t a_t h_{t-1} dt_t
     dh_0 = a_0 g_0
 
-Why a kernel of our own: the torch form (rebased/mixers/mamba.py's chunked scan, the reference) builds a
+Why a kernel of our own: the torch form (rebased/ops/scan.py's chunked scan, the reference) builds a
 [B, Cs, Cs, Din, N] tensor of decays a chunk, about 134 MB a chunk of 16 steps at the MQAR models' micro-batch of
 262,144 tokens (Din 128, N 8), and autograd keeps several of them for every chunk. Here the forward writes every
 h_t once ([B, T, Din, N] fp32, 1 GiB at that micro-batch) so the backward reads h_{t-1} instead of recomputing it
