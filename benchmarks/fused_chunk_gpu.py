@@ -290,18 +290,17 @@ SWEEP_KERNELS = {"rebased": Polynomial.rebased, "based": Polynomial.taylor}
 
 def launch_table_name(value_dim: int, kernel: PolynomialType) -> str:
     """The fused_chunk.py table that launches this value dim and kernel on the GPU."""
-    from rebased.ops.triton import fused_chunk as F
+    from rebased.ops.triton.fused_chunk import gpu_launch_table
+    from rebased.ops.triton.inputs import PolynomialArgs
 
-    if F.Dims.of(HEAD_DIM, value_dim).bv > 8:
-        return "GPU_LAUNCHES_WIDE"
-    return "GPU_LAUNCHES_LOW_TERMS" if kernel.c0 > 0 or kernel.c1 > 0 else "GPU_LAUNCHES"
+    return gpu_launch_table(value_dim, PolynomialArgs.of(kernel))
 
 
 def use_launches(launches: dict, value_dim: int, kernel: PolynomialType) -> None:
     """Put launches into the table that serves value_dim and kernel (in this process only)."""
     from rebased.ops.triton import fused_chunk
 
-    getattr(fused_chunk, launch_table_name(value_dim, kernel)).update(launches)
+    fused_chunk.GPU_LAUNCH_TABLES[launch_table_name(value_dim, kernel)].update(launches)
 
 
 def candidate_errors(kernel, value_dim: int) -> dict[str, float]:
@@ -348,7 +347,7 @@ def sweep(deadline: Deadline, value_dim: int, kernel: PolynomialType,
     value_dim for this polynomial (its table: launch_table_name)."""
     from rebased.ops.triton import fused_chunk
 
-    code = dict(getattr(fused_chunk, launch_table_name(value_dim, kernel)))
+    code = dict(fused_chunk.GPU_LAUNCH_TABLES[launch_table_name(value_dim, kernel)])
     rows, best = [], {}
     for launch in candidates(value_dim):
         if deadline.left() <= reserve_s:

@@ -488,14 +488,23 @@ MIN_BV = 1
 FUSED_FP32_DOTS = "ieee"  # fp32 inputs: the accurate path (as the chunk kernels' CHUNK_FP32_DOTS)
 
 
+GPU_LAUNCH_TABLES = {"GPU_LAUNCHES": GPU_LAUNCHES, "GPU_LAUNCHES_LOW_TERMS": GPU_LAUNCHES_LOW_TERMS,
+                     "GPU_LAUNCHES_WIDE": GPU_LAUNCHES_WIDE}  # fmt: skip
+
+
+def gpu_launch_table(value_dim: int, poly: PolynomialArgs) -> str:
+    """The name of the GPU table that launches this value dim and polynomial (GPU_LAUNCH_TABLES): by the padded
+    width and, up to 8, by whether the polynomial has low-order terms. The launch sweep prints its choice under it."""
+    if Dims.of(1, value_dim).bv > 8:
+        return "GPU_LAUNCHES_WIDE"
+    return "GPU_LAUNCHES_LOW_TERMS" if poly.c0 > 0 or poly.c1 > 0 else "GPU_LAUNCHES"
+
+
 def launches(value_dim: int, poly: PolynomialArgs) -> dict[str, FusedLaunch]:
-    """Each kernel's launch for this value dim and polynomial: the interpreter's, or the GPU table for its padded
-    width and, up to 8, for whether the polynomial has low-order terms."""
+    """Each kernel's launch for this value dim and polynomial: the interpreter's, or its GPU table's."""
     if interpreting():
         return INTERPRETER_LAUNCHES
-    if Dims.of(1, value_dim).bv > 8:
-        return GPU_LAUNCHES_WIDE
-    return GPU_LAUNCHES_LOW_TERMS if poly.c0 > 0 or poly.c1 > 0 else GPU_LAUNCHES
+    return GPU_LAUNCH_TABLES[gpu_launch_table(value_dim, poly)]
 
 
 @dataclass(frozen=True)
