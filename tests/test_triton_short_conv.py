@@ -174,8 +174,8 @@ def test_gpu_captured_in_a_cuda_graph():
 
 
 def test_no_steps_gives_zero_weight_and_bias_gradients():
-    """T = 0: no backward program runs, so the partials the weight and bias gradients sum must be zeros (torch's
-    Conv1d refuses an empty time axis, so no reference)."""
+    """T = 0: no backward program runs, so the weight and bias gradients, sums over no partials, must be zeros
+    (torch's Conv1d refuses an empty time axis, so no reference)."""
     x, weight, b, dy = conv_inputs(2, 0, 5, 3)
     y = ops_conv.short_conv(x, weight, b, backend="triton")
     dx, dw, db = gradients(y, (x, weight, b), dy)
