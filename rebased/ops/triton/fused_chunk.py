@@ -457,29 +457,35 @@ class FusedLaunch:
                     num_warps=self.warps, **cap)  # fmt: skip
 
 
-# Per kernel on the GPU, for value dims up to 8 (BV 1-8: the MQAR models' 5, the ablation's 1-4) and wider (BV 16
-# and up). Up to 8: the fastest of the launches that fused_chunk_gpu.py sweeps on an H200 at B 512, L 2048, v 5,
-# each within its error budget against float64 (benchmarks/results/h200_mqar/fused_chunk_v5_f49fce1.md). One warp
-# on chunks of 16 throughout; the forward and dq capped at 168 registers a thread, so 12 warps fit an SM where the
-# compiler's ~240 allowed 8: 1.61 and 2.22 ms against 1.98 and 2.71 uncapped, the spills cheaper than the latency
-# the extra warps hide. dk/dv, the largest state, gains nothing from the cap (3.16 against 3.13) and loses at 128.
-# Wider: two warps on chunks of 32, which spill least when compiled for sm_90a (`fused_chunk_gpu.py --compile`); at
-# v 16 it runs 1.6-2.4x ahead of fla's kernels as it is.
+# Per kernel on the GPU, for value dims up to 8 (BV 1-8: the MQAR models' 5, the ablation's 1-4), 9-16 (BV 16:
+# the d_model 128 models' 10) and wider (BV 32-64): the fastest of the launches that fused_chunk_gpu.py sweeps on
+# an H200 at B 512, L 2048, each within its error budget against float64. Up to 8 (v 5,
+# benchmarks/results/h200_mqar/fused_chunk_v5_f49fce1.md): one warp on chunks of 16 throughout; the forward and dq
+# capped at 168 registers a thread, so 12 warps fit an SM where the compiler's ~240 allowed 8: 1.61 and 2.22 ms
+# against 1.98 and 2.71 uncapped, the spills cheaper than the latency the extra warps hide. dk/dv, the largest
+# state, gains nothing from the cap (3.16 against 3.13) and loses at 128.
 GPU_LAUNCHES = {
     "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
     "dq": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
     "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
 }
 # Polynomials with a constant or linear term (Based's Taylor map) carry more state a program (its first- and
-# zeroth-order parts beside the square's). Compiled for sm_90a at v 5 under the 168 cap they spill about twice
-# what ReBased's do (forward 344 B of stack a thread, dq 560, against 208 and 264), and no sweep has timed them
-# capped: they keep the uncapped launches that were the fastest for ReBased before the cap was tried.
+# zeroth-order parts beside the square's) and spill about twice ReBased's under the cap on sm_90a. At v 5
+# (fused_chunk_v5_based_811f055.md) the cap still pays for the forward (1.94 against 2.12 ms uncapped) and dk/dv
+# (5.48 against 5.64), not for dq (4.60 against 4.13).
 GPU_LAUNCHES_LOW_TERMS = {
-    "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
-    "dq": FusedLaunch(chunk=16, warps=1, stages=2),
-    "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
+    "fwd": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
+    "dq": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
+    "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
 }
-GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
+# BV 16, either polynomial: one warp on chunks of 16 with 16-bit state dots, as below BV 16. At v 10 (ReBased,
+# fused_chunk_v10_811f055.md) 2.91 + 5.77 + 6.45 = 15.1 ms against 18.5 for two warps on chunks of 32, although
+# compiled for sm_90a it spills more (456, 168 and 696 B of stack a thread against 88, 0 and 520). Based's kernels
+# at v 10 are untimed; their spills grow alike (584, 392, 888 against 360, 48, 648).
+GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16, warps=1, stages=1, low=True))
+# BV 32-64 (outside what `mode="auto"` sends here: chunk_dispatch.py): two warps on chunks of 32. One warp would
+# keep a [256, 32] state a program and spill 2-4 KB a thread on sm_90a; untimed.
+GPU_LAUNCHES_WIDER = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
 # Under the interpreter: chunks of 16, so tiny test shapes cross several chunks.
 INTERPRETER_LAUNCHES = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16))
 # The narrowest padded value dim. 1: value dims pad only to their power of two; the -bv8 variant of
@@ -489,14 +495,15 @@ FUSED_FP32_DOTS = "ieee"  # fp32 inputs: the accurate path (as the chunk kernels
 
 
 GPU_LAUNCH_TABLES = {"GPU_LAUNCHES": GPU_LAUNCHES, "GPU_LAUNCHES_LOW_TERMS": GPU_LAUNCHES_LOW_TERMS,
-                     "GPU_LAUNCHES_WIDE": GPU_LAUNCHES_WIDE}  # fmt: skip
+                     "GPU_LAUNCHES_WIDE": GPU_LAUNCHES_WIDE, "GPU_LAUNCHES_WIDER": GPU_LAUNCHES_WIDER}  # fmt: skip
 
 
 def gpu_launch_table(value_dim: int, poly: PolynomialArgs) -> str:
     """The name of the GPU table that launches this value dim and polynomial (GPU_LAUNCH_TABLES): by the padded
     width and, up to 8, by whether the polynomial has low-order terms. The launch sweep prints its choice under it."""
-    if Dims.of(1, value_dim).bv > 8:
-        return "GPU_LAUNCHES_WIDE"
+    bv = Dims.of(1, value_dim).bv
+    if bv > 8:
+        return "GPU_LAUNCHES_WIDE" if bv == 16 else "GPU_LAUNCHES_WIDER"
     return "GPU_LAUNCHES_LOW_TERMS" if poly.c0 > 0 or poly.c1 > 0 else "GPU_LAUNCHES"
 
 
@@ -715,13 +722,14 @@ def refuse(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-# Whether a value dim from 9 to 16 that is not a power of two runs as one pass of the kernels per power-of-two piece
-# (10 as 8 + 2) rather than padded to 16: o = num / den splits by value columns, every piece having the same
-# normaliser. Each piece repeats the q/k side (scores, normaliser) and autograd adds the pieces' dq and dk. At
-# MQAR's shapes on an H200 (B 512, L 2048; benchmarks/results/h200_mqar/fused_chunk_split_f49fce1.md) the op took
-# 15.6 ms in pieces against 18.5 padded at v 10, but 11.3 against 7.8 at v 5, where the q/k side is most of the
-# cost: so value dims up to 8 never split. The d_model 128 step read 49.3 against 49.2 ms in a timing whose repeats
-# disagreed by more than that (mqar_step_split_f49fce1.log), so it is off until a steadier one.
+# Whether a value dim from 9 to 16 that is not a power of two runs as one pass of the kernels per power-of-two piece (10
+# as 8 + 2) rather than padded to 16: o = num / den splits by value columns, every piece having the same normaliser.
+# Each piece repeats the q/k side (scores, normaliser) and autograd adds the pieces' dq and dk. At MQAR's shapes on an
+# H200 (B 512, L 2048; benchmarks/results/h200_mqar/fused_chunk_split_f49fce1.md) the op took 15.6 ms in pieces against
+# 18.5 padded at v 10 (BV 16 then ran two warps on chunks of 32; one warp takes 15.1), but 11.3 against 7.8 at v 5,
+# where the q/k side is most of the cost: so value dims up to 8 never split. The d_model 128 step read 49.3 against 49.2
+# ms in a timing whose repeats disagreed by more than that (mqar_step_split_f49fce1.log), so it is off until a steadier
+# one.
 SPLIT_VALUES = False
 SPLIT_VALUE_DIMS = range(9, 17)  # narrower ones lose (above); wider ones leave the fused kernels (chunk_dispatch.py)
 

@@ -42,13 +42,14 @@ class NormLaunch:
     tile_sums: bool = False
 
 
-# On an H200 (benchmarks/layer_norm_bench.py sweeps them; benchmarks/results/h200_mqar/layer_norm_4508870.md,
-# 262,144 rows, when forward and backward shared one launch): 16 KB tiles were the fastest or within 0.01 ms of
-# it, forward + backward, in three of the four MQAR cases: 64 fp32 features 0.20 ms (32 KB: 0.26), 192 bf16 0.32
-# (8 KB: 0.42), 384 bf16 0.48 (8 KB: 0.62). The fourth, 128 fp32, scatters between 0.24 and 0.49 ms with no order
-# in the tile. tile_sums is untimed: off.
+# On an H200 (benchmarks/layer_norm_bench.py sweeps them, each kernel alone at 262,144 rows: the MQAR cases of 64
+# and 128 fp32 features, 192 and 384 bf16; benchmarks/results/h200_mqar/layer_norm_811f055.md). The backward: 4 KB
+# tiles with gamma's and beta's sums kept as whole tiles, the fastest in two cases and within 0.02 ms in the
+# others, 0.54 ms over the four against 0.80 for 16 KB tiles summed a block at a time (0.12 against 0.24 at 192
+# bf16). The forward: 16 KB tiles, within 0.02 ms of the fastest in three cases (0.30 ms over the four; 4 KB
+# tiles 0.28, ahead at 64 fp32 features and behind at 384 bf16), differences the size of the sweep's noise.
 FORWARD_LAUNCH = NormLaunch(tile_bytes=16384, warps=4)
-BACKWARD_LAUNCH = NormLaunch(tile_bytes=16384, warps=4, programs_per_sm=8, tile_sums=False)
+BACKWARD_LAUNCH = NormLaunch(tile_bytes=4096, warps=4, programs_per_sm=8, tile_sums=True)
 
 
 @triton.jit
