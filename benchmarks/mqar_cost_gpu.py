@@ -1,11 +1,13 @@
 """Milliseconds per optimizer step of the MQAR models (batch 512, the paper's settings) on a CUDA GPU, by op path
 and step variant.
 
-Times `rebased.train.train` itself after a 5-step warm-up that compiles the kernels: runs of 5 and of 35 steps
-(within one epoch), the difference over 30 steps, median of 3 such pairs. So the number includes everything a
-sweep pays per step: the batch's gathers, gradient accumulation, clipping, the fused AdamW; and the host's
-jitter, which at short L (a few ms a step) is of the order of a step. A CUDA-graph run steps eagerly 3 times,
-captures the 4th step and replays from there, so the difference of the two runs is 30 replayed steps. One line
+Times `rebased.train.train` itself, inside one training: a clock (train()'s stop_when, asked after every
+optimizer step) waits for the GPU after step WARM_STEPS and after --steps more (default 40), and the wall time
+between, over those steps, is one timing; the median of --repeats trainings (default 3) is reported. So the
+number includes everything a sweep pays per step: the batch's gathers, gradient accumulation, clipping, the
+fused AdamW, the loss read every 10 steps; and the host's jitter, which at short L (a few ms a step) is of the
+order of a step. It leaves out what a training pays once: compiling, building the model, and a CUDA-graph run's
+3 eager steps and its capture at the 4th (the clock starts after step 10, when a graphed step replays). One line
 per (op path, variant, cell); a cell that fails prints its error and the next one runs.
 
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton chunk-torch   # PATH: MODE-BACKEND
@@ -106,7 +108,7 @@ def apply_variant(variant: str) -> dict:
     return settings
 
 
-SHORT_STEPS, LONG_STEPS = 5, 35  # the two trainings a timing subtracts
+WARM_STEPS, TIMED_STEPS = 10, 40  # a timing's clock starts after WARM_STEPS and runs TIMED_STEPS (--steps)
 CELLS = (
     "rebased:64:128,rebased:64:512,rebased:64:2048,rebased:128:2048,rebased:512:2048,based:64:2048,attention:64:2048"
 )
@@ -133,6 +135,30 @@ def with_norm_backend(model: LanguageModel, backend: str) -> LanguageModel:
     return model
 
 
+class StepClock:
+    """train()'s stop_when, asked after every optimizer step: waits for the GPU after step `start` and after step
+    `start + steps`, keeps the wall time between, and never asks the training to stop."""
+
+    def __init__(self, start: int, steps: int):
+        self.marks = (start, start + steps)
+        self.steps_taken = 0
+        self.times: list[float] = []
+
+    def __call__(self) -> bool:
+        self.steps_taken += 1
+        if self.steps_taken in self.marks:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+        return False
+
+    def seconds_per_step(self) -> float:
+        if len(self.times) < 2:
+            raise RuntimeError(f"the training ended after {self.steps_taken} steps, before the clock's last mark "
+                               f"(step {self.marks[1]})")  # fmt: skip
+        return (self.times[1] - self.times[0]) / (self.marks[1] - self.marks[0])
+
+
 def seconds_per_step(
     run: MQARRun,
     mode: str,
@@ -141,34 +167,32 @@ def seconds_per_step(
     norm_backend: str | None = None,
     repeats: int = 3,
     variant: str = "fused",
+    steps: int = TIMED_STEPS,
 ) -> float:
-    """The median over `repeats` of (time of LONG_STEPS - time of SHORT_STEPS) / their difference: what a step
-    adds, without start-up (run.train_examples must hold more than LONG_STEPS batches: an epoch's end would add an
-    evaluation). A one-time cost that lands in one training and not the other (a collection, an allocation) moves
-    the estimate by that cost over the difference: 30 steps keep 100 ms of it to 3 ms."""
+    """The median over `repeats` trainings of the wall time of `steps` optimizer steps after the first WARM_STEPS,
+    each training's GPU work waited for at both ends. The run's data is made to hold one epoch longer than the
+    training, so that no epoch ends (and no evaluation runs) inside it."""
+    run = dataclasses.replace(run, train_examples=(WARM_STEPS + steps + 1) * run.batch_size)
     data = make_data(run)
 
-    def timed(steps: int) -> float:
+    def timed() -> float:
         torch.manual_seed(0)
         model = with_op_path(build_model(run), mode, backend)
         if norm_backend is not None:
             model = with_norm_backend(model, norm_backend)
         settings = apply_variant(variant)
-        config = dataclasses.replace(train_config(run), max_steps=steps, early_stop_metric=None,
+        config = dataclasses.replace(train_config(run), max_steps=WARM_STEPS + steps, early_stop_metric=None,
                                      **({"compile": compile} | settings))  # fmt: skip
         gc.collect()  # the last training's dead cycles (its graph among them), freed here and not inside this one
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        train(model, (data.train.inputs, data.train.labels), config, progress=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        clock = StepClock(WARM_STEPS, steps)
+        train(model, (data.train.inputs, data.train.labels), config, progress=False, stop_when=clock)
+        return clock.seconds_per_step()
 
-    timed(5)  # warm-up: Triton compiles, cuDNN picks algorithms, a first capture sets up the graph machinery
-    steps = [(timed(LONG_STEPS) - timed(SHORT_STEPS)) / (LONG_STEPS - SHORT_STEPS) for _ in range(repeats)]
-    if min(steps) <= 0 or max(steps) > 1.5 * min(steps):
-        each = ", ".join(f"{step * 1e3:.1f}" for step in steps)
+    timings = [timed() for _ in range(repeats)]
+    if max(timings) > 1.5 * min(timings):
+        each = ", ".join(f"{timing * 1e3:.1f}" for timing in timings)
         print(f"  (unsteady: the {repeats} repeats gave {each} ms/step)", flush=True)
-    return statistics.median(steps)
+    return statistics.median(timings)
 
 
 def main() -> None:
@@ -178,6 +202,7 @@ def main() -> None:
     parser.add_argument("--variants", default="fused", help=f"step variants, comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--batch-scales", default="1", help="batch multiples, comma-separated (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timings per cell, their median reported (default 3)")
+    parser.add_argument("--steps", type=int, default=TIMED_STEPS, help=f"steps a timing spans (default {TIMED_STEPS})")
     parser.add_argument("--pairs", type=int, default=None, help="key-value pairs (default: the paper's L / 4)")
     caps_help = f"micro-batch token caps, comma-separated (default {sweep.MICRO_BATCH_TOKENS})"
     parser.add_argument("--micro-batch-tokens", default=str(sweep.MICRO_BATCH_TOKENS), help=caps_help)
@@ -194,11 +219,10 @@ def main() -> None:
             label = f"{path} {variant}" + (f" x{scale}" if scale != 1 else "") + (f" mb{cap}" if len(caps) > 1 else "")
             cell = f"{label:44s} {model:9s} d{d_model:<4d} L{seq_len:<5d}"
             pairs = args.pairs or paper_pairs(seq_len)
-            run = MQARRun(model, d_model, seq_len, pairs, 1e-3, batch_size=512 * scale,
-                          train_examples=(LONG_STEPS + 1) * 512 * scale, test_examples=512)  # fmt: skip
+            run = MQARRun(model, d_model, seq_len, pairs, 1e-3, batch_size=512 * scale, test_examples=512)
             try:
                 with micro_batch_scaled(scale):
-                    step = seconds_per_step(run, mode, backend, variant=variant, repeats=args.repeats)
+                    step = seconds_per_step(run, mode, backend, variant=variant, repeats=args.repeats, steps=args.steps)
                 epoch = step / scale * (100_000 // 512)
                 mem = torch.cuda.max_memory_allocated() / 2**30
                 print(f"{cell} {step * 1e3:8.1f} ms/step {step / scale * 1e3:8.1f} ms per 512 {epoch:7.1f} s/epoch"
