@@ -3,7 +3,7 @@
 # 10 minutes in all: run "tests launches" and "step ablation split" as two calls), each capped at its *_S seconds:
 # - tests: the GPU tests of the step's parts: the graphed step against the eager one and its sync-free replays,
 #   the fused head + loss, the Triton softmax-gradient, head-loss tile, LayerNorm, embedding-gradient and short
-#   convolution kernels, Mamba's selective scan, and the fused chunk kernels at the kernel ablation's value dims
+#   convolution kernels, Mamba's selective scan, and the fused chunk kernels at every MQAR model's value dims
 #   ($OUT/step_tests.log);
 # - launches: the fused chunk kernels' launch sweep (benchmarks/fused_chunk_gpu.py --sweep-only) at each value dim
 #   of LAUNCH_DIMS, ReBased's polynomial or, written V:based, Based's (default "5 10 1 5:based": the d_model 64 and
@@ -53,8 +53,8 @@ if [[ $stages == *" tests "* ]]; then
         tests/test_triton_head_loss.py tests/test_layer_norm.py tests/test_triton_embedding.py \
         tests/test_triton_short_conv.py tests/test_triton_selective_scan.py \
         2>&1 | tee -a "$OUT/step_tests.log" | tail -8
-    timeout "${ABLATION_TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
-        tests/test_triton_fused_chunk.py -k "gpu_mqar_shape and (ablation or split)" 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
+    timeout "${CHUNK_TEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
+        tests/test_triton_fused_chunk.py -k gpu_mqar_shape 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
 fi
 if [[ $stages == *" launches "* ]]; then
     for case in ${LAUNCH_DIMS:-5 10 1 5:based}; do
