@@ -16,10 +16,10 @@ In order, so that a time limit cuts the least useful part:
    kernel; its time only) when fla is importable; each row's ratio to the fused kernels.
 3. sweep: each candidates() launch for all three kernels at --sweep-value-dim (default 5, GPU_LAUNCHES; 9-16 are
    GPU_LAUNCHES_WIDE's, 10 being the d_model 128 MQAR models', and beyond GPU_LAUNCHES_WIDER's) for --sweep-kernel
-   (default rebased; based times Based's polynomial, GPU_LAUNCHES_LOW_TERMS up to value dim 8): checked against float64
-   at a small shape per kernel (o for the forward, dq, dk and dv; a candidate off by more than 1% is never chosen:
-   Triton 3.6 mis-compiled some 3D tiles of the chunk kernels), then each kernel timed alone at B 512, L 2048. The
-   fastest accurate candidate per kernel is printed as the table's line to paste into fused_chunk.py.
+   (default rebased; based times Based's polynomial, its tables ending _LOW_TERMS up to value dim 16): checked against
+   float64 at a small shape per kernel (o for the forward, dq, dk and dv; a candidate off by more than 1% is never
+   chosen: Triton 3.6 mis-compiled some 3D tiles of the chunk kernels), then each kernel timed alone at B 512, L 2048.
+   The fastest accurate candidate per kernel is printed as the table's line to paste into fused_chunk.py.
 4. the table's fused rows again with the sweep's choice.
 --sweep-only runs stage 3 alone; --no-sweep stops after stage 2; --table-only runs stage 2 alone, over --entries,
 --lengths and --value-dims.
@@ -434,8 +434,8 @@ def main() -> None:
     parser.add_argument("--sweep-value-dim", type=int, default=5, help=value_help)
     parser.add_argument("--sweep-kernel", choices=sorted(SWEEP_KERNELS), default="rebased",
                         help="the polynomial the sweep times: rebased (default; GPU_LAUNCHES) or based "
-                        "(GPU_LAUNCHES_LOW_TERMS); past value dim 8 both share GPU_LAUNCHES_WIDE, "
-                        "past 16 GPU_LAUNCHES_WIDER")  # fmt: skip
+                        "(GPU_LAUNCHES_LOW_TERMS); past value dim 8 GPU_LAUNCHES_WIDE and "
+                        "GPU_LAUNCHES_WIDE_LOW_TERMS, past 16 both GPU_LAUNCHES_WIDER")  # fmt: skip
     parser.add_argument("--table-only", action="store_true", help="only the table (stage 2)")
     parser.add_argument("--entries", default=None, help="the table's entries, comma-separated (default: all)")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="the table's L, comma-separated")

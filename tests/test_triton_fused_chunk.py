@@ -150,15 +150,15 @@ def test_launch_forms_match_reference(flat, low, value_dim, max_registers, monke
 
 def test_gpu_launch_tables_by_width_and_polynomial(monkeypatch):
     """On the GPU, value dims up to 8 take GPU_LAUNCHES for pure squares (ReBased) and GPU_LAUNCHES_LOW_TERMS for
-    polynomials with a constant or linear term (Based); 9-16 take GPU_LAUNCHES_WIDE and wider ones
-    GPU_LAUNCHES_WIDER, whatever the polynomial."""
+    polynomials with a constant or linear term (Based); 9-16 take GPU_LAUNCHES_WIDE and GPU_LAUNCHES_WIDE_LOW_TERMS
+    alike; wider ones GPU_LAUNCHES_WIDER, whatever the polynomial."""
     monkeypatch.setattr(fused, "interpreting", lambda: False)
     rebased, based = (PolynomialArgs.of(KERNELS[name](16)) for name in ("rebased", "based"))
     assert fused.launches(5, rebased) is fused.GPU_LAUNCHES
     assert fused.launches(1, rebased) is fused.GPU_LAUNCHES
     assert fused.launches(5, based) is fused.GPU_LAUNCHES_LOW_TERMS
     assert fused.launches(10, rebased) is fused.GPU_LAUNCHES_WIDE
-    assert fused.launches(16, based) is fused.GPU_LAUNCHES_WIDE
+    assert fused.launches(16, based) is fused.GPU_LAUNCHES_WIDE_LOW_TERMS
     assert fused.launches(17, rebased) is fused.GPU_LAUNCHES_WIDER
     assert fused.launches(64, based) is fused.GPU_LAUNCHES_WIDER
 

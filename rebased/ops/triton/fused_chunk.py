@@ -478,11 +478,14 @@ GPU_LAUNCHES_LOW_TERMS = {
     "dq": FusedLaunch(chunk=16, warps=1, stages=1, low=True),
     "dkdv": FusedLaunch(chunk=16, warps=1, stages=1, low=True, max_registers=168),
 }
-# BV 16, either polynomial: one warp on chunks of 16 with 16-bit state dots, as below BV 16. At v 10 (ReBased,
+# BV 16, pure squares: one warp on chunks of 16 with 16-bit state dots, as below BV 16. At v 10 (ReBased,
 # fused_chunk_v10_811f055.md) 2.91 + 5.77 + 6.45 = 15.1 ms against 18.5 for two warps on chunks of 32, although
-# compiled for sm_90a it spills more (456, 168 and 696 B of stack a thread against 88, 0 and 520). Based's kernels
-# at v 10 are untimed; their spills grow alike (584, 392, 888 against 360, 48, 648).
+# compiled for sm_90a it spills more (456, 168 and 696 B of stack a thread against 88, 0 and 520).
 GPU_LAUNCHES_WIDE = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=16, warps=1, stages=1, low=True))
+# BV 16 with low-order terms (Based at d_model 128): two warps on chunks of 32, the launch its GPU tests passed
+# with; the one-warp launch has not run on a GPU with Based's polynomial (its spills on sm_90a grow as ReBased's:
+# 584, 392, 888 B against 360, 48, 648).
+GPU_LAUNCHES_WIDE_LOW_TERMS = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
 # BV 32-64 (outside what `mode="auto"` sends here: chunk_dispatch.py): two warps on chunks of 32. One warp would
 # keep a [256, 32] state a program and spill 2-4 KB a thread on sm_90a; untimed.
 GPU_LAUNCHES_WIDER = dict.fromkeys(("fwd", "dq", "dkdv"), FusedLaunch(chunk=32, warps=2))
@@ -495,16 +498,19 @@ FUSED_FP32_DOTS = "ieee"  # fp32 inputs: the accurate path (as the chunk kernels
 
 
 GPU_LAUNCH_TABLES = {"GPU_LAUNCHES": GPU_LAUNCHES, "GPU_LAUNCHES_LOW_TERMS": GPU_LAUNCHES_LOW_TERMS,
-                     "GPU_LAUNCHES_WIDE": GPU_LAUNCHES_WIDE, "GPU_LAUNCHES_WIDER": GPU_LAUNCHES_WIDER}  # fmt: skip
+                     "GPU_LAUNCHES_WIDE": GPU_LAUNCHES_WIDE, "GPU_LAUNCHES_WIDE_LOW_TERMS": GPU_LAUNCHES_WIDE_LOW_TERMS,
+                     "GPU_LAUNCHES_WIDER": GPU_LAUNCHES_WIDER}  # fmt: skip
 
 
 def gpu_launch_table(value_dim: int, poly: PolynomialArgs) -> str:
     """The name of the GPU table that launches this value dim and polynomial (GPU_LAUNCH_TABLES): by the padded
-    width and, up to 8, by whether the polynomial has low-order terms. The launch sweep prints its choice under it."""
+    width and, up to 16, by whether the polynomial has low-order terms. The launch sweep prints its choice under
+    it."""
     bv = Dims.of(1, value_dim).bv
-    if bv > 8:
-        return "GPU_LAUNCHES_WIDE" if bv == 16 else "GPU_LAUNCHES_WIDER"
-    return "GPU_LAUNCHES_LOW_TERMS" if poly.c0 > 0 or poly.c1 > 0 else "GPU_LAUNCHES"
+    if bv > 16:
+        return "GPU_LAUNCHES_WIDER"
+    low_terms = "_LOW_TERMS" if poly.c0 > 0 or poly.c1 > 0 else ""
+    return ("GPU_LAUNCHES_WIDE" if bv == 16 else "GPU_LAUNCHES") + low_terms
 
 
 def launches(value_dim: int, poly: PolynomialArgs) -> dict[str, FusedLaunch]:
