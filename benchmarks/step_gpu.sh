@@ -6,9 +6,9 @@
 #   convolution kernels, Mamba's selective scan, and the fused chunk kernels at every MQAR model's value dims
 #   ($OUT/step_tests.log);
 # - launches: the fused chunk kernels' launch sweep (benchmarks/fused_chunk_gpu.py --sweep-only) at each value dim
-#   of LAUNCH_DIMS, ReBased's polynomial or, written V:based, Based's (default "5 10 1 5:based": the d_model 64 and
-#   128 models', the ablation's d_model 16, Based at d_model 64), LAUNCH_S seconds each (fused_chunk_v5.md, ...,
-#   fused_chunk_v5_based.md);
+#   of LAUNCH_DIMS, ReBased's polynomial or, written V:based, Based's (default "5 10 1 5:based 10:based": the
+#   d_model 64 and 128 models', the ablation's d_model 16, Based at d_model 64 and 128), LAUNCH_S seconds each
+#   (fused_chunk_v5.md, ..., fused_chunk_v10_based.md);
 # - step: the step's cost (benchmarks/mqar_cost_gpu.py) at d_model 128, where the two head-loss paths are close:
 #   as committed (graph-committed: the row kernel beyond TILED_MAX_DIM 64) against the tile kernels (graph-tiles),
 #   3 repeats a cell (mqar_step.log);
@@ -57,7 +57,7 @@ if [[ $stages == *" tests "* ]]; then
         tests/test_triton_fused_chunk.py -k gpu_mqar_shape 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
 fi
 if [[ $stages == *" launches "* ]]; then
-    for case in ${LAUNCH_DIMS:-5 10 1 5:based}; do
+    for case in ${LAUNCH_DIMS:-5 10 1 5:based 10:based}; do
         value_dim=${case%%:*}
         kernel=rebased
         [[ $case == *:* ]] && kernel=${case#*:}
