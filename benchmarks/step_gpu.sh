@@ -21,6 +21,8 @@
 #   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
 # - norm: the fused LayerNorm's forward and backward launches at the step's shapes (layer_norm_bench.py:
 #   layer_norm.md);
+# - head_loss: the head-loss tile kernels' launches at an MQAR micro-batch, D 64 and 128 (head_loss_bench.py:
+#   head_loss.md);
 # - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
 # - stack: the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could
 #   gain), at the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
@@ -86,9 +88,17 @@ if [[ $stages == *" mamba "* ]]; then
     timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \
         --cells "${MAMBA_CELLS:-mamba:64:512,mamba:64:2048}" 2>&1 | tee "$OUT/mqar_step_mamba.log"
 fi
+# sweep NAME SECONDS SCRIPT: a launch sweep's table into $OUT/NAME.md, under a line naming the commit
+sweep() {
+    echo "# python3 benchmarks/$3 at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}" > "$OUT/$1.md"
+    timeout "$2" python3 "benchmarks/$3" >> "$OUT/$1.md" 2>&1
+    tail -12 "$OUT/$1.md"
+}
 if [[ $stages == *" norm "* ]]; then
-    timeout "${NORM_S:-240}" python3 benchmarks/layer_norm_bench.py > "$OUT/layer_norm.md" 2>&1
-    tail -10 "$OUT/layer_norm.md"
+    sweep layer_norm "${NORM_S:-240}" layer_norm_bench.py
+fi
+if [[ $stages == *" head_loss "* ]]; then
+    sweep head_loss "${HEAD_S:-270}" head_loss_bench.py
 fi
 if [[ $stages == *" profile "* ]]; then
     timeout "${PROFILE_S:-60}" python3 benchmarks/mqar_profile_gpu.py --cells "${PROFILE_CELLS:-rebased:128:2048}" \
