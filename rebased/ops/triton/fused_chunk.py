@@ -458,8 +458,8 @@ class FusedLaunch:
 
 
 # Per kernel on the GPU, for value dims up to 8 (BV 1-8: the MQAR models' 5, the ablation's 1-4), 9-16 (BV 16:
-# the d_model 128 models' 10) and wider (BV 32-64): the fastest of the launches that fused_chunk_gpu.py sweeps on
-# an H200 at B 512, L 2048, each within its error budget against float64. Up to 8 (v 5,
+# the d_model 128 models' 10) and wider (BV 32-64). Where a sweep has timed them: the fastest of the launches that
+# fused_chunk_gpu.py sweeps on an H200 at B 512, L 2048, each within its error budget against float64. Up to 8 (v 5,
 # benchmarks/results/h200_mqar/fused_chunk_v5_f49fce1.md): one warp on chunks of 16 throughout; the forward and dq
 # capped at 168 registers a thread, so 12 warps fit an SM where the compiler's ~240 allowed 8: 1.61 and 2.22 ms
 # against 1.98 and 2.71 uncapped, the spills cheaper than the latency the extra warps hide. dk/dv, the largest
