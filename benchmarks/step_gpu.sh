@@ -33,6 +33,9 @@
 #   STAGES="step" CELLS=rebased:64:2048 VARIANTS=graph-committed,graph-committed-torch-conv bash benchmarks/step_gpu.sh
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# Triton's compiled kernels in the repository's .triton_cache (git-ignored; carry it), as mqar_sweep_gpu.sh keeps
+# them: kernels compiled here reach a later call through the cache a sweep call sends back
+export TRITON_CACHE_DIR=$PWD/.triton_cache
 stages=" ${STAGES:-tests launches step ablation split} "
 {
     echo "# STAGES=\"${STAGES:-tests launches step ablation split}\" bash benchmarks/step_gpu.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
