@@ -37,8 +37,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 # them: kernels compiled here reach a later call through the cache a sweep call sends back
 export TRITON_CACHE_DIR=$PWD/.triton_cache
 stages=" ${STAGES:-tests launches step ablation split} "
+commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}
 {
-    echo "# STAGES=\"${STAGES:-tests launches step ablation split}\" bash benchmarks/step_gpu.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}"
+    echo "# STAGES=\"${STAGES:-tests launches step ablation split}\" bash benchmarks/step_gpu.sh at $commit"
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/step_tests.log"
@@ -93,7 +94,7 @@ if [[ $stages == *" mamba "* ]]; then
 fi
 # sweep NAME SECONDS SCRIPT: a launch sweep's table into $OUT/NAME.md, under a line naming the commit
 sweep() {
-    echo "# python3 benchmarks/$3 at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "?")}" > "$OUT/$1.md"
+    echo "# python3 benchmarks/$3 at $commit" > "$OUT/$1.md"
     timeout "$2" python3 "benchmarks/$3" >> "$OUT/$1.md" 2>&1
     tail -12 "$OUT/$1.md"
 }
