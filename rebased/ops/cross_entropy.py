@@ -45,11 +45,11 @@ CROSS_ENTROPY_BACKENDS = ("torch", "triton", "auto")
 # than the torch chunks there (benchmarks/results/h200_mqar/loss.md), and faster than the unfused logits too.
 AUTO_TRITON_ON_GPU = True
 # Heads up to this wide take the Triton tile kernels (rebased/ops/triton/head_loss.py: no logits in memory) where
-# Triton computes the loss; wider ones the row kernel over chunks of logits. Timed on an H200
-# (benchmarks/results/h200_mqar/loss_0076ef9.md, bf16, 262,144 rows x 8,192 classes): at D 64 the tiles take
-# 8 ms against the row kernel's 20, at D 128 16 against 11 (their narrower wide-head tiles); the MQAR step at
-# L 2048 follows (38.2 against 41.4 ms at d_model 64, 66.0 against 60.5 at 128).
-TILED_MAX_DIM = 64
+# Triton computes the loss; wider ones the row kernel over chunks of logits. The MQAR step at L 2048 on an H200
+# (benchmarks/results/h200_mqar/mqar_step_726ab68.log, the median of 3 trainings a cell, in one process): 46.6
+# against 49.5 ms at d_model 128 for ReBased, 49.0 against 52.0 for Based; at d_model 64 the tiles' lead is larger
+# (loss_0076ef9.md: 8 against 20 ms for the loss alone).
+TILED_MAX_DIM = 128
 
 
 def default_chunk_rows(vocab: int) -> int:
