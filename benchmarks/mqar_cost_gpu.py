@@ -3,12 +3,13 @@ and step variant.
 
 Times `rebased.train.train` itself, inside one training: a clock (train()'s stop_when, asked after every
 optimizer step) waits for the GPU after step WARM_STEPS and after --steps more (default 40), and the wall time
-between, over those steps, is one timing; the median of --repeats trainings (default 3) is reported. So the
-number includes everything a sweep pays per step: the batch's gathers, gradient accumulation, clipping, the
-fused AdamW, the loss read every 10 steps; and the host's jitter, which at short L (a few ms a step) is of the
-order of a step. It leaves out what a training pays once: compiling, building the model, and a CUDA-graph run's
-3 eager steps and its capture at the 4th (the clock starts after step 10, when a graphed step replays). One line
-per (op path, variant, cell); a cell that fails prints its error and the next one runs.
+between, over those steps, is one timing; the median of --repeats trainings (default 3) is reported, the
+repeats on the line before it. So the number includes everything a sweep pays per step: the batch's gathers,
+gradient accumulation, clipping, the fused AdamW, the loss read every 10 steps; and the host's jitter, which at
+short L (a few ms a step) is of the order of a step. It leaves out what a training pays once: compiling, building
+the model, and a CUDA-graph run's 3 eager steps and its capture at the 4th (the clock starts after step 10, when a
+graphed step replays). One line per (op path, variant, cell); a cell that fails prints its error and the next one
+runs.
 
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton chunk-torch   # PATH: MODE-BACKEND
     PYTHONPATH=. python benchmarks/mqar_cost_gpu.py auto-triton --cells rebased:64:1024,based:64:2048
@@ -189,9 +190,10 @@ def seconds_per_step(
         return clock.seconds_per_step()
 
     timings = [timed() for _ in range(repeats)]
-    if max(timings) > 1.5 * min(timings):
-        each = ", ".join(f"{timing * 1e3:.1f}" for timing in timings)
-        print(f"  (unsteady: the {repeats} repeats gave {each} ms/step)", flush=True)
+    each = ", ".join(f"{timing * 1e3:.1f}" for timing in timings)
+    # Every repeat printed, so that two variants' medians can be weighed against their spread
+    unsteady = " (unsteady: more than 1.5x apart)" if max(timings) > 1.5 * min(timings) else ""
+    print(f"  repeats: {each} ms/step{unsteady}", flush=True)
     return statistics.median(timings)
 
 
