@@ -113,11 +113,13 @@ def main() -> None:
     parser.add_argument("--variant", default="fused", choices=list(VARIANTS), help="the step variant (default fused)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing")
     parser.add_argument("--kernels-only", action="store_true", help="only the kernels of a step, fused LayerNorm")
+    parser.add_argument("--pairs", type=int, default=None, help="key-value pairs (default: the paper's L / 4)")
     args = parser.parse_args()
     print(versions(), flush=True)
     timings = [("torch", False), ("torch", False), ("triton", False)] + [("triton", True)] * (not args.no_compile)
     for model, d_model, seq_len in parse_cells(args.cells):
-        run = MQARRun(model, d_model, seq_len, paper_pairs(seq_len), 1e-3, train_examples=16 * 512, test_examples=512)
+        pairs = args.pairs or paper_pairs(seq_len)
+        run = MQARRun(model, d_model, seq_len, pairs, 1e-3, train_examples=16 * 512, test_examples=512)
         for norm, compiled in [] if args.kernels_only else timings:
             label = f"{model} d{d_model} L{seq_len} {args.variant} norm={norm} compile={compiled}"
             try:

@@ -23,7 +23,8 @@
 #   layer_norm.md);
 # - head_loss: the head-loss tile kernels' launches at an MQAR micro-batch, D 64 and 128 (head_loss_bench.py:
 #   head_loss.md);
-# - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log);
+# - profile: the kernels of one graphed step at d_model 128, L 2048, by part (mqar_profile_gpu.py: mqar_profile.log;
+#   PROFILE_CELLS, and PROFILE_PAIRS for other than the paper's L / 4 key-value pairs);
 # - stack: the step at 4 times the paper's batch (--batch-scales 1,4: the most a stacked model of 4 runs could
 #   gain), at the kernel ablation's shapes (32 pairs) and paper-fig1's (stack_bound.log);
 # - compile: the step with the forward under torch.compile inside the graph (mqar_step_compile.log);
@@ -106,7 +107,8 @@ if [[ $stages == *" head_loss "* ]]; then
 fi
 if [[ $stages == *" profile "* ]]; then
     timeout "${PROFILE_S:-60}" python3 benchmarks/mqar_profile_gpu.py --cells "${PROFILE_CELLS:-rebased:128:2048}" \
-        --kernels-only --variant "${PROFILE_VARIANT:-graph-committed}" 2>&1 | tee "$OUT/mqar_profile.log"
+        --kernels-only --variant "${PROFILE_VARIANT:-graph-committed}" ${PROFILE_PAIRS:+--pairs "$PROFILE_PAIRS"} \
+        2>&1 | tee "$OUT/mqar_profile.log"
 fi
 if [[ $stages == *" stack "* ]]; then
     {
