@@ -154,9 +154,11 @@ class StepClock:
         return False
 
     def seconds_per_step(self) -> float:
-        if len(self.times) < 2:
-            raise RuntimeError(f"the training ended after {self.steps_taken} steps, before the clock's last mark "
-                               f"(step {self.marks[1]})")  # fmt: skip
+        """Raises unless the clock was asked exactly once a step of a training of `start + steps` steps: asked
+        less, the last mark was never reached; asked more, the marks fell on other steps than they name."""
+        if self.steps_taken != self.marks[1]:
+            raise RuntimeError(f"the clock was asked {self.steps_taken} times in a training of {self.marks[1]} "
+                               "steps: train() no longer asks stop_when once after each step")  # fmt: skip
         return (self.times[1] - self.times[0]) / (self.marks[1] - self.marks[0])
 
 
