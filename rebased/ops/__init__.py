@@ -39,6 +39,7 @@ from rebased.ops.norm import LayerNorm, layer_norm
 from rebased.ops.parallel import parallel_linear_attention
 from rebased.ops.recurrent import recurrent_linear_attention, step_unchecked, zero_state
 from rebased.ops.reference import linear_attention_reference
+from rebased.ops.rwkv import wkv
 from rebased.ops.scan import selective_scan
 from rebased.ops.varlen import validate_packed, varlen_linear_attention
 
@@ -264,4 +265,5 @@ __all__ = [
     "pick_mode",
     "selective_scan",
     "short_conv",
+    "wkv",
 ]
