@@ -39,6 +39,7 @@ state of the kernel ablation's value dims 1-4 saves;
 power-of-two piece (10 as 8 + 2: fused_chunk.SPLIT_VALUES) rather than padded to 16;
 -triton-scan = Mamba's selective scan in the Triton kernels (rebased.ops.scan.SCAN_TRITON_ON_GPU), not the torch
 chunked form;
+-triton-wkv = RWKV's WKV in the Triton kernels (rebased.ops.rwkv.WKV_TRITON_ON_GPU), not the torch chunked form;
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
@@ -60,7 +61,7 @@ from loss_bench import use_loss_kernel
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
-from rebased.ops import conv, embedding, scan
+from rebased.ops import conv, embedding, rwkv, scan
 from rebased.ops.norm import LayerNorm
 from rebased.ops.triton import fused_chunk
 from rebased.tasks.mqar import sweep
@@ -86,6 +87,7 @@ VARIANTS = {
     "graph-committed-bv8": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-split-values": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-triton-scan": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-triton-wkv": ({"fused_loss": True, "cuda_graph": True}, "committed"),
 }
 
 
@@ -96,6 +98,7 @@ SWITCHES = {
     "-bv8": (fused_chunk, "MIN_BV", 8),
     "-split-values": (fused_chunk, "SPLIT_VALUES", True),
     "-triton-scan": (scan, "SCAN_TRITON_ON_GPU", True),
+    "-triton-wkv": (rwkv, "WKV_TRITON_ON_GPU", True),
 }
 COMMITTED = {ending: getattr(module, name) for ending, (module, name, _) in SWITCHES.items()}
 

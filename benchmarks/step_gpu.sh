@@ -3,8 +3,8 @@
 # 10 minutes in all: run "tests launches" and "step ablation split" as two calls), each capped at its *_S seconds:
 # - tests: the GPU tests of the step's parts: the graphed step against the eager one and its sync-free replays,
 #   the fused head + loss, the Triton softmax-gradient, head-loss tile, LayerNorm, embedding-gradient and short
-#   convolution kernels, Mamba's selective scan, and the fused chunk kernels at every MQAR model's value dims
-#   ($OUT/step_tests.log);
+#   convolution kernels, Mamba's selective scan, RWKV's WKV, and the fused chunk kernels at every MQAR model's value
+#   dims ($OUT/step_tests.log);
 # - launches: the fused chunk kernels' launch sweep (benchmarks/fused_chunk_gpu.py --sweep-only) at each value dim
 #   of LAUNCH_DIMS, ReBased's polynomial or, written V:based, Based's (default "5 10 1 5:based 10:based": the
 #   d_model 64 and 128 models', the ablation's d_model 16, Based at d_model 64 and 128), LAUNCH_S seconds each
@@ -19,6 +19,8 @@
 #   (graph-committed-split-values: mqar_step_split.log);
 # - mamba: the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
 #   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
+# - rwkv: the RWKV MQAR step with its WKV in the Triton kernels against torch's chunked form
+#   (graph-committed-triton-wkv), at L 512 and 2048 (mqar_step_rwkv.log);
 # - norm: the fused LayerNorm's forward and backward launches at the step's shapes (layer_norm_bench.py:
 #   layer_norm.md);
 # - head_loss: the head-loss tile kernels' launches at an MQAR micro-batch, D 64 and 128 (head_loss_bench.py:
@@ -58,7 +60,7 @@ if [[ $stages == *" tests "* ]]; then
     timeout "${TEST_S:-100}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
         tests/test_train.py tests/test_triton_cross_entropy.py tests/test_cross_entropy.py \
         tests/test_triton_head_loss.py tests/test_layer_norm.py tests/test_triton_embedding.py \
-        tests/test_triton_short_conv.py tests/test_triton_selective_scan.py \
+        tests/test_triton_short_conv.py tests/test_triton_selective_scan.py tests/test_triton_wkv.py \
         2>&1 | tee -a "$OUT/step_tests.log" | tail -8
     timeout "${CHUNK_TEST_S:-300}" python3 -m pytest -q -p no:cacheprovider -o addopts=-ra -m gpu \
         tests/test_triton_fused_chunk.py -k gpu_mqar_shape 2>&1 | tee -a "$OUT/step_tests.log" | tail -4
@@ -88,6 +90,10 @@ if [[ $stages == *" split "* ]]; then
     tail -6 "$OUT/fused_chunk_split.log"
     timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
         --cells "${SPLIT_CELLS:-rebased:128:2048,based:128:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
+fi
+if [[ $stages == *" rwkv "* ]]; then
+    timeout "${RWKV_S:-150}" "${cost[@]}" --variants graph-committed-triton-wkv,graph-committed \
+        --cells "${RWKV_CELLS:-rwkv:64:512,rwkv:64:2048}" 2>&1 | tee "$OUT/mqar_step_rwkv.log"
 fi
 if [[ $stages == *" mamba "* ]]; then
     timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \
