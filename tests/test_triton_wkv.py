@@ -1,8 +1,9 @@
 """The WKV kernels (rebased.ops.triton.wkv) against the torch chunked form in float64: y, the final state and the
 gradients of w, u, k and v, at awkward sizes (one token, channels off the blocks, a length across the torch
 form's chunks), keys large enough to overflow a naive exp, 16-bit inputs, no tokens; rebased.ops.rwkv and the RWKV
-mixer through their backends. Without CUDA the kernels run under TRITON_INTERPRET=1 with blocks of 8 channels;
-gpu tests run the compiled kernels at an MQAR micro-batch's shape and inside a CUDA graph."""
+mixer through their backends. Without CUDA the kernels run under TRITON_INTERPRET=1 with blocks of 8 channels and
+tiles of 4 tokens (lengths off the tiles leave a ragged last tile); gpu tests run the compiled kernels at an MQAR
+micro-batch's shape and inside a CUDA graph."""
 
 import pytest
 import torch

@@ -21,6 +21,9 @@ They are kept as e^q times normalised sums, q their own running max (q' = max(q 
 overflows; and k_s + w (t-1-s) <= p_t <= top_t for every t > s, so k_s + q <= 0 and e^{k_s + q}, which every
 later term is multiplied by, is at most 1.
 
+The walk is sequential in time, so a program's speed is its loads' latency: tokens come in tiles of BT, loaded
+at once, and the walk takes their rows from registers (each thread holds its channel's column of a tile).
+
 du and dw sum over sequences and time: each program writes its (sequence, block)'s share into fp32 partials
 [B, D] that torch sums, a fixed partition, the same sums every run. The final state carries no gradient.
 
@@ -38,7 +41,8 @@ from rebased.ops.rwkv import EMPTY, WKVState
 from rebased.ops.triton.launch import interpreting
 
 GPU_CHANNELS = 32  # BD: one channel a thread of one warp. Not yet timed.
-INTERPRETER_CHANNELS = 8  # small tests cross several channel blocks
+GPU_TOKENS = 16  # BT: tokens a tile. Not yet timed.
+INTERPRETER_CHANNELS, INTERPRETER_TOKENS = 8, 4  # small tests cross several channel blocks and token tiles
 
 
 @triton.jit
@@ -53,38 +57,70 @@ def _program(w, u, D, BD: tl.constexpr):
 
 
 @triton.jit
-def wkv_fwd_kernel(w, u, k, v, y, top, den, state, B, T, D, empty, BD: tl.constexpr, SAVE: tl.constexpr):
+def _tile(seq, t0, T, D, dd, inside, BT: tl.constexpr):
+    """Offsets and mask of the [BT, BD] tile of tokens t0 .. t0 + BT - 1 (those past T masked), and its rows."""
+    rows = tl.arange(0, BT)
+    at = (seq * T + t0 + rows)[:, None] * D + dd[None, :]
+    return at, ((t0 + rows)[:, None] < T) & inside[None, :], rows
+
+
+@triton.jit
+def _row(tile, rows, i):
+    """Row i of a [BT, BD] tile: each thread holds its channel's column, so this stays in registers."""
+    return tl.sum(tl.where(rows[:, None] == i, tile, 0.0), 0)
+
+
+@triton.jit
+def _put(tile, rows, i, value):
+    return tl.where(rows[:, None] == i, value[None, :], tile)
+
+
+@triton.jit
+def wkv_fwd_kernel(w, u, k, v, y, top, den, state, B, T, D, empty, BD: tl.constexpr, BT: tl.constexpr,
+                   SAVE: tl.constexpr):  # fmt: skip
     """y [B, T, D]; top_t and den_t into top, den [B, T, D] (SAVE: for the backward); the final (a, b, p) into
-    state [3, B, D]."""
+    state [3, B, D]. Tokens go in tiles of BT, loaded at once, so that one load's latency serves BT steps of
+    the walk."""
     seq, dd, inside, decay, bonus = _program(w, u, D, BD)
     a = tl.zeros([BD], tl.float32)
     b = tl.zeros([BD], tl.float32)
     p = tl.zeros([BD], tl.float32) + empty
-    row = seq * T * D
-    for t in range(0, T):
-        at = row + t * D + dd
-        kt = tl.load(k + at, mask=inside, other=0.0).to(tl.float32)
-        vt = tl.load(v + at, mask=inside, other=0.0).to(tl.float32)
-        most = tl.maximum(p, bonus + kt)
-        old, new = tl.exp(p - most), tl.exp(bonus + kt - most)
-        norm = old * b + new
-        tl.store(y + at, (old * a + new * vt) / norm, mask=inside)
+    for t0 in range(0, T, BT):
+        at, mask, rows = _tile(seq, t0, T, D, dd, inside, BT)
+        keys = tl.load(k + at, mask=mask, other=0.0).to(tl.float32)
+        values = tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
+        outputs = tl.zeros([BT, BD], tl.float32)
+        tops = tl.zeros([BT, BD], tl.float32)
+        dens = tl.zeros([BT, BD], tl.float32)
+        for i in tl.static_range(BT):
+            kt, vt = _row(keys, rows, i), _row(values, rows, i)
+            most = tl.maximum(p, bonus + kt)
+            old, new = tl.exp(p - most), tl.exp(bonus + kt - most)
+            norm = old * b + new
+            outputs = _put(outputs, rows, i, (old * a + new * vt) / norm)
+            tops = _put(tops, rows, i, most)
+            dens = _put(dens, rows, i, norm)
+            decayed = p + decay
+            after = tl.maximum(decayed, kt)
+            old, new = tl.exp(decayed - after), tl.exp(kt - after)
+            real = t0 + i < T  # the last tile's rows past T leave the state as it is
+            a = tl.where(real, old * a + new * vt, a)
+            b = tl.where(real, old * b + new, b)
+            p = tl.where(real, after, p)
+        tl.store(y + at, outputs, mask=mask)
         if SAVE:
-            tl.store(top + at, most, mask=inside)
-            tl.store(den + at, norm, mask=inside)
-        decayed = p + decay
-        p = tl.maximum(decayed, kt)
-        old, new = tl.exp(decayed - p), tl.exp(kt - p)
-        a = old * a + new * vt
-        b = old * b + new
+            tl.store(top + at, tops, mask=mask)
+            tl.store(den + at, dens, mask=mask)
     tl.store(state + seq * D + dd, a, mask=inside)
     tl.store(state + (B + seq) * D + dd, b, mask=inside)
     tl.store(state + (2 * B + seq) * D + dd, p, mask=inside)
 
 
 @triton.jit
-def wkv_bwd_kernel(w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, T, D, empty, BD: tl.constexpr):
-    """Reverse time: dk, dv [B, T, D] (fp32); this sequence's shares of du and dw (du_part, dw_part [B, D])."""
+def wkv_bwd_kernel(w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, T, D, empty, BD: tl.constexpr,
+                   BT: tl.constexpr):  # fmt: skip
+    """Reverse time, in tiles of BT tokens from the last: dk, dv [B, T, D] (fp32); this sequence's shares of du and
+    dw (du_part, dw_part [B, D])."""
     seq, dd, inside, decay, bonus = _program(w, u, D, BD)
     q = tl.zeros([BD], tl.float32) + empty
     f = tl.zeros([BD], tl.float32)  # F / e^q
@@ -93,33 +129,47 @@ def wkv_bwd_kernel(w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, T, D, 
     gy = tl.zeros([BD], tl.float32)  # G' / e^q
     du = tl.zeros([BD], tl.float32)
     dw = tl.zeros([BD], tl.float32)
-    row = seq * T * D
-    for i in range(0, T):
-        at = row + (T - 1 - i) * D + dd
-        kt = tl.load(k + at, mask=inside, other=0.0).to(tl.float32)
-        vt = tl.load(v + at, mask=inside, other=0.0).to(tl.float32)
-        yt = tl.load(y + at, mask=inside, other=0.0)
-        most = tl.load(top + at, mask=inside, other=0.0)
-        c = tl.load(dy + at, mask=inside, other=0.0).to(tl.float32) / tl.load(den + at, mask=inside, other=1.0)
-        own = tl.exp(bonus + kt - most) * c
-        later = tl.exp(kt + q)
-        tl.store(dv + at, own + later * f, mask=inside)
-        tl.store(dk + at, own * (vt - yt) + later * (vt * f - fy), mask=inside)
-        du += own * (vt - yt)
-        dw += later * (vt * g - gy)
-        shifted = q + decay
-        q = tl.maximum(shifted, -most)
-        kept, fresh = tl.exp(shifted - q), tl.exp(-most - q)
-        g = kept * (g + f)
-        gy = kept * (gy + fy)
-        f = kept * f + fresh * c
-        fy = kept * fy + fresh * c * yt
+    tiles = tl.cdiv(T, BT)
+    for j in range(0, tiles):
+        t0 = (tiles - 1 - j) * BT
+        at, mask, rows = _tile(seq, t0, T, D, dd, inside, BT)
+        keys = tl.load(k + at, mask=mask, other=0.0).to(tl.float32)
+        values = tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
+        outputs = tl.load(y + at, mask=mask, other=0.0)
+        tops = tl.load(top + at, mask=mask, other=0.0)
+        scaled = tl.load(dy + at, mask=mask, other=0.0).to(tl.float32) / tl.load(den + at, mask=mask, other=1.0)
+        dks = tl.zeros([BT, BD], tl.float32)
+        dvs = tl.zeros([BT, BD], tl.float32)
+        for i in tl.static_range(BT):
+            r = BT - 1 - i
+            kt, vt, yt = _row(keys, rows, r), _row(values, rows, r), _row(outputs, rows, r)
+            most, c = _row(tops, rows, r), _row(scaled, rows, r)
+            own = tl.exp(bonus + kt - most) * c
+            later = tl.exp(kt + q)
+            dvs = _put(dvs, rows, r, own + later * f)
+            dks = _put(dks, rows, r, own * (vt - yt) + later * (vt * f - fy))
+            real = t0 + r < T  # rows past T (the first tile walked back) change no sum
+            du = tl.where(real, du + own * (vt - yt), du)
+            dw = tl.where(real, dw + later * (vt * g - gy), dw)
+            shifted = q + decay
+            after = tl.maximum(shifted, -most)
+            kept, fresh = tl.exp(shifted - after), tl.exp(-most - after)
+            g = tl.where(real, kept * (g + f), g)
+            gy = tl.where(real, kept * (gy + fy), gy)
+            f = tl.where(real, kept * f + fresh * c, f)
+            fy = tl.where(real, kept * fy + fresh * c * yt, fy)
+            q = tl.where(real, after, q)
+        tl.store(dk + at, dks, mask=mask)
+        tl.store(dv + at, dvs, mask=mask)
     tl.store(du_part + seq * D + dd, du, mask=inside)
     tl.store(dw_part + seq * D + dd, dw, mask=inside)
 
 
-def _channels() -> int:
-    return INTERPRETER_CHANNELS if interpreting() else GPU_CHANNELS
+def _blocks() -> dict:
+    """BD and BT: channels a program and tokens a tile."""
+    if interpreting():
+        return {"BD": INTERPRETER_CHANNELS, "BT": INTERPRETER_TOKENS}
+    return {"BD": GPU_CHANNELS, "BT": GPU_TOKENS}
 
 
 class WKVFunction(torch.autograd.Function):
@@ -131,10 +181,10 @@ class WKVFunction(torch.autograd.Function):
         y = torch.empty(k.shape, dtype=torch.float32, device=k.device)
         top, den = (torch.empty_like(y) for _ in range(2)) if save else (y, y)
         state = torch.empty(3, batch, channels, dtype=torch.float32, device=k.device)
-        bd = _channels()
+        blocks = _blocks()
         if batch * channels:
-            wkv_fwd_kernel[(batch, triton.cdiv(channels, bd))](
-                w, u, k, v, y, top, den, state, batch, steps, channels, EMPTY, BD=bd, SAVE=save, num_warps=1
+            wkv_fwd_kernel[(batch, triton.cdiv(channels, blocks["BD"]))](
+                w, u, k, v, y, top, den, state, batch, steps, channels, EMPTY, **blocks, SAVE=save, num_warps=1
             )  # fmt: skip
         ctx.mark_non_differentiable(state)
         if save:
@@ -150,10 +200,10 @@ class WKVFunction(torch.autograd.Function):
         dk, dv = torch.empty_like(y), torch.empty_like(y)
         du_part = torch.zeros(batch, channels, dtype=torch.float32, device=k.device)
         dw_part = torch.zeros_like(du_part)
-        bd = _channels()
+        blocks = _blocks()
         if batch * channels:
-            wkv_bwd_kernel[(batch, triton.cdiv(channels, bd))](
-                w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, steps, channels, EMPTY, BD=bd, num_warps=1
+            wkv_bwd_kernel[(batch, triton.cdiv(channels, blocks["BD"]))](
+                w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, steps, channels, EMPTY, **blocks, num_warps=1
             )  # fmt: skip
         w_dtype, u_dtype, k_dtype, v_dtype = ctx.dtypes
         return dw_part.sum(0).to(w_dtype), du_part.sum(0).to(u_dtype), dk.to(k_dtype), dv.to(v_dtype)
