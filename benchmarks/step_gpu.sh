@@ -19,8 +19,8 @@
 #   (graph-committed-split-values: mqar_step_split.log);
 # - mamba: the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
 #   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
-# - rwkv: the RWKV MQAR step with its WKV in the Triton kernels against torch's chunked form
-#   (graph-committed-triton-wkv), at L 512 and 2048 (mqar_step_rwkv.log);
+# - rwkv: the WKV kernels' launches against torch's chunked form, the op alone (wkv_bench.py: wkv.md), then the RWKV
+#   MQAR step with the kernels (graph-committed-triton-wkv) and without, at L 512 and 2048 (mqar_step_rwkv.log);
 # - norm: the fused LayerNorm's forward and backward launches at the step's shapes (layer_norm_bench.py:
 #   layer_norm.md);
 # - head_loss: the head-loss tile kernels' launches at an MQAR micro-batch, D 64 and 128 (head_loss_bench.py:
@@ -91,10 +91,6 @@ if [[ $stages == *" split "* ]]; then
     timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
         --cells "${SPLIT_CELLS:-rebased:128:2048,based:128:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
 fi
-if [[ $stages == *" rwkv "* ]]; then
-    timeout "${RWKV_S:-150}" "${cost[@]}" --variants graph-committed-triton-wkv,graph-committed \
-        --cells "${RWKV_CELLS:-rwkv:64:512,rwkv:64:2048}" 2>&1 | tee "$OUT/mqar_step_rwkv.log"
-fi
 if [[ $stages == *" mamba "* ]]; then
     timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \
         --cells "${MAMBA_CELLS:-mamba:64:512,mamba:64:2048}" 2>&1 | tee "$OUT/mqar_step_mamba.log"
@@ -110,6 +106,11 @@ if [[ $stages == *" norm "* ]]; then
 fi
 if [[ $stages == *" head_loss "* ]]; then
     sweep head_loss "${HEAD_S:-270}" head_loss_bench.py
+fi
+if [[ $stages == *" rwkv "* ]]; then
+    sweep wkv "${WKV_S:-120}" wkv_bench.py
+    timeout "${RWKV_S:-150}" "${cost[@]}" --variants graph-committed-triton-wkv,graph-committed \
+        --cells "${RWKV_CELLS:-rwkv:64:512,rwkv:64:2048}" 2>&1 | tee "$OUT/mqar_step_rwkv.log"
 fi
 if [[ $stages == *" profile "* ]]; then
     timeout "${PROFILE_S:-60}" python3 benchmarks/mqar_profile_gpu.py --cells "${PROFILE_CELLS:-rebased:128:2048}" \
