@@ -108,7 +108,7 @@ if [[ $stages == *" head_loss "* ]]; then
     sweep head_loss "${HEAD_S:-270}" head_loss_bench.py
 fi
 if [[ $stages == *" rwkv "* ]]; then
-    sweep wkv "${WKV_S:-120}" wkv_bench.py
+    sweep wkv "${WKV_S:-150}" wkv_bench.py
     timeout "${RWKV_S:-150}" "${cost[@]}" --variants graph-committed-triton-wkv,graph-committed \
         --cells "${RWKV_CELLS:-rwkv:64:512,rwkv:64:2048}" 2>&1 | tee "$OUT/mqar_step_rwkv.log"
 fi

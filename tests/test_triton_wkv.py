@@ -54,6 +54,14 @@ def check_against_float64(leaves, weight, rel_rms=1e-5, grad_rel_rms=1e-5):
         assert_close(got, want, rel_rms=grad_rel_rms, atol=1e-6, name=name)
 
 
+@pytest.fixture(params=[True, False], ids=["prefetch", "no-prefetch"])
+def prefetch(request, monkeypatch):
+    """Both forms of the kernels' loads: the next tile during a walk, or each tile before its own."""
+    kernels = ops_wkv.importlib.import_module(ops_wkv._KERNEL_MODULE)
+    monkeypatch.setattr(kernels, "INTERPRETER_PREFETCH", request.param)
+    monkeypatch.setattr(kernels, "GPU_PREFETCH", request.param)
+
+
 @pytest.mark.parametrize(
     "batch, steps, channels",
     [
@@ -62,12 +70,12 @@ def check_against_float64(leaves, weight, rel_rms=1e-5, grad_rel_rms=1e-5):
         (3, 16, 3),  # fewer channels than a block
     ],
 )
-def test_matches_float64_torch_wkv(batch, steps, channels):
+def test_matches_float64_torch_wkv(batch, steps, channels, prefetch):
     leaves, weight = wkv_inputs(batch, steps, channels)
     check_against_float64(leaves, weight)
 
 
-def test_keys_past_exp_range_stay_exact():
+def test_keys_past_exp_range_stay_exact(prefetch):
     """Keys of size ~100-300, where exp overflows in fp32 (max ~88): the running maxima keep every exponential
     finite, forward and backward."""
     leaves, weight = wkv_inputs(2, 29, 12, seed=1, key_scale=100.0)
@@ -144,7 +152,7 @@ def test_refuses_what_it_does_not_implement(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_mqar_micro_batch():
+def test_gpu_mqar_micro_batch(prefetch):
     """128 sequences of L 2048, D 64 (the MQAR RWKV's micro-batch at d_model 64), bf16 k and v: against float64,
     and the same bits twice."""
     leaves, weight = wkv_inputs(128, 2048, 64, seed=4, dtype=torch.bfloat16)

@@ -42,7 +42,9 @@ from rebased.ops.triton.launch import interpreting
 
 GPU_CHANNELS = 32  # BD: one channel a thread of one warp. Not yet timed.
 GPU_TOKENS = 16  # BT: tokens a tile. Not yet timed.
-INTERPRETER_CHANNELS, INTERPRETER_TOKENS = 8, 4  # small tests cross several channel blocks and token tiles
+GPU_PREFETCH = False  # the next tile loaded during this one's walk. Not yet timed.
+# Under the interpreter: small tests cross several channel blocks and token tiles; PREFETCH as the tests set it
+INTERPRETER_CHANNELS, INTERPRETER_TOKENS, INTERPRETER_PREFETCH = 8, 4, True
 
 
 @triton.jit
@@ -58,10 +60,31 @@ def _program(w, u, D, BD: tl.constexpr):
 
 @triton.jit
 def _tile(seq, t0, T, D, dd, inside, BT: tl.constexpr):
-    """Offsets and mask of the [BT, BD] tile of tokens t0 .. t0 + BT - 1 (those past T masked), and its rows."""
+    """Offsets and mask of the [BT, BD] tile of tokens t0 .. t0 + BT - 1 (those outside 0 .. T - 1 masked), and
+    its rows."""
     rows = tl.arange(0, BT)
-    at = (seq * T + t0 + rows)[:, None] * D + dd[None, :]
-    return at, ((t0 + rows)[:, None] < T) & inside[None, :], rows
+    tokens = t0 + rows
+    at = (seq * T + tokens)[:, None] * D + dd[None, :]
+    return at, ((tokens >= 0) & (tokens < T))[:, None] & inside[None, :], rows
+
+
+@triton.jit
+def _forward_tile(k, v, seq, t0, T, D, dd, inside, BT: tl.constexpr):
+    """The keys and values of tokens t0 .. t0 + BT - 1 as fp32 [BT, BD] tiles (0 past T)."""
+    at, mask, _ = _tile(seq, t0, T, D, dd, inside, BT)
+    return tl.load(k + at, mask=mask, other=0.0).to(tl.float32), tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _backward_tile(k, v, y, top, den, dy, seq, t0, T, D, dd, inside, BT: tl.constexpr):
+    """What the backward reads of tokens t0 .. t0 + BT - 1: keys, values, outputs, maxima and dy / den."""
+    at, mask, _ = _tile(seq, t0, T, D, dd, inside, BT)
+    keys = tl.load(k + at, mask=mask, other=0.0).to(tl.float32)
+    values = tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
+    outputs = tl.load(y + at, mask=mask, other=0.0)
+    tops = tl.load(top + at, mask=mask, other=0.0)
+    scaled = tl.load(dy + at, mask=mask, other=0.0).to(tl.float32) / tl.load(den + at, mask=mask, other=1.0)
+    return keys, values, outputs, tops, scaled
 
 
 @triton.jit
@@ -77,18 +100,23 @@ def _put(tile, rows, i, value):
 
 @triton.jit
 def wkv_fwd_kernel(w, u, k, v, y, top, den, state, B, T, D, empty, BD: tl.constexpr, BT: tl.constexpr,
-                   SAVE: tl.constexpr):  # fmt: skip
+                   SAVE: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     """y [B, T, D]; top_t and den_t into top, den [B, T, D] (SAVE: for the backward); the final (a, b, p) into
     state [3, B, D]. Tokens go in tiles of BT, loaded at once, so that one load's latency serves BT steps of
-    the walk."""
+    the walk; PREFETCH: the next tile is loaded before the walk of this one, so that the walk hides it."""
     seq, dd, inside, decay, bonus = _program(w, u, D, BD)
     a = tl.zeros([BD], tl.float32)
     b = tl.zeros([BD], tl.float32)
     p = tl.zeros([BD], tl.float32) + empty
+    if PREFETCH:
+        next_keys, next_values = _forward_tile(k, v, seq, 0, T, D, dd, inside, BT)
     for t0 in range(0, T, BT):
         at, mask, rows = _tile(seq, t0, T, D, dd, inside, BT)
-        keys = tl.load(k + at, mask=mask, other=0.0).to(tl.float32)
-        values = tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            keys, values = next_keys, next_values
+            next_keys, next_values = _forward_tile(k, v, seq, t0 + BT, T, D, dd, inside, BT)
+        else:
+            keys, values = _forward_tile(k, v, seq, t0, T, D, dd, inside, BT)
         outputs = tl.zeros([BT, BD], tl.float32)
         tops = tl.zeros([BT, BD], tl.float32)
         dens = tl.zeros([BT, BD], tl.float32)
@@ -118,9 +146,9 @@ def wkv_fwd_kernel(w, u, k, v, y, top, den, state, B, T, D, empty, BD: tl.conste
 
 @triton.jit
 def wkv_bwd_kernel(w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, T, D, empty, BD: tl.constexpr,
-                   BT: tl.constexpr):  # fmt: skip
+                   BT: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     """Reverse time, in tiles of BT tokens from the last: dk, dv [B, T, D] (fp32); this sequence's shares of du and
-    dw (du_part, dw_part [B, D])."""
+    dw (du_part, dw_part [B, D]). PREFETCH as in the forward."""
     seq, dd, inside, decay, bonus = _program(w, u, D, BD)
     q = tl.zeros([BD], tl.float32) + empty
     f = tl.zeros([BD], tl.float32)  # F / e^q
@@ -130,14 +158,18 @@ def wkv_bwd_kernel(w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, T, D, 
     du = tl.zeros([BD], tl.float32)
     dw = tl.zeros([BD], tl.float32)
     tiles = tl.cdiv(T, BT)
+    if PREFETCH:
+        next_k, next_v, next_y, next_top, next_scaled = _backward_tile(k, v, y, top, den, dy, seq, (tiles - 1) * BT,
+                                                                       T, D, dd, inside, BT)  # fmt: skip
     for j in range(0, tiles):
         t0 = (tiles - 1 - j) * BT
         at, mask, rows = _tile(seq, t0, T, D, dd, inside, BT)
-        keys = tl.load(k + at, mask=mask, other=0.0).to(tl.float32)
-        values = tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
-        outputs = tl.load(y + at, mask=mask, other=0.0)
-        tops = tl.load(top + at, mask=mask, other=0.0)
-        scaled = tl.load(dy + at, mask=mask, other=0.0).to(tl.float32) / tl.load(den + at, mask=mask, other=1.0)
+        if PREFETCH:  # then the tile before this one in time (before the first: all masked, nothing read)
+            keys, values, outputs, tops, scaled = next_k, next_v, next_y, next_top, next_scaled
+            next_k, next_v, next_y, next_top, next_scaled = _backward_tile(k, v, y, top, den, dy, seq, t0 - BT, T, D,
+                                                                           dd, inside, BT)  # fmt: skip
+        else:
+            keys, values, outputs, tops, scaled = _backward_tile(k, v, y, top, den, dy, seq, t0, T, D, dd, inside, BT)
         dks = tl.zeros([BT, BD], tl.float32)
         dvs = tl.zeros([BT, BD], tl.float32)
         for i in tl.static_range(BT):
@@ -166,10 +198,10 @@ def wkv_bwd_kernel(w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, T, D, 
 
 
 def _blocks() -> dict:
-    """BD and BT: channels a program and tokens a tile."""
+    """BD, BT and PREFETCH: channels a program, tokens a tile, and whether the next tile loads during a walk."""
     if interpreting():
-        return {"BD": INTERPRETER_CHANNELS, "BT": INTERPRETER_TOKENS}
-    return {"BD": GPU_CHANNELS, "BT": GPU_TOKENS}
+        return {"BD": INTERPRETER_CHANNELS, "BT": INTERPRETER_TOKENS, "PREFETCH": INTERPRETER_PREFETCH}
+    return {"BD": GPU_CHANNELS, "BT": GPU_TOKENS, "PREFETCH": GPU_PREFETCH}
 
 
 class WKVFunction(torch.autograd.Function):
