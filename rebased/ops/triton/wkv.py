@@ -22,12 +22,13 @@ overflows; and k_s + w (t-1-s) <= p_t <= top_t for every t > s, so k_s + q <= 0 
 later term is multiplied by, is at most 1.
 
 The walk is sequential in time, so a program's speed is its loads' latency: tokens come in tiles of BT, loaded
-at once, and the walk takes their rows from registers (each thread holds its channel's column of a tile).
+at once, and the walk takes their rows from registers (each thread holds its channel's column of a tile); with
+PREFETCH the next tile's loads are issued before this tile's walk, which then hides their latency.
 
 du and dw sum over sequences and time: each program writes its (sequence, block)'s share into fp32 partials
 [B, D] that torch sums, a fixed partition, the same sums every run. The final state carries no gradient.
 
-Shape letters: B sequences, T tokens, D channels; BD channels a program.
+Shape letters: B sequences, T tokens, D channels; BD channels a program, BT tokens a tile.
 """
 
 from __future__ import annotations
