@@ -72,8 +72,7 @@ class RWKV(Mixer):
         k, r, v = self._krv(x, shifted)
         dtype = compute_dtype(x.dtype)
         w, u = self._decay_and_bonus(dtype)
-        out, state = wkv(w, u, k.to(dtype), v.to(dtype), chunk=self.cfg.chunk_size, backend=self.wkv_backend)
-        state = WKVState(*(part.to(dtype) for part in state))
+        out, state = wkv(w, u, k, v, chunk=self.cfg.chunk_size, backend=self.wkv_backend)
         return self.out_proj(torch.sigmoid(r) * out.to(x.dtype)), RWKVState(x[:, -1], state)
 
     def step(self, x: Tensor, state: RWKVState | None) -> tuple[Tensor, RWKVState]:  # x [B, D]

@@ -91,19 +91,19 @@ def _torch_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int) -> tuple[
 
 
 def wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, chunk: int, backend: str = "auto") -> tuple[Tensor, WKVState]:
-    """w (< 0), u [D]; k, v [B, T, D], all of one dtype for torch (the kernels take any float k, v and compute in
-    fp32) -> wkv [B, T, D] in that dtype (fp32 from the kernels) and the final state, from the empty state.
-    chunk: the torch form's Cs."""
+    """w (< 0), u [D] in the compute dtype (fp32, or fp64); k, v [B, T, D] in any float dtype (autocast's bf16
+    projections), computed in w's dtype -> wkv [B, T, D] and the final state in that dtype, from the empty state.
+    The kernels read k and v as they are; the torch form casts them. chunk: the torch form's Cs."""
     check_choice("backend", backend, WKV_BACKENDS)
     from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
 
     if backend == "auto":
-        fused = WKV_TRITON_ON_GPU and k.dtype != torch.float64 and auto_picks_triton(k)
+        fused = WKV_TRITON_ON_GPU and w.dtype != torch.float64 and auto_picks_triton(k)
         backend = "triton" if fused else "torch"
     elif backend == "triton":
         require_triton("wkv(backend='triton')", k)
         if torch.float64 in (w.dtype, u.dtype, k.dtype, v.dtype):
             raise NotImplementedError("wkv(backend='triton') computes in fp32; got float64 inputs")
     if backend == "torch":
-        return _torch_wkv(w, u, k, v, chunk)
+        return _torch_wkv(w, u, k.to(w.dtype), v.to(w.dtype), chunk)
     return importlib.import_module(_KERNEL_MODULE).wkv(w, u, k, v)
