@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from rebased.ops.common import DEFAULT_EPS, check_choice
 from rebased.ops.kernels import Polynomial
-from rebased.ops.norm import layer_norm
+from rebased.ops.norm import affine, layer_norm
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as in the official ReBased code
 
@@ -93,9 +93,7 @@ class _ScaleShift(nn.Module):
     def forward(self, x: Tensor, backend: str = "auto") -> Tensor:
         if self.normalise:
             return layer_norm(x, self.weight, self.bias, LAYER_NORM_EPS, backend=backend)
-        if self.weight is not None:
-            x = x * self.weight
-        return x + self.bias if self.bias is not None else x
+        return affine(x, self.weight, self.bias, backend=backend)
 
 
 class QuadraticMap(FeatureMap):

@@ -15,7 +15,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 DEVICE = device_or_skip()
 
-from rebased.ops.norm import LayerNorm, layer_norm  # noqa: E402
+from rebased.ops.norm import LayerNorm, affine, layer_norm  # noqa: E402
 from rebased.testing import assert_close  # noqa: E402
 
 
@@ -111,5 +111,92 @@ def test_gpu_mqar_feature_map_shape(dtype, tile_sums, monkeypatch):
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert_close(y, ry, rel_rms=tolerance, name="y")
     assert_close(dx, rdx, rel_rms=max(tolerance, 1e-4), name="dx")
+    assert_close(dw, rdw, rel_rms=1e-4, name="dweight")
+    assert_close(db, rdb, rel_rms=1e-4, name="dbias")
+
+
+def affine_both(x, w, b, dy):
+    """(y, dx, dw, db) from the fused affine and from float64 x * w + b, dy rounded to x's dtype as in both()."""
+    dy = dy.to(x.dtype)
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
+        if not fused:
+            leaves = [t.double().detach().requires_grad_(True) if t is not None else None for t in leaves]
+        xl, wl, bl = leaves
+        y = affine(xl, wl, bl, backend="triton" if fused else "torch")
+        (y.double() * dy.double()).sum().backward()
+        results.append((y, xl.grad, None if wl is None else wl.grad, None if bl is None else bl.grad))
+    return results
+
+
+@pytest.mark.parametrize("features", [5, 100, 192])
+@pytest.mark.parametrize("rows", [1, 30])
+@pytest.mark.parametrize("affine_terms", [(True, True), (True, False), (False, True)], ids=["wb", "w", "b"])
+@pytest.mark.parametrize("tile_sums", [False, True], ids=["block-sums", "tile-sums"])
+def test_fused_affine_matches_float64(features, rows, affine_terms, tile_sums, monkeypatch):
+    """The kernels without the norm (the ablation's gamma x and gamma x + beta): y = x w + b, dx = dy w, and the
+    gamma/beta sums in both forms."""
+    fused = importlib.import_module("rebased.ops.triton.layer_norm")
+    monkeypatch.setattr(fused, "BACKWARD_LAUNCH", dataclasses.replace(fused.BACKWARD_LAUNCH, tile_sums=tile_sums))
+    x, w, b, dy = inputs(rows, features, torch.float32, affine_terms, seed=features + rows)
+    (y, dx, dw, db), (ry, rdx, rdw, rdb) = affine_both(x, w, b, dy)
+    assert y.dtype == torch.float32 and dx.dtype == torch.float32
+    assert_close(y, ry, rel_rms=1e-6, name="y")
+    assert_close(dx, rdx, rel_rms=1e-6, name="dx")
+    for got, want, name in ((dw, rdw, "dweight"), (db, rdb, "dbias")):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert_close(got, want, rel_rms=1e-5, name=name)
+
+
+def test_affine_in_16_bits_and_without_terms():
+    """A bf16 x keeps its dtype through the kernels (the torch form promotes to fp32); autocast picks the output
+    dtype; with neither weight nor bias, x comes back as it is."""
+    x, w, b, dy = inputs(9, 48, torch.bfloat16, (True, True))
+    (y, dx, _, _), (ry, rdx, _, _) = affine_both(x, w, b, dy)
+    assert y.dtype == torch.bfloat16 and dx.dtype == torch.bfloat16
+    assert_close(y, ry, rel_rms=1e-2, name="y")
+    assert_close(dx, rdx, rel_rms=1e-2, name="dx")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert affine(x.float(), w, b, backend="triton").dtype == torch.bfloat16
+    assert affine(x, None, None, backend="triton") is x
+    with pytest.raises(ValueError, match="unknown backend"):
+        affine(x, w, b, backend="trition")
+
+
+def test_ablation_maps_through_the_fused_affine():
+    """gamma_square and affine_square: the same q', k' and parameter gradients with the kernels as with torch."""
+    from rebased.feature_maps import make_feature_map
+
+    for name in ("gamma_square", "affine_square"):
+        torch.manual_seed(0)
+        fmap = make_feature_map(name, head_dim=16, num_heads=3).to(DEVICE)
+        with torch.no_grad():
+            for parameter in fmap.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        q, k = (torch.randn(2, 7, 3, 16, device=DEVICE) for _ in range(2))
+        outputs = {}
+        for backend in ("torch", "triton"):
+            fmap.zero_grad()
+            fmap.backend = backend
+            q2, k2 = fmap.prepare(q, k)
+            (q2.square().sum() + (k2 * q2).sum()).backward()
+            outputs[backend] = (q2, k2, {n: p.grad.clone() for n, p in fmap.named_parameters()})
+        for got, want, part in zip(outputs["triton"][:2], outputs["torch"][:2], ("q'", "k'")):
+            assert_close(got, want, rel_rms=1e-6, name=f"{name} {part}")
+        assert outputs["triton"][2].keys() == outputs["torch"][2].keys() and outputs["torch"][2]
+        for parameter, grad in outputs["triton"][2].items():
+            assert_close(grad, outputs["torch"][2][parameter], rel_rms=1e-5, name=f"{name} {parameter}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_affine_at_the_mqar_feature_map_shape():
+    """The ablation's gamma x + beta on an MQAR micro-batch's bf16 q: 32 x 2048 rows of 12 heads x 16 features."""
+    x, w, b, dy = inputs(32 * 2048, 192, torch.bfloat16, (True, True))
+    (y, dx, dw, db), (ry, rdx, rdw, rdb) = affine_both(x, w, b, dy)
+    assert_close(y, ry, rel_rms=1e-2, name="y")
+    assert_close(dx, rdx, rel_rms=1e-2, name="dx")
     assert_close(dw, rdw, rel_rms=1e-4, name="dweight")
     assert_close(db, rdb, rel_rms=1e-4, name="dbias")

@@ -1,12 +1,16 @@
-"""LayerNorm over the last dim, with an optional affine: torch, or one fused Triton pass on CUDA.
+"""LayerNorm over the last dim, with an optional affine: torch, or one fused Triton pass on CUDA; and the affine
+alone through the same two backends.
 
-    y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias
+    layer_norm:  y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias
+    affine:      y = x * weight + bias
 
 backend "torch" is F.layer_norm (the reference); "triton" normalises, applies the affine and writes y in the
 dtype the next op takes (autocast's dtype under autocast, else x's) in one pass, with a backward that sums
 the weight/bias gradients per program (rebased/ops/triton/layer_norm.py says why); "auto" takes triton for
 CUDA tensors when triton is installed, at a version the GPU tests passed on (rebased.ops.triton.versions), and
-covers the row, else torch. Explicit backends never fall back.
+covers the row, else torch. Explicit backends never fall back. affine's torch backend is x * weight + bias in
+torch's type promotion (fp32 for a bf16 x and fp32 parameters); its triton backend writes the dtype the next op
+takes, as layer_norm's does; its "auto" also waits for AFFINE_TRITON_ON_GPU.
 """
 
 from __future__ import annotations
@@ -20,20 +24,43 @@ from rebased.ops.common import autocast_output_dtype, check_choice
 
 NORM_BACKENDS = ("torch", "triton", "auto")
 _FUSED_MODULE = "rebased.ops.triton.layer_norm"
+# Whether affine's "auto" may take the kernels (the LayerNorm's without the norm) on a GPU: off until their GPU
+# test (tests/test_layer_norm.py -m gpu) has passed on the device and the ablation's step has timed them
+# (benchmarks/mqar_cost_gpu.py --variants graph-committed,graph-committed-triton-affine --pairs 32
+# --cells gamma_square:48:2048).
+AFFINE_TRITON_ON_GPU = False
 
 
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, backend: str = "auto") -> Tensor:
+def _resolve(backend: str, x: Tensor, what: str) -> str:
+    """The backend this call runs, torch or triton (the module docstring gives the rule for "auto")."""
     check_choice("backend", backend, NORM_BACKENDS)
     from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
 
     if backend == "auto":
         fused = auto_picks_triton(x) and x.shape[-1] <= importlib.import_module(_FUSED_MODULE).MAX_FEATURES
-        backend = "triton" if fused else "torch"
-    elif backend == "triton":
-        require_triton("layer_norm(backend='triton')", x)
-    if backend == "torch":
+        return "triton" if fused else "torch"
+    if backend == "triton":
+        require_triton(f"{what}(backend='triton')", x)
+    return backend
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, backend: str = "auto") -> Tensor:
+    if _resolve(backend, x, "layer_norm") == "torch":
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     return importlib.import_module(_FUSED_MODULE).fused_layer_norm(x, weight, bias, eps, autocast_output_dtype(x))
+
+
+def affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, *, backend: str = "auto") -> Tensor:
+    """x * weight + bias over the last dim (either may be None; with neither, x itself)."""
+    if backend == "auto" and not AFFINE_TRITON_ON_GPU:
+        backend = "torch"
+    backend = _resolve(backend, x, "affine")
+    if weight is None and bias is None:
+        return x
+    if backend == "torch":
+        x = x * weight if weight is not None else x
+        return x + bias if bias is not None else x
+    return importlib.import_module(_FUSED_MODULE).fused_affine(x, weight, bias, autocast_output_dtype(x))
 
 
 class LayerNorm(nn.LayerNorm):

@@ -3,6 +3,10 @@
     mu = mean(x),  r = 1 / sqrt(var(x) + eps),  x^ = (x - mu) r,  y = x^ gamma + beta     (per row, fp32 math)
     dx = r (g - x^ mean(g x^) - mean(g)),  g = dy gamma;   dgamma = sum_rows dy x^,   dbeta = sum_rows dy
 
+Without the norm (NORMALISE off: the kernel ablation's gamma x and gamma x + beta maps), x^ = x and dx = g: the
+same single pass, cast and per-program gamma/beta sums, for an affine that torch would run as a handful of
+elementwise kernels and reductions in fp32.
+
 Why a kernel of our own: in a ReBased MQAR step the feature map's two LayerNorms (over H * D = 192 features of
 ~10^5 rows) and the casts around them took a quarter of the GPU time (benchmarks/results/h200_mqar/
 mqar_profile.log): PyTorch's gamma/beta backward is slow for many short rows, and under autocast its LayerNorm
@@ -73,24 +77,26 @@ def _affine(w, b, cols, N, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 
 
 @triton.jit
-def layer_norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, eps,
-                          BM: tl.constexpr, BN: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):  # fmt: skip
+def layer_norm_fwd_kernel(x, w, b, y, mean, rstd, M, N, eps, BM: tl.constexpr, BN: tl.constexpr,
+                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, NORMALISE: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BN)
     xt, offsets, mask = _tile(x, rows, cols, M, N)
-    mu = tl.sum(xt, axis=1) / N
-    centred = tl.where(mask, xt - mu[:, None], 0.0)
-    r = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
     gamma, beta = _affine(w, b, cols, N, HAS_W, HAS_B)
-    yt = centred * r[:, None] * gamma[None, :] + beta[None, :]
+    if NORMALISE:
+        mu = tl.sum(xt, axis=1) / N
+        centred = tl.where(mask, xt - mu[:, None], 0.0)
+        r = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+        xt = centred * r[:, None]
+        tl.store(mean + rows, mu, mask=rows < M)
+        tl.store(rstd + rows, r, mask=rows < M)
+    yt = xt * gamma[None, :] + beta[None, :]
     tl.store(y + offsets, yt.to(y.dtype.element_ty), mask=mask)
-    tl.store(mean + rows, mu, mask=rows < M)
-    tl.store(rstd + rows, r, mask=rows < M)
 
 
 @triton.jit
 def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, parts, M, N, BM: tl.constexpr, BN: tl.constexpr,
-                          HAS_W: tl.constexpr, TILE_SUMS: tl.constexpr):  # fmt: skip
+                          HAS_W: tl.constexpr, TILE_SUMS: tl.constexpr, NORMALISE: tl.constexpr):  # fmt: skip
     """Program p takes row blocks p, p + P, p + 2P, ...; its gamma and beta gradient sums go to parts[p, 0] and
     parts[p, 1] of the [P, 2, N] partials (every program writes both rows, so they need no zeroing)."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
@@ -104,11 +110,15 @@ def layer_norm_bwd_kernel(x, w, dy, mean, rstd, dx, parts, M, N, BM: tl.constexp
         rows = start + tl.arange(0, BM)
         xt, offsets, mask = _tile(x, rows, cols, M, N)
         dyt, same_offsets, same_mask = _tile(dy, rows, cols, M, N)
-        mu = tl.load(mean + rows, mask=rows < M, other=0.0)
-        r = tl.load(rstd + rows, mask=rows < M, other=0.0)
-        xhat = tl.where(mask, (xt - mu[:, None]) * r[:, None], 0.0)
         g = dyt * gamma[None, :]
-        dxt = (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None] - (tl.sum(g, axis=1) / N)[:, None]) * r[:, None]
+        if NORMALISE:
+            mu = tl.load(mean + rows, mask=rows < M, other=0.0)
+            r = tl.load(rstd + rows, mask=rows < M, other=0.0)
+            xhat = tl.where(mask, (xt - mu[:, None]) * r[:, None], 0.0)
+            dxt = (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None] - (tl.sum(g, axis=1) / N)[:, None]) * r[:, None]
+        else:
+            xhat = xt
+            dxt = g
         tl.store(dx + offsets, dxt.to(dx.dtype.element_ty), mask=mask)
         if TILE_SUMS:
             dw_tile += dyt * xhat
@@ -137,8 +147,9 @@ def _backward_programs(row_blocks: int, device: torch.device, launch: NormLaunch
 
 
 def launch_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype,
-                   launch: NormLaunch) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """The forward kernel on rows x2 [M, N]: y [M, N] in out_dtype, and each row's mean and 1 / std [M]."""
+                   launch: NormLaunch, normalise: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The forward kernel on rows x2 [M, N]: y [M, N] in out_dtype, and each row's mean and 1 / std [M] (not
+    written without the norm)."""
     rows, features = x2.shape
     y = torch.empty(x2.shape, dtype=out_dtype, device=x2.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x2.device)
@@ -148,13 +159,13 @@ def launch_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
         layer_norm_fwd_kernel[(triton.cdiv(rows, bm),)](
             x2, weight if weight is not None else x2, bias if bias is not None else x2, y, mean, rstd,
             rows, features, eps, BM=bm, BN=bn, HAS_W=weight is not None, HAS_B=bias is not None,
-            num_warps=launch.warps,
+            NORMALISE=normalise, num_warps=launch.warps,
         )  # fmt: skip
     return y, mean, rstd
 
 
 def launch_backward(x2: Tensor, weight: Tensor | None, dy2: Tensor, mean: Tensor, rstd: Tensor,
-                    launch: NormLaunch) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                    launch: NormLaunch, normalise: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The backward kernel for the forward's rows x2 [M, N], mean and rstd: dx [M, N] in x2's dtype, and the fp32
     gamma and beta gradients [N] (whether or not the forward had them)."""
     rows, features = x2.shape
@@ -168,7 +179,8 @@ def launch_backward(x2: Tensor, weight: Tensor | None, dy2: Tensor, mean: Tensor
     if programs:
         layer_norm_bwd_kernel[(programs,)](
             x2, weight if weight is not None else x2, dy2, mean, rstd, dx, parts, rows, features,
-            BM=bm, BN=bn, HAS_W=weight is not None, TILE_SUMS=launch.tile_sums, num_warps=launch.warps,
+            BM=bm, BN=bn, HAS_W=weight is not None, TILE_SUMS=launch.tile_sums, NORMALISE=normalise,
+            num_warps=launch.warps,
         )  # fmt: skip
     dw, db = parts.sum(0)  # zeros when there are no programs (no rows)
     return dx, dw, db
@@ -176,28 +188,39 @@ def launch_backward(x2: Tensor, weight: Tensor | None, dy2: Tensor, mean: Tensor
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype):
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype,
+                normalise: bool):  # fmt: skip
         shape, features = x.shape, x.shape[-1]
         x2 = x.reshape(-1, features).contiguous()
-        y, mean, rstd = launch_forward(x2, weight, bias, eps, out_dtype, FORWARD_LAUNCH)
+        y, mean, rstd = launch_forward(x2, weight, bias, eps, out_dtype, FORWARD_LAUNCH, normalise)
         ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.shape, ctx.bias_dtype = shape, None if bias is None else bias.dtype
+        ctx.shape, ctx.bias_dtype, ctx.normalise = shape, None if bias is None else bias.dtype, normalise
         return y.reshape(shape)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x2, weight, mean, rstd = ctx.saved_tensors
         dy2 = dy.reshape(x2.shape).contiguous()
-        dx, dw, db = launch_backward(x2, weight, dy2, mean, rstd, BACKWARD_LAUNCH)
+        dx, dw, db = launch_backward(x2, weight, dy2, mean, rstd, BACKWARD_LAUNCH, ctx.normalise)
         dw = None if weight is None else dw.to(weight.dtype)
         db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
-        return dx.reshape(ctx.shape), dw, db, None, None
+        return dx.reshape(ctx.shape), dw, db, None, None, None
+
+
+def _check(x: Tensor, what: str) -> None:
+    if x.device.type != "cuda" and not interpreting():
+        raise NotImplementedError(f"{what}(backend='triton') needs CUDA tensors, got {x.device.type}")
+    if x.shape[-1] > MAX_FEATURES:
+        raise NotImplementedError(f"{what}(backend='triton') covers rows up to {MAX_FEATURES}, got {x.shape[-1]}")
 
 
 def fused_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, out_dtype: torch.dtype):
     """The ("triton") layer_norm: x [..., N] in any float dtype, weight/bias [N] or None; y in out_dtype."""
-    if x.device.type != "cuda" and not interpreting():
-        raise NotImplementedError(f"layer_norm(backend='triton') needs CUDA tensors, got {x.device.type}")
-    if x.shape[-1] > MAX_FEATURES:
-        raise NotImplementedError(f"layer_norm(backend='triton') covers rows up to {MAX_FEATURES}, got {x.shape[-1]}")
-    return LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
+    _check(x, "layer_norm")
+    return LayerNormFunction.apply(x, weight, bias, eps, out_dtype, True)
+
+
+def fused_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, out_dtype: torch.dtype):
+    """The ("triton") affine: x * weight + bias over the last dim, the same kernels without the norm."""
+    _check(x, "affine")
+    return LayerNormFunction.apply(x, weight, bias, 0.0, out_dtype, False)
