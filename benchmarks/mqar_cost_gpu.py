@@ -40,6 +40,8 @@ power-of-two piece (10 as 8 + 2: fused_chunk.SPLIT_VALUES) rather than padded to
 -triton-scan = Mamba's selective scan in the Triton kernels (rebased.ops.scan.SCAN_TRITON_ON_GPU), not the torch
 chunked form;
 -triton-wkv = RWKV's WKV in the Triton kernels (rebased.ops.rwkv.WKV_TRITON_ON_GPU), not the torch chunked form;
+-triton-affine = the ablation's gamma x (+ beta) feature maps in the LayerNorm's kernels without the norm
+(rebased.ops.norm.AFFINE_TRITON_ON_GPU), not torch's elementwise ops;
 -compile = the model's forward under torch.compile (TrainConfig.compile), inside the graph.
 
 --micro-batch-tokens N,...: each cell also with gradient accumulation keeping a micro-batch within N tokens
@@ -61,7 +63,7 @@ from loss_bench import use_loss_kernel
 
 from rebased.feature_maps import FeatureMap
 from rebased.model import LanguageModel
-from rebased.ops import conv, embedding, rwkv, scan
+from rebased.ops import conv, embedding, norm, rwkv, scan
 from rebased.ops.norm import LayerNorm
 from rebased.ops.triton import fused_chunk
 from rebased.tasks.mqar import sweep
@@ -88,6 +90,7 @@ VARIANTS = {
     "graph-committed-split-values": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-triton-scan": ({"fused_loss": True, "cuda_graph": True}, "committed"),
     "graph-committed-triton-wkv": ({"fused_loss": True, "cuda_graph": True}, "committed"),
+    "graph-committed-triton-affine": ({"fused_loss": True, "cuda_graph": True}, "committed"),
 }
 
 
@@ -99,6 +102,7 @@ SWITCHES = {
     "-split-values": (fused_chunk, "SPLIT_VALUES", True),
     "-triton-scan": (scan, "SCAN_TRITON_ON_GPU", True),
     "-triton-wkv": (rwkv, "WKV_TRITON_ON_GPU", True),
+    "-triton-affine": (norm, "AFFINE_TRITON_ON_GPU", True),
 }
 COMMITTED = {ending: getattr(module, name) for ending, (module, name, _) in SWITCHES.items()}
 

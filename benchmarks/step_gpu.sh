@@ -13,7 +13,9 @@
 #   as committed (graph-committed: the row kernel beyond TILED_MAX_DIM 64) against the tile kernels (graph-tiles),
 #   3 repeats a cell (mqar_step.log);
 # - ablation: the step at the kernel ablation's shapes (32 pairs; value dims 1 and 4) as committed against the
-#   value dims padded to 8 (graph-committed-bv8) (mqar_step_ablation.log);
+#   value dims padded to 8 (graph-committed-bv8), then its gamma x (+ beta) maps with the affine in torch (as
+#   committed) against the LayerNorm's kernels without the norm (graph-committed-triton-affine)
+#   (mqar_step_ablation.log);
 # - split: value dims from 9 to 16 that are not powers of two in power-of-two pieces (10 as 8 + 2) against padded:
 #   the op alone at B 512, L 2048, v 10 (fused_chunk_split.md), then the step at d_model 128, ReBased and Based
 #   (graph-committed-split-values: mqar_step_split.log);
@@ -83,6 +85,8 @@ fi
 if [[ $stages == *" ablation "* ]]; then
     timeout "${ABLATION_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-bv8 --pairs 32 \
         --cells "${ABLATION_CELLS:-rebased:16:2048,rebased:48:2048,rebased:16:256}" 2>&1 | tee "$OUT/mqar_step_ablation.log"
+    timeout "${AFFINE_S:-90}" "${cost[@]}" --variants graph-committed,graph-committed-triton-affine --pairs 32 \
+        --cells "${AFFINE_CELLS:-gamma_square:48:2048,affine_square:48:2048}" 2>&1 | tee -a "$OUT/mqar_step_ablation.log"
 fi
 if [[ $stages == *" split "* ]]; then
     fused_chunk fused_chunk_split "${SPLIT_OP_S:-90}" --table-only --time-limit 70 --entries "fused,fused split-values" \
