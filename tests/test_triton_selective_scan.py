@@ -2,8 +2,8 @@
 the final state and the gradients of x, dt, A, B, C and the initial state, at awkward sizes (one step, channels
 and state sizes off the blocks, a length across the torch form's chunks), 16-bit inputs, the final state alone
 carrying a gradient; rebased.ops.selective_scan and the Mamba mixer through their backends. Without CUDA the
-kernels run under TRITON_INTERPRET=1 with blocks of 8 channels; gpu tests run the compiled kernels at an MQAR
-micro-batch's shape and inside a CUDA graph."""
+kernels run under TRITON_INTERPRET=1 with blocks of 8 channels and tiles of 4 steps (the lengths leave ragged
+last tiles); gpu tests run the compiled kernels at an MQAR micro-batch's shape and inside a CUDA graph."""
 
 import pytest
 import torch

@@ -18,12 +18,16 @@ Why a kernel of our own: the torch form (rebased/ops/scan.py's chunked scan, the
 h_t once ([B, T, Din, N] fp32, 1 GiB at that micro-batch) so the backward reads h_{t-1} instead of recomputing it
 (walking the recurrence backwards would divide by a_t, which underflows).
 
+The walk is sequential, so a program's speed is its loads' latency: the steps' inputs (dt, x, B, C, and dy in the
+backward) load BT steps at a time as [BT, *] tiles, and each step takes its row from registers; the backward's
+h_{t-1} loads carry no branch, so the compiler may issue a tile's of them ahead of the steps that use them.
+
 dB and dC sum over channels, which the programs split: each program writes its block's share into fp32 partials
 [blocks, B, T, N] that torch sums, as dA's per-sequence partials [B, Din, N]: fixed partitions, the same sums every
 run. Math in fp32 whatever the inputs' dtype (y and the states are fp32, as the reference's).
 
 Shape letters: B sequences, T steps, Din channels, N state size; BD channels a program, BN = N padded to a power
-of two.
+of two, BT steps a tile.
 """
 
 from __future__ import annotations
@@ -36,19 +40,31 @@ from torch import Tensor
 from rebased.ops.triton.launch import interpreting
 
 GPU_CHANNELS = 32  # BD: with N 8, a [32, 8] state is 8 fp32 registers a thread of one warp. Not yet timed.
-INTERPRETER_CHANNELS = 8  # small tests cross several channel blocks
+# BT: steps whose per-step inputs load as one tile (1: each step's own loads). Not yet timed; compiled for sm_90a
+# 8 fits the backward in 241 registers, 16 spills.
+GPU_STEPS = 8
+INTERPRETER_CHANNELS, INTERPRETER_STEPS = 8, 4  # small tests cross several channel blocks and step tiles
 
 
 @triton.jit
-def _rows(ptr, base, stride_t, t, dd, Din):
-    """x[b, t, dd] (or dt's) as fp32 [BD]; channels past Din read 0."""
-    return tl.load(ptr + base + t * stride_t + dd, mask=dd < Din, other=0.0).to(tl.float32)
+def _step_tile(ptr, base, t0, T, width, cols, n, BT: tl.constexpr):
+    """Steps t0 .. t0 + BT - 1 of a [T, width] slab at ptr + base, columns cols (past n read 0), as fp32
+    [BT, len(cols)]; steps outside 0 .. T - 1 read 0. Returns the tile, its offsets and its mask."""
+    steps = t0 + tl.arange(0, BT)
+    at = base + steps[:, None] * width + cols[None, :]
+    mask = ((steps >= 0) & (steps < T))[:, None] & (cols[None, :] < n)
+    return tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32), at, mask
 
 
 @triton.jit
-def _state_rows(ptr, base, t, nn, N):
-    """B[b, t, :] (or C's) as fp32 [BN]; past N read 0."""
-    return tl.load(ptr + base + t * N + nn, mask=nn < N, other=0.0).to(tl.float32)
+def _row(tile, i, BT: tl.constexpr):
+    """Row i of a [BT, *] tile (a select and a sum over the rows: register moves, no memory)."""
+    return tl.sum(tl.where(tl.arange(0, BT)[:, None] == i, tile, 0.0), 0)
+
+
+@triton.jit
+def _put(tile, i, value, BT: tl.constexpr):
+    return tl.where(tl.arange(0, BT)[:, None] == i, value[None, :], tile)
 
 
 @triton.jit
@@ -65,27 +81,37 @@ def _program(a, Din, N, BD: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def selective_scan_fwd_kernel(x, dt, a, b, c, h0, y, h_all, h_last, T, Din, N, BD: tl.constexpr, BN: tl.constexpr,
-                              SAVE: tl.constexpr):  # fmt: skip
-    """y [B, T, Din], every h_t into h_all [B, T, Din, N] (SAVE: for the backward) and the last into h_last."""
+                              BT: tl.constexpr, SAVE: tl.constexpr):  # fmt: skip
+    """y [B, T, Din], every h_t into h_all [B, T, Din, N] (SAVE: for the backward) and the last into h_last. The
+    steps' inputs load BT steps at a time, so that one load's latency serves BT steps of the walk."""
     seq, _, dd, nn, state, inside, decay = _program(a, Din, N, BD, BN)
     h = tl.load(h0 + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
     row, bc_row = seq * T * Din, seq * T * N
-    for t in range(0, T):
-        step = _rows(dt, row, Din, t, dd, Din)
-        u = step * _rows(x, row, Din, t, dd, Din)
-        bt, ct = _state_rows(b, bc_row, t, nn, N), _state_rows(c, bc_row, t, nn, N)
-        h = tl.exp(step[:, None] * decay) * h + u[:, None] * bt[None, :]
-        if SAVE:
-            tl.store(h_all + (seq * T + t) * Din * N + state, h, mask=inside)
-        tl.store(y + row + t * Din + dd, tl.sum(h * ct[None, :], 1), mask=dd < Din)
+    for t0 in range(0, T, BT):
+        steps, at, mask = _step_tile(dt, row, t0, T, Din, dd, Din, BT)
+        inputs = steps * _step_tile(x, row, t0, T, Din, dd, Din, BT)[0]  # dt x
+        bs = _step_tile(b, bc_row, t0, T, N, nn, N, BT)[0]
+        cs = _step_tile(c, bc_row, t0, T, N, nn, N, BT)[0]
+        outputs = tl.zeros([BT, BD], tl.float32)
+        for i in tl.static_range(BT):
+            step, u = _row(steps, i, BT), _row(inputs, i, BT)
+            bt, ct = _row(bs, i, BT), _row(cs, i, BT)
+            # a step past T has dt = 0 and x = 0 (masked loads): exp(0) h + 0 leaves h as it is
+            h = tl.exp(step[:, None] * decay) * h + u[:, None] * bt[None, :]
+            if SAVE:
+                tl.store(h_all + (seq * T + t0 + i) * Din * N + state, h, mask=inside & (state * 0 + t0 + i < T))
+            outputs = _put(outputs, i, tl.sum(h * ct[None, :], 1), BT)
+        tl.store(y + at, outputs, mask=mask)
     tl.store(h_last + seq * Din * N + state, h, mask=inside)
 
 
 @triton.jit
 def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, da_part, db_part, dc_part, dh0, B, T,
-                              Din, N, BD: tl.constexpr, BN: tl.constexpr, DLAST: tl.constexpr):  # fmt: skip
-    """Reverse time: dx, ddt [B, T, Din]; this block's shares of dB, dC (db_part, dc_part [blocks, B, T, N]); this
-    sequence's share of dA (da_part [B, Din, N]); dh0 [B, Din, N]. DLAST: the final state has a gradient."""
+                              Din, N, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+                              DLAST: tl.constexpr):  # fmt: skip
+    """Reverse time, BT steps a tile from the last: dx, ddt [B, T, Din]; this block's shares of dB, dC (db_part,
+    dc_part [blocks, B, T, N]); this sequence's share of dA (da_part [B, Din, N]); dh0 [B, Din, N]. DLAST: the
+    final state has a gradient. Each step reads h_{t-1} from h_all; h_t is the previous step's h_{t-1}."""
     seq, block, dd, nn, state, inside, decay = _program(a, Din, N, BD, BN)
     carry = tl.zeros([BD, BN], tl.float32)  # a_{t+1} g_{t+1}
     if DLAST:
@@ -93,33 +119,55 @@ def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, d
     da = tl.zeros([BD, BN], tl.float32)
     row, bc_row = seq * T * Din, seq * T * N
     part = (block * B + seq) * T * N
-    for i in range(0, T):
-        t = T - 1 - i
-        step = _rows(dt, row, Din, t, dd, Din)
-        xt = _rows(x, row, Din, t, dd, Din)
-        gy = _rows(dy, row, Din, t, dd, Din)
-        bt, ct = _state_rows(b, bc_row, t, nn, N), _state_rows(c, bc_row, t, nn, N)
-        ht = tl.load(h_all + (seq * T + t) * Din * N + state, mask=inside, other=0.0)
-        if t > 0:
-            before = tl.load(h_all + (seq * T + t - 1) * Din * N + state, mask=inside, other=0.0)
-        else:
-            before = tl.load(h0 + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
-        at = tl.exp(step[:, None] * decay)
-        g = carry + gy[:, None] * ct[None, :]
-        tl.store(dc_part + part + t * N + nn, tl.sum(gy[:, None] * ht, 0), mask=nn < N)
-        tl.store(db_part + part + t * N + nn, tl.sum(g * (step * xt)[:, None], 0), mask=nn < N)
-        gb = tl.sum(g * bt[None, :], 1)
-        tl.store(dx + row + t * Din + dd, step * gb, mask=dd < Din)
-        from_decay = g * decay * at * before
-        tl.store(ddt + row + t * Din + dd, xt * gb + tl.sum(from_decay, 1), mask=dd < Din)
-        da += g * at * before * step[:, None]
-        carry = at * g
+    ht = tl.load(h_all + (seq * T + T - 1) * Din * N + state, mask=inside & (state * 0 + T > 0), other=0.0)
+    first = tl.load(h0 + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)  # h_{-1}
+    tiles = tl.cdiv(T, BT)
+    for j in range(0, tiles):
+        t0 = (tiles - 1 - j) * BT
+        steps, at, mask = _step_tile(dt, row, t0, T, Din, dd, Din, BT)
+        xs = _step_tile(x, row, t0, T, Din, dd, Din, BT)[0]
+        gys = _step_tile(dy, row, t0, T, Din, dd, Din, BT)[0]
+        bs, state_at, state_mask = _step_tile(b, bc_row, t0, T, N, nn, N, BT)
+        cs = _step_tile(c, bc_row, t0, T, N, nn, N, BT)[0]
+        dxs = tl.zeros([BT, BD], tl.float32)
+        ddts = tl.zeros([BT, BD], tl.float32)
+        dbs = tl.zeros([BT, BN], tl.float32)
+        dcs = tl.zeros([BT, BN], tl.float32)
+        for i in tl.static_range(BT):
+            r = BT - 1 - i
+            t = t0 + r
+            real = t < T  # the last tile's steps past T change nothing
+            step, xt, gy = _row(steps, r, BT), _row(xs, r, BT), _row(gys, r, BT)
+            bt, ct = _row(bs, r, BT), _row(cs, r, BT)
+            # h_{t-1}: from h_all, or h0 at t = 0, without a branch (a branch would keep the compiler from
+            # issuing the tile's loads of h_all ahead of the steps that use them)
+            previous = state * 0 + t - 1
+            before = tl.load(h_all + (seq * T + t - 1) * Din * N + state,
+                             mask=inside & (previous >= 0) & (previous < T - 1), other=0.0)  # fmt: skip
+            before = tl.where(previous >= 0, before, first)
+            decayed = tl.exp(step[:, None] * decay)
+            g = carry + gy[:, None] * ct[None, :]
+            dcs = _put(dcs, r, tl.sum(gy[:, None] * ht, 0), BT)
+            dbs = _put(dbs, r, tl.sum(g * (step * xt)[:, None], 0), BT)
+            gb = tl.sum(g * bt[None, :], 1)
+            dxs = _put(dxs, r, step * gb, BT)
+            ddts = _put(ddts, r, xt * gb + tl.sum(g * decay * decayed * before, 1), BT)
+            da += g * decayed * before * step[:, None]  # 0 past T: dt is 0 there
+            carry = tl.where(real, decayed * g, carry)
+            ht = tl.where(real, before, ht)
+        tl.store(dx + at, dxs, mask=mask)
+        tl.store(ddt + at, ddts, mask=mask)
+        tl.store(db_part + part - bc_row + state_at, dbs, mask=state_mask)
+        tl.store(dc_part + part - bc_row + state_at, dcs, mask=state_mask)
     tl.store(da_part + seq * Din * N + state, da, mask=inside)
     tl.store(dh0 + seq * Din * N + state, carry, mask=inside)
 
 
-def _channels() -> int:
-    return INTERPRETER_CHANNELS if interpreting() else GPU_CHANNELS
+def _blocks() -> dict:
+    """BD and BT: channels a program and steps a tile."""
+    if interpreting():
+        return {"BD": INTERPRETER_CHANNELS, "BT": INTERPRETER_STEPS}
+    return {"BD": GPU_CHANNELS, "BT": GPU_STEPS}
 
 
 class SelectiveScanFunction(torch.autograd.Function):
@@ -132,11 +180,11 @@ class SelectiveScanFunction(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         h_all = torch.empty(batch, steps, channels, size, dtype=torch.float32, device=x.device) if save else y
         h_last = torch.empty_like(h0)
-        bd = _channels()
+        tiles = _blocks()
         if x.numel():
-            selective_scan_fwd_kernel[(batch, triton.cdiv(channels, bd))](
-                x, dt, a, b, c, h0, y, h_all, h_last, steps, channels, size, BD=bd, BN=triton.next_power_of_2(size),
-                SAVE=save, num_warps=1,
+            selective_scan_fwd_kernel[(batch, triton.cdiv(channels, tiles["BD"]))](
+                x, dt, a, b, c, h0, y, h_all, h_last, steps, channels, size, **tiles,
+                BN=triton.next_power_of_2(size), SAVE=save, num_warps=1,
             )  # fmt: skip
         else:
             h_last.copy_(h0)
@@ -149,8 +197,8 @@ class SelectiveScanFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None, dh_last: Tensor | None):
         x, dt, a, b, c, h0, h_all = ctx.saved_tensors
         (batch, steps, channels), size = x.shape, a.shape[1]
-        bd = _channels()
-        blocks = triton.cdiv(channels, bd)
+        tiles = _blocks()
+        blocks = triton.cdiv(channels, tiles["BD"])
         dy = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if dy is None else dy.float().contiguous()
         dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         ddt = torch.empty_like(dx)
@@ -163,7 +211,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         if x.numel():
             selective_scan_bwd_kernel[(batch, blocks)](
                 x, dt, a, b, c, h0, h_all, dy, dh_last.float().contiguous() if dh_last is not None else dy, dx, ddt,
-                da_part, db_part, dc_part, dh0, batch, steps, channels, size, BD=bd,
+                da_part, db_part, dc_part, dh0, batch, steps, channels, size, **tiles,
                 BN=triton.next_power_of_2(size), DLAST=dh_last is not None, num_warps=1,
             )  # fmt: skip
         else:
