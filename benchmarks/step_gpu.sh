@@ -19,7 +19,8 @@
 # - split: value dims from 9 to 16 that are not powers of two in power-of-two pieces (10 as 8 + 2) against padded:
 #   the op alone at B 512, L 2048, v 10 (fused_chunk_split.md), then the step at d_model 128, ReBased and Based
 #   (graph-committed-split-values: mqar_step_split.log);
-# - mamba: the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
+# - mamba: the selective scan kernels' launches against torch's chunked form, the op alone (scan_bench.py:
+#   scan.md), then the Mamba MQAR step with its selective scan in torch's chunked form against the Triton kernels
 #   (graph-committed-triton-scan), at L 512 and 2048 (mqar_step_mamba.log);
 # - rwkv: the WKV kernels' launches against torch's chunked form, the op alone (wkv_bench.py: wkv.md), then the RWKV
 #   MQAR step with the kernels (graph-committed-triton-wkv) and without, at L 512 and 2048 (mqar_step_rwkv.log);
@@ -95,10 +96,6 @@ if [[ $stages == *" split "* ]]; then
     timeout "${SPLIT_S:-120}" "${cost[@]}" --variants graph-committed,graph-committed-split-values \
         --cells "${SPLIT_CELLS:-rebased:128:2048,based:128:2048}" 2>&1 | tee "$OUT/mqar_step_split.log"
 fi
-if [[ $stages == *" mamba "* ]]; then
-    timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \
-        --cells "${MAMBA_CELLS:-mamba:64:512,mamba:64:2048}" 2>&1 | tee "$OUT/mqar_step_mamba.log"
-fi
 # sweep NAME SECONDS SCRIPT: a launch sweep's table into $OUT/NAME.md, under a line naming the commit
 sweep() {
     echo "# python3 benchmarks/$3 at $commit" > "$OUT/$1.md"
@@ -110,6 +107,11 @@ if [[ $stages == *" norm "* ]]; then
 fi
 if [[ $stages == *" head_loss "* ]]; then
     sweep head_loss "${HEAD_S:-270}" head_loss_bench.py
+fi
+if [[ $stages == *" mamba "* ]]; then
+    sweep scan "${SCAN_S:-150}" scan_bench.py
+    timeout "${MAMBA_S:-150}" "${cost[@]}" --variants graph-committed-triton-scan,graph-committed \
+        --cells "${MAMBA_CELLS:-mamba:64:512,mamba:64:2048}" 2>&1 | tee "$OUT/mqar_step_mamba.log"
 fi
 if [[ $stages == *" rwkv "* ]]; then
     sweep wkv "${WKV_S:-150}" wkv_bench.py
