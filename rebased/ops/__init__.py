@@ -80,10 +80,23 @@ def _triton_versions():
 
 
 def auto_picks_triton(x: Tensor) -> bool:
-    """backend="auto" (here and in rebased.ops.norm): the Triton kernels for CUDA tensors when triton is
-    installed at a version the GPU tests passed on (rebased.ops.triton.versions); on another version torch,
-    with one warning."""
+    """backend="auto" (here and, through pick_backend, in the ops with a Triton form): the Triton kernels for CUDA
+    tensors when triton is installed at a version the GPU tests passed on (rebased.ops.triton.versions); on
+    another version torch, with one warning."""
     return x.is_cuda and _load_triton() and _triton_versions().check_trusted("backend='auto' runs torch")
+
+
+def pick_backend(backend: str, x: Tensor, what: str, *, enabled: bool = True,
+                 fits: Callable[[], bool] = lambda: True) -> str:  # fmt: skip
+    """The form a call of an op with a torch and a Triton form runs, "torch" or "triton" (after check_choice):
+    "auto" takes triton where the op's own switch allows it (enabled), auto_picks_triton(x) does, and then the
+    kernels take the call (fits, asked last: it may import them); an explicit "triton" passes require_triton."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        return "triton" if enabled and auto_picks_triton(x) and fits() else "torch"
+    if backend == "triton":
+        require_triton(f"{what}(backend='triton')", x)
+    return backend
 
 
 def require_triton(what: str, x: Tensor) -> None:

@@ -17,7 +17,7 @@ import importlib
 import torch.nn.functional as F
 from torch import Tensor
 
-from rebased.ops.common import autocast_output_dtype, check_choice
+from rebased.ops.common import autocast_output_dtype
 
 CONV_BACKENDS = ("torch", "triton", "auto")
 _KERNEL_MODULE = "rebased.ops.triton.short_conv"
@@ -29,15 +29,10 @@ SHORT_CONV_TRITON_ON_GPU = True
 
 def short_conv(x: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str = "auto") -> Tensor:
     """x [B, T, C], weight [C, 1, K], bias [C] or None -> y [B, T, C]: causal (y at t sees x up to t)."""
-    check_choice("backend", backend, CONV_BACKENDS)
-    from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
+    from rebased.ops import pick_backend  # (rebased.ops imports this module)
 
-    if backend == "auto":
-        fused = SHORT_CONV_TRITON_ON_GPU and auto_picks_triton(x) and weight.shape[-1] <= _kernels().MAX_TAPS
-        backend = "triton" if fused else "torch"
-    elif backend == "triton":
-        require_triton("short_conv(backend='triton')", x)
-    if backend == "torch":
+    fits = lambda: weight.shape[-1] <= _kernels().MAX_TAPS  # noqa: E731
+    if pick_backend(backend, x, "short_conv", enabled=SHORT_CONV_TRITON_ON_GPU, fits=fits) == "torch":
         taps, steps = weight.shape[-1], x.shape[1]
         y = F.conv1d(x.transpose(1, 2), weight, bias, padding=taps - 1, groups=x.shape[2])
         return y[..., :steps].transpose(1, 2)

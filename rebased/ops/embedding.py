@@ -31,14 +31,11 @@ EMBEDDING_TRITON_ON_GPU = True
 
 def embedding(ids: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
     """weight[ids], with the weight's gradient from `backend`; ids int64 of any shape, weight [V, D]."""
-    check_choice("backend", backend, EMBEDDING_BACKENDS)
-    from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
+    from rebased.ops import pick_backend  # (rebased.ops imports this module)
 
-    if backend == "auto":
-        fused = EMBEDDING_TRITON_ON_GPU and auto_picks_triton(weight) and _kernel_takes(weight)  # (imports triton)
-        backend = "triton" if fused else "torch"
-    elif backend == "triton":
-        require_triton("embedding(backend='triton')", weight)  # (refuses CPU tensors here, not in the backward)
+    # an explicit "triton" refuses CPU tensors here, not in the backward; _kernel_takes imports triton
+    fits = lambda: _kernel_takes(weight)  # noqa: E731
+    backend = pick_backend(backend, weight, "embedding", enabled=EMBEDDING_TRITON_ON_GPU, fits=fits)
     if backend == "torch" or not weight.requires_grad:
         return F.embedding(ids, weight)
     return _TritonGradEmbedding.apply(ids, weight)

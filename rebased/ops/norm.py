@@ -31,17 +31,12 @@ _FUSED_MODULE = "rebased.ops.triton.layer_norm"
 AFFINE_TRITON_ON_GPU = False
 
 
-def _resolve(backend: str, x: Tensor, what: str) -> str:
+def _resolve(backend: str, x: Tensor, what: str, enabled: bool = True) -> str:
     """The backend this call runs, torch or triton (the module docstring gives the rule for "auto")."""
-    check_choice("backend", backend, NORM_BACKENDS)
-    from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
+    from rebased.ops import pick_backend  # (rebased.ops imports this module)
 
-    if backend == "auto":
-        fused = auto_picks_triton(x) and x.shape[-1] <= importlib.import_module(_FUSED_MODULE).MAX_FEATURES
-        return "triton" if fused else "torch"
-    if backend == "triton":
-        require_triton(f"{what}(backend='triton')", x)
-    return backend
+    fits = lambda: x.shape[-1] <= importlib.import_module(_FUSED_MODULE).MAX_FEATURES  # noqa: E731
+    return pick_backend(backend, x, what, enabled=enabled, fits=fits)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *, backend: str = "auto") -> Tensor:
@@ -52,9 +47,7 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 def affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, *, backend: str = "auto") -> Tensor:
     """x * weight + bias over the last dim (either may be None; with neither, x itself)."""
-    if backend == "auto" and not AFFINE_TRITON_ON_GPU:
-        backend = "torch"
-    backend = _resolve(backend, x, "affine")
+    backend = _resolve(backend, x, "affine", enabled=AFFINE_TRITON_ON_GPU)
     if weight is None and bias is None:
         return x
     if backend == "torch":

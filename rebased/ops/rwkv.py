@@ -24,9 +24,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rebased.ops.common import check_choice
-
-WKV_BACKENDS = ("torch", "triton", "auto")
 _KERNEL_MODULE = "rebased.ops.triton.wkv"
 # Whether "auto" may take the kernels on a GPU: off until their GPU tests (tests/test_triton_wkv.py -m gpu) have
 # passed on the device and an RWKV MQAR step has timed them (benchmarks/mqar_cost_gpu.py --variants
@@ -94,16 +91,12 @@ def wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, chunk: int, backend: str 
     """w (< 0), u [D] in the compute dtype (fp32, or fp64); k, v [B, T, D] in any float dtype (autocast's bf16
     projections), computed in w's dtype -> wkv [B, T, D] and the final state in that dtype, from the empty state.
     The kernels read k and v as they are; the torch form casts them. chunk: the torch form's Cs."""
-    check_choice("backend", backend, WKV_BACKENDS)
-    from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
+    from rebased.ops import pick_backend  # (rebased.ops imports this module)
 
-    if backend == "auto":
-        fused = WKV_TRITON_ON_GPU and w.dtype != torch.float64 and auto_picks_triton(k)
-        backend = "triton" if fused else "torch"
-    elif backend == "triton":
-        require_triton("wkv(backend='triton')", k)
-        if torch.float64 in (w.dtype, u.dtype, k.dtype, v.dtype):
-            raise NotImplementedError("wkv(backend='triton') computes in fp32; got float64 inputs")
+    explicit = backend == "triton"
+    backend = pick_backend(backend, k, "wkv", enabled=WKV_TRITON_ON_GPU and w.dtype != torch.float64)
+    if explicit and torch.float64 in (w.dtype, u.dtype, k.dtype, v.dtype):
+        raise NotImplementedError("wkv(backend='triton') computes in fp32; got float64 inputs")
     if backend == "torch":
         return _torch_wkv(w, u, k.to(w.dtype), v.to(w.dtype), chunk)
     return importlib.import_module(_KERNEL_MODULE).wkv(w, u, k, v)

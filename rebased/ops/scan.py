@@ -21,9 +21,6 @@ import importlib
 import torch
 from torch import Tensor
 
-from rebased.ops.common import check_choice
-
-SCAN_BACKENDS = ("torch", "triton", "auto")
 _KERNEL_MODULE = "rebased.ops.triton.selective_scan"
 # Whether "auto" may take the kernel on a GPU: its GPU tests pass on an H200 (benchmarks/results/h200_mqar/
 # step_tests_f49fce1.log); off until a Mamba MQAR step has timed it (benchmarks/mqar_cost_gpu.py --variants
@@ -61,16 +58,12 @@ def selective_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, h: Te
                    backend: str = "auto") -> tuple[Tensor, Tensor]:  # fmt: skip
     """x, dt [B, T, Din]; a [Din, N]; b, c [B, T, N]; h [B, Din, N] (the state before) -> y [B, T, Din] and the
     final h, in h's dtype. chunk: the torch form's Cs."""
-    check_choice("backend", backend, SCAN_BACKENDS)
-    from rebased.ops import auto_picks_triton, require_triton  # (rebased.ops imports this module)
+    from rebased.ops import pick_backend  # (rebased.ops imports this module)
 
-    if backend == "auto":
-        fused = SCAN_TRITON_ON_GPU and h.dtype != torch.float64 and auto_picks_triton(x)
-        backend = "triton" if fused else "torch"
-    elif backend == "triton":
-        require_triton("selective_scan(backend='triton')", x)
-        if h.dtype == torch.float64:
-            raise NotImplementedError("selective_scan(backend='triton') computes in fp32; got a float64 state")
+    explicit = backend == "triton"
+    backend = pick_backend(backend, x, "selective_scan", enabled=SCAN_TRITON_ON_GPU and h.dtype != torch.float64)
+    if explicit and h.dtype == torch.float64:
+        raise NotImplementedError("selective_scan(backend='triton') computes in fp32; got a float64 state")
     if backend == "torch":
         return _torch_scan(x, dt, a, b, c, h, chunk)
     return importlib.import_module(_KERNEL_MODULE).selective_scan(x, dt, a, b, c, h)
