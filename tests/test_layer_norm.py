@@ -28,17 +28,20 @@ def inputs(rows, features, dtype, affine, seed=0):
     return x, w, b, dy
 
 
-def both(x, w, b, dy, eps=1e-5):
-    """(y, dx, dw, db) from the fused op and from float64 F.layer_norm. Both get dy rounded to y's dtype, as
-    autograd hands it to the fused backward (bf16 y: bf16 dy), so the comparison measures the kernel alone."""
+def both(x, w, b, dy, fused=None, reference=None):
+    """(y, dx, dw, db) from the fused op and from its float64 reference (default: layer_norm's triton backend and
+    F.layer_norm; each a function of x, w, b). Both get dy rounded to x's dtype, as autograd hands it to the fused
+    backward (bf16 y: bf16 dy), so the comparison measures the kernel alone."""
+    fused = fused or (lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="triton"))
+    reference = reference or (lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5))
     dy = dy.to(x.dtype)
     results = []
-    for fused in (True, False):
-        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
-        if not fused:
-            leaves = [t.double().detach().requires_grad_(True) if t is not None else None for t in leaves]
-        xl, wl, bl = leaves
-        y = layer_norm(xl, wl, bl, eps, backend="triton") if fused else F.layer_norm(xl, xl.shape[-1:], wl, bl, eps)
+    for op, precision in ((fused, None), (reference, torch.float64)):
+        leaves = [t.detach().clone() if t is not None else None for t in (x, w, b)]
+        if precision is not None:
+            leaves = [t.to(precision) if t is not None else None for t in leaves]
+        xl, wl, bl = [t.requires_grad_(True) if t is not None else None for t in leaves]
+        y = op(xl, wl, bl)
         (y.double() * dy.double()).sum().backward()
         results.append((y, xl.grad, None if wl is None else wl.grad, None if bl is None else bl.grad))
     return results
@@ -116,18 +119,8 @@ def test_gpu_mqar_feature_map_shape(dtype, tile_sums, monkeypatch):
 
 
 def affine_both(x, w, b, dy):
-    """(y, dx, dw, db) from the fused affine and from float64 x * w + b, dy rounded to x's dtype as in both()."""
-    dy = dy.to(x.dtype)
-    results = []
-    for fused in (True, False):
-        leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, w, b)]
-        if not fused:
-            leaves = [t.double().detach().requires_grad_(True) if t is not None else None for t in leaves]
-        xl, wl, bl = leaves
-        y = affine(xl, wl, bl, backend="triton" if fused else "torch")
-        (y.double() * dy.double()).sum().backward()
-        results.append((y, xl.grad, None if wl is None else wl.grad, None if bl is None else bl.grad))
-    return results
+    """both() for the fused affine against float64 x * w + b."""
+    return both(x, w, b, dy, lambda *t: affine(*t, backend="triton"), lambda *t: affine(*t, backend="torch"))
 
 
 @pytest.mark.parametrize("features", [5, 100, 192])
