@@ -7,7 +7,7 @@ micro-batch's shape and inside a CUDA graph."""
 
 import pytest
 import torch
-from triton_setup import captured, device_or_skip
+from triton_setup import device_or_skip, replayed
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -176,12 +176,6 @@ def test_gpu_captured_in_a_cuda_graph():
     def step():
         return run(leaves, weight, "triton")[2]
 
-    graph, outputs = captured(step)
-    new_leaves, _ = wkv_inputs(4, 256, 64, seed=6)
-    with torch.no_grad():
-        for old, new in zip(leaves, new_leaves):
-            old.copy_(new)
-    graph.replay()
-    torch.cuda.synchronize()
-    for name, got, want in zip(NAMES, outputs, step()):
+    outputs, eager = replayed(step, leaves, wkv_inputs(4, 256, 64, seed=6)[0])
+    for name, got, want in zip(NAMES, outputs, eager):
         assert torch.equal(got, want), name

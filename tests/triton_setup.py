@@ -1,6 +1,6 @@
 """What the Triton kernel test modules share: what each does first (skip without triton, and pick the device the
 kernels run on: CUDA, or CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets when there is no
-CUDA), and the CUDA-graph capture their gpu tests replay."""
+CUDA), and the CUDA-graph capture their gpu tests replay (replayed: a replay on new inputs beside an eager call)."""
 
 import os
 
@@ -29,3 +29,15 @@ def captured(step):
         outputs = step()
     torch.cuda.current_stream().wait_stream(stream)
     return graph, outputs
+
+
+def replayed(step, inputs, new_inputs):
+    """step() captured as a CUDA graph, then its inputs overwritten with new_inputs and the graph replayed once:
+    (what the replay wrote, what an eager step() gives on the new inputs), for the tests to hold equal."""
+    graph, outputs = captured(step)
+    with torch.no_grad():
+        for old, new in zip(inputs, new_inputs):
+            old.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    return outputs, step()
