@@ -38,33 +38,13 @@ import triton.language as tl
 from torch import Tensor
 
 from rebased.ops.triton.launch import interpreting
+from rebased.ops.triton.tiles import put_row, step_tile, tile_row
 
 GPU_CHANNELS = 32  # BD: with N 8, a [32, 8] state is 8 fp32 registers a thread of one warp. Not yet timed.
 # BT: steps whose per-step inputs load as one tile (1: each step's own loads). Not yet timed; compiled for sm_90a
 # 8 fits the backward in 241 registers, 16 spills.
 GPU_STEPS = 8
 INTERPRETER_CHANNELS, INTERPRETER_STEPS = 8, 4  # small tests cross several channel blocks and step tiles
-
-
-@triton.jit
-def _step_tile(ptr, base, t0, T, width, cols, n, BT: tl.constexpr):
-    """Steps t0 .. t0 + BT - 1 of a [T, width] slab at ptr + base, columns cols (past n read 0), as fp32
-    [BT, len(cols)]; steps outside 0 .. T - 1 read 0. Returns the tile, its offsets and its mask."""
-    steps = t0 + tl.arange(0, BT)
-    at = base + steps[:, None] * width + cols[None, :]
-    mask = ((steps >= 0) & (steps < T))[:, None] & (cols[None, :] < n)
-    return tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32), at, mask
-
-
-@triton.jit
-def _row(tile, i, BT: tl.constexpr):
-    """Row i of a [BT, *] tile (a select and a sum over the rows: register moves, no memory)."""
-    return tl.sum(tl.where(tl.arange(0, BT)[:, None] == i, tile, 0.0), 0)
-
-
-@triton.jit
-def _put(tile, i, value, BT: tl.constexpr):
-    return tl.where(tl.arange(0, BT)[:, None] == i, value[None, :], tile)
 
 
 @triton.jit
@@ -88,19 +68,19 @@ def selective_scan_fwd_kernel(x, dt, a, b, c, h0, y, h_all, h_last, T, Din, N, B
     h = tl.load(h0 + seq * Din * N + state, mask=inside, other=0.0).to(tl.float32)
     row, bc_row = seq * T * Din, seq * T * N
     for t0 in range(0, T, BT):
-        steps, at, mask = _step_tile(dt, row, t0, T, Din, dd, Din, BT)
-        inputs = steps * _step_tile(x, row, t0, T, Din, dd, Din, BT)[0]  # dt x
-        bs = _step_tile(b, bc_row, t0, T, N, nn, N, BT)[0]
-        cs = _step_tile(c, bc_row, t0, T, N, nn, N, BT)[0]
+        steps, at, mask = step_tile(dt, row, t0, T, Din, dd, Din, BT)
+        inputs = steps * step_tile(x, row, t0, T, Din, dd, Din, BT)[0]  # dt x
+        bs = step_tile(b, bc_row, t0, T, N, nn, N, BT)[0]
+        cs = step_tile(c, bc_row, t0, T, N, nn, N, BT)[0]
         outputs = tl.zeros([BT, BD], tl.float32)
         for i in tl.static_range(BT):
-            step, u = _row(steps, i, BT), _row(inputs, i, BT)
-            bt, ct = _row(bs, i, BT), _row(cs, i, BT)
+            step, u = tile_row(steps, i, BT), tile_row(inputs, i, BT)
+            bt, ct = tile_row(bs, i, BT), tile_row(cs, i, BT)
             # a step past T has dt = 0 and x = 0 (masked loads): exp(0) h + 0 leaves h as it is
             h = tl.exp(step[:, None] * decay) * h + u[:, None] * bt[None, :]
             if SAVE:
                 tl.store(h_all + (seq * T + t0 + i) * Din * N + state, h, mask=inside & (state * 0 + t0 + i < T))
-            outputs = _put(outputs, i, tl.sum(h * ct[None, :], 1), BT)
+            outputs = put_row(outputs, i, tl.sum(h * ct[None, :], 1), BT)
         tl.store(y + at, outputs, mask=mask)
     tl.store(h_last + seq * Din * N + state, h, mask=inside)
 
@@ -124,11 +104,11 @@ def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, d
     tiles = tl.cdiv(T, BT)
     for j in range(0, tiles):
         t0 = (tiles - 1 - j) * BT
-        steps, at, mask = _step_tile(dt, row, t0, T, Din, dd, Din, BT)
-        xs = _step_tile(x, row, t0, T, Din, dd, Din, BT)[0]
-        gys = _step_tile(dy, row, t0, T, Din, dd, Din, BT)[0]
-        bs, state_at, state_mask = _step_tile(b, bc_row, t0, T, N, nn, N, BT)
-        cs = _step_tile(c, bc_row, t0, T, N, nn, N, BT)[0]
+        steps, at, mask = step_tile(dt, row, t0, T, Din, dd, Din, BT)
+        xs = step_tile(x, row, t0, T, Din, dd, Din, BT)[0]
+        gys = step_tile(dy, row, t0, T, Din, dd, Din, BT)[0]
+        bs, state_at, state_mask = step_tile(b, bc_row, t0, T, N, nn, N, BT)
+        cs = step_tile(c, bc_row, t0, T, N, nn, N, BT)[0]
         dxs = tl.zeros([BT, BD], tl.float32)
         ddts = tl.zeros([BT, BD], tl.float32)
         dbs = tl.zeros([BT, BN], tl.float32)
@@ -137,8 +117,8 @@ def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, d
             r = BT - 1 - i
             t = t0 + r
             real = t < T  # the last tile's steps past T change nothing
-            step, xt, gy = _row(steps, r, BT), _row(xs, r, BT), _row(gys, r, BT)
-            bt, ct = _row(bs, r, BT), _row(cs, r, BT)
+            step, xt, gy = tile_row(steps, r, BT), tile_row(xs, r, BT), tile_row(gys, r, BT)
+            bt, ct = tile_row(bs, r, BT), tile_row(cs, r, BT)
             # h_{t-1}: from h_all, or h0 at t = 0, without a branch (a branch would keep the compiler from
             # issuing the tile's loads of h_all ahead of the steps that use them)
             previous = state * 0 + t - 1
@@ -147,11 +127,11 @@ def selective_scan_bwd_kernel(x, dt, a, b, c, h0, h_all, dy, dh_last, dx, ddt, d
             before = tl.where(previous >= 0, before, first)
             decayed = tl.exp(step[:, None] * decay)
             g = carry + gy[:, None] * ct[None, :]
-            dcs = _put(dcs, r, tl.sum(gy[:, None] * ht, 0), BT)
-            dbs = _put(dbs, r, tl.sum(g * (step * xt)[:, None], 0), BT)
+            dcs = put_row(dcs, r, tl.sum(gy[:, None] * ht, 0), BT)
+            dbs = put_row(dbs, r, tl.sum(g * (step * xt)[:, None], 0), BT)
             gb = tl.sum(g * bt[None, :], 1)
-            dxs = _put(dxs, r, step * gb, BT)
-            ddts = _put(ddts, r, xt * gb + tl.sum(g * decay * decayed * before, 1), BT)
+            dxs = put_row(dxs, r, step * gb, BT)
+            ddts = put_row(ddts, r, xt * gb + tl.sum(g * decay * decayed * before, 1), BT)
             da += g * decayed * before * step[:, None]  # 0 past T: dt is 0 there
             carry = tl.where(real, decayed * g, carry)
             ht = tl.where(real, before, ht)

@@ -1,4 +1,5 @@
-"""The jit tile helpers the parallel, chunk-states and step kernels share.
+"""The jit tile helpers the parallel, chunk-states and step kernels share; and step_tile, tile_row and put_row,
+with which the sequential walks (selective_scan.py, wkv.py) load a tile of steps and step through it in registers.
 
     sim(q, k) = c0 + c1 s + c2 s^2,  s = scale q.k;   phi(x) = [a0, a1 x, a2 vec(x (x) x)]
     a0 = sqrt(c0), a1 = sqrt(c1 scale), a2 = sqrt(c2) scale      (so phi(q).phi(k) = sim(q, k))
@@ -10,6 +11,34 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def step_offsets(base, t0, T, width, cols, n, BT: tl.constexpr):
+    """Offsets and mask of steps t0 .. t0 + BT - 1 of a [T, width] slab at base, columns cols: [BT, len(cols)],
+    columns past n and steps outside 0 .. T - 1 masked."""
+    steps = t0 + tl.arange(0, BT)
+    return base + steps[:, None] * width + cols[None, :], ((steps >= 0) & (steps < T))[:, None] & (cols[None, :] < n)
+
+
+@triton.jit
+def step_tile(ptr, base, t0, T, width, cols, n, BT: tl.constexpr):
+    """Those steps of ptr as an fp32 tile (0 where masked), with step_offsets' offsets and mask."""
+    at, mask = step_offsets(base, t0, T, width, cols, n, BT)
+    return tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32), at, mask
+
+
+@triton.jit
+def tile_row(tile, i, BT: tl.constexpr):
+    """Row i of a [BT, *] tile: a select and a sum over the rows, which stay in registers where each thread
+    holds its column (a one-warp program over a tile's columns)."""
+    return tl.sum(tl.where(tl.arange(0, BT)[:, None] == i, tile, 0.0), 0)
+
+
+@triton.jit
+def put_row(tile, i, value, BT: tl.constexpr):
+    """The tile with row i replaced by value."""
+    return tl.where(tl.arange(0, BT)[:, None] == i, value[None, :], tile)
 
 
 @triton.jit

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from rebased.ops.rwkv import EMPTY, WKVState
 from rebased.ops.triton.launch import interpreting
+from rebased.ops.triton.tiles import put_row, step_offsets, step_tile, tile_row
 
 GPU_CHANNELS = 32  # BD: one channel a thread of one warp. Not yet timed.
 GPU_TOKENS = 16  # BT: tokens a tile. Not yet timed.
@@ -60,43 +61,23 @@ def _program(w, u, D, BD: tl.constexpr):
 
 
 @triton.jit
-def _tile(seq, t0, T, D, dd, inside, BT: tl.constexpr):
-    """Offsets and mask of the [BT, BD] tile of tokens t0 .. t0 + BT - 1 (those outside 0 .. T - 1 masked), and
-    its rows."""
-    rows = tl.arange(0, BT)
-    tokens = t0 + rows
-    at = (seq * T + tokens)[:, None] * D + dd[None, :]
-    return at, ((tokens >= 0) & (tokens < T))[:, None] & inside[None, :], rows
+def _forward_tile(k, v, seq, t0, T, D, dd, BT: tl.constexpr):
+    """The keys and values of tokens t0 .. t0 + BT - 1 as fp32 [BT, BD] tiles (0 outside 0 .. T - 1)."""
+    row = seq * T * D
+    return step_tile(k, row, t0, T, D, dd, D, BT)[0], step_tile(v, row, t0, T, D, dd, D, BT)[0]
 
 
 @triton.jit
-def _forward_tile(k, v, seq, t0, T, D, dd, inside, BT: tl.constexpr):
-    """The keys and values of tokens t0 .. t0 + BT - 1 as fp32 [BT, BD] tiles (0 past T)."""
-    at, mask, _ = _tile(seq, t0, T, D, dd, inside, BT)
-    return tl.load(k + at, mask=mask, other=0.0).to(tl.float32), tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _backward_tile(k, v, y, top, den, dy, seq, t0, T, D, dd, inside, BT: tl.constexpr):
-    """What the backward reads of tokens t0 .. t0 + BT - 1: keys, values, outputs, maxima and dy / den."""
-    at, mask, _ = _tile(seq, t0, T, D, dd, inside, BT)
-    keys = tl.load(k + at, mask=mask, other=0.0).to(tl.float32)
-    values = tl.load(v + at, mask=mask, other=0.0).to(tl.float32)
-    outputs = tl.load(y + at, mask=mask, other=0.0)
-    tops = tl.load(top + at, mask=mask, other=0.0)
-    scaled = tl.load(dy + at, mask=mask, other=0.0).to(tl.float32) / tl.load(den + at, mask=mask, other=1.0)
+def _backward_tile(k, v, y, top, den, dy, seq, t0, T, D, dd, BT: tl.constexpr):
+    """What the backward reads of tokens t0 .. t0 + BT - 1: keys, values, outputs, maxima and dy / den (a
+    masked den reads 1, so masked rows hold 0, not 0 / 0)."""
+    row = seq * T * D
+    keys, at, mask = step_tile(k, row, t0, T, D, dd, D, BT)
+    values = step_tile(v, row, t0, T, D, dd, D, BT)[0]
+    outputs = step_tile(y, row, t0, T, D, dd, D, BT)[0]
+    tops = step_tile(top, row, t0, T, D, dd, D, BT)[0]
+    scaled = step_tile(dy, row, t0, T, D, dd, D, BT)[0] / tl.load(den + at, mask=mask, other=1.0)
     return keys, values, outputs, tops, scaled
-
-
-@triton.jit
-def _row(tile, rows, i):
-    """Row i of a [BT, BD] tile: each thread holds its channel's column, so this stays in registers."""
-    return tl.sum(tl.where(rows[:, None] == i, tile, 0.0), 0)
-
-
-@triton.jit
-def _put(tile, rows, i, value):
-    return tl.where(rows[:, None] == i, value[None, :], tile)
 
 
 @triton.jit
@@ -110,25 +91,25 @@ def wkv_fwd_kernel(w, u, k, v, y, top, den, state, B, T, D, empty, BD: tl.conste
     b = tl.zeros([BD], tl.float32)
     p = tl.zeros([BD], tl.float32) + empty
     if PREFETCH:
-        next_keys, next_values = _forward_tile(k, v, seq, 0, T, D, dd, inside, BT)
+        next_keys, next_values = _forward_tile(k, v, seq, 0, T, D, dd, BT)
     for t0 in range(0, T, BT):
-        at, mask, rows = _tile(seq, t0, T, D, dd, inside, BT)
+        at, mask = step_offsets(seq * T * D, t0, T, D, dd, D, BT)
         if PREFETCH:
             keys, values = next_keys, next_values
-            next_keys, next_values = _forward_tile(k, v, seq, t0 + BT, T, D, dd, inside, BT)
+            next_keys, next_values = _forward_tile(k, v, seq, t0 + BT, T, D, dd, BT)
         else:
-            keys, values = _forward_tile(k, v, seq, t0, T, D, dd, inside, BT)
+            keys, values = _forward_tile(k, v, seq, t0, T, D, dd, BT)
         outputs = tl.zeros([BT, BD], tl.float32)
         tops = tl.zeros([BT, BD], tl.float32)
         dens = tl.zeros([BT, BD], tl.float32)
         for i in tl.static_range(BT):
-            kt, vt = _row(keys, rows, i), _row(values, rows, i)
+            kt, vt = tile_row(keys, i, BT), tile_row(values, i, BT)
             most = tl.maximum(p, bonus + kt)
             old, new = tl.exp(p - most), tl.exp(bonus + kt - most)
             norm = old * b + new
-            outputs = _put(outputs, rows, i, (old * a + new * vt) / norm)
-            tops = _put(tops, rows, i, most)
-            dens = _put(dens, rows, i, norm)
+            outputs = put_row(outputs, i, (old * a + new * vt) / norm, BT)
+            tops = put_row(tops, i, most, BT)
+            dens = put_row(dens, i, norm, BT)
             decayed = p + decay
             after = tl.maximum(decayed, kt)
             old, new = tl.exp(decayed - after), tl.exp(kt - after)
@@ -161,26 +142,26 @@ def wkv_bwd_kernel(w, u, k, v, y, top, den, dy, dk, dv, du_part, dw_part, T, D, 
     tiles = tl.cdiv(T, BT)
     if PREFETCH:
         next_k, next_v, next_y, next_top, next_scaled = _backward_tile(k, v, y, top, den, dy, seq, (tiles - 1) * BT,
-                                                                       T, D, dd, inside, BT)  # fmt: skip
+                                                                       T, D, dd, BT)  # fmt: skip
     for j in range(0, tiles):
         t0 = (tiles - 1 - j) * BT
-        at, mask, rows = _tile(seq, t0, T, D, dd, inside, BT)
+        at, mask = step_offsets(seq * T * D, t0, T, D, dd, D, BT)
         if PREFETCH:  # then the tile before this one in time (before the first: all masked, nothing read)
             keys, values, outputs, tops, scaled = next_k, next_v, next_y, next_top, next_scaled
             next_k, next_v, next_y, next_top, next_scaled = _backward_tile(k, v, y, top, den, dy, seq, t0 - BT, T, D,
-                                                                           dd, inside, BT)  # fmt: skip
+                                                                           dd, BT)  # fmt: skip
         else:
-            keys, values, outputs, tops, scaled = _backward_tile(k, v, y, top, den, dy, seq, t0, T, D, dd, inside, BT)
+            keys, values, outputs, tops, scaled = _backward_tile(k, v, y, top, den, dy, seq, t0, T, D, dd, BT)
         dks = tl.zeros([BT, BD], tl.float32)
         dvs = tl.zeros([BT, BD], tl.float32)
         for i in tl.static_range(BT):
             r = BT - 1 - i
-            kt, vt, yt = _row(keys, rows, r), _row(values, rows, r), _row(outputs, rows, r)
-            most, c = _row(tops, rows, r), _row(scaled, rows, r)
+            kt, vt, yt = tile_row(keys, r, BT), tile_row(values, r, BT), tile_row(outputs, r, BT)
+            most, c = tile_row(tops, r, BT), tile_row(scaled, r, BT)
             own = tl.exp(bonus + kt - most) * c
             later = tl.exp(kt + q)
-            dvs = _put(dvs, rows, r, own + later * f)
-            dks = _put(dks, rows, r, own * (vt - yt) + later * (vt * f - fy))
+            dvs = put_row(dvs, r, own + later * f, BT)
+            dks = put_row(dks, r, own * (vt - yt) + later * (vt * f - fy), BT)
             real = t0 + r < T  # rows past T (the first tile walked back) change no sum
             du = tl.where(real, du + own * (vt - yt), du)
             dw = tl.where(real, dw + later * (vt * g - gy), dw)
